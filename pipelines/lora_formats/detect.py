@@ -1,0 +1,154 @@
+"""Format, base family and trigger words from a LoRA's tensor names, shapes and metadata."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+from pipelines.lora_formats.architectures import POCKET
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Top-level module names of a CLIP text model (transformers 4 and 5 layouts): PEFT files of a text
+# encoder carry no component prefix.
+TEXT_ROOTS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm", "text_projection")
+LEGACY_MARKERS = (
+    ".processor.",
+    "_lora.down.",
+    "_lora.up.",
+    ".lora_linear_layer.",
+    ".lora.down.",
+    ".lora.up.",
+)
+
+# Cross-attention key width (attn2.to_k in_features) and text-encoder width per family.
+CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", POCKET.text_hidden: "pocket"}
+TEXT_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl", POCKET.text_hidden: "pocket"}
+_SDXL_KEY = re.compile(
+    r"^lora_te2_|(^|\.)text_encoder_2\.|^lora_unet_(input_blocks|middle_block|output_blocks|label_emb)_"
+    r"|add_embedding|transformer_blocks[._][1-9]"
+)
+_DOWN_FACTOR = re.compile(r"(lora[._]down|lora_A(\.[^.]+)?)\.weight$|hada_w[12]_b$")
+
+
+def detect_format(keys: Iterable[str]) -> str | None:
+    """``lycoris_lokr``, ``lycoris_loha``, ``dora``, ``kohya``, ``peft``, ``diffusers_legacy``,
+    ``diffusers``, or None when no key follows a known LoRA naming."""
+    keys = list(keys)
+    parts = [key.rsplit(".", 1)[-1] for key in keys]
+    checks = (
+        ("lycoris_lokr", any(p.startswith("lokr_") for p in parts)),
+        ("lycoris_loha", any(p.startswith("hada_") for p in parts)),
+        ("dora", any(p in ("dora_scale", "lora_magnitude_vector") for p in parts)),
+        ("kohya", any(k.startswith(KOHYA_PREFIXES) and ".lora_down." in k for k in keys)),
+        ("peft", any(k.startswith("base_model.model.") for k in keys)),
+        ("diffusers_legacy", any(m in k for k in keys for m in LEGACY_MARKERS)),
+        ("diffusers", any(".lora_A." in k or ".lora_B." in k for k in keys)),
+    )
+    return next((name for name, hit in checks if hit), None)
+
+
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """Family from ``modelspec.architecture`` or kohya's ``ss_base_model_version`` / ``ss_v2``."""
+    arch = metadata.get("modelspec.architecture", "").split("/")[0].lower()
+    base = metadata.get("ss_base_model_version", "").lower()
+    for value, rules in ((arch, _ARCH_RULES), (base, _BASE_RULES)):
+        for prefix, family in rules:
+            if value.startswith(prefix) and "refiner" not in value:
+                return family
+    return "sd2" if metadata.get("ss_v2", "").lower() == "true" else None
+
+
+_ARCH_RULES = (
+    ("stable-diffusion-xl", "sdxl"),
+    ("stable-diffusion-v2", "sd2"),
+    ("stable-diffusion-v1", "sd1"),
+    ("adapter-studio-pocket", "pocket"),
+)
+_BASE_RULES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("pocket", "pocket"))
+
+
+def family_from_names(keys: Iterable[str]) -> str | None:
+    """``sdxl`` when a name exists only in SDXL LoRAs (second text encoder, SGM block names,
+    ``add_embedding``, a transformer block index above 0); else None."""
+    return "sdxl" if any(_SDXL_KEY.search(key) for key in keys) else None
+
+
+def family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Family from the cross-attention key width (``attn2.to_k`` input), else the text-encoder width."""
+    for marker, table in (
+        (("attn2.to.k", "attn2.processor.to.k"), CROSS_ATTENTION_WIDTH),
+        (("self.attn.q.proj", "self.attn.to.q"), TEXT_WIDTH),
+    ):
+        width = _input_width(shapes, marker)
+        if width is not None:
+            return table.get(width)
+    return None
+
+
+def _input_width(shapes: Mapping[str, tuple[int, ...]], markers: tuple[str, ...]) -> int | None:
+    """in_features of the first module whose dotted name holds a marker, from any factor layout."""
+    lokr: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        dotted = key.replace("_", ".")
+        if not any(m in dotted for m in markers) or "te2" in key or "text_encoder_2" in key:
+            continue
+        part = key.rsplit(".", 1)[-1]
+        if part.startswith("lokr_"):
+            lokr.setdefault(key.rsplit(".", 1)[0], {})[part] = shape
+        elif (_DOWN_FACTOR.search(key) or dotted.endswith(markers)) and len(shape) >= 2:
+            return int(shape[1])
+    for parts in lokr.values():
+        w1 = parts.get("lokr_w1") or parts.get("lokr_w1_b")
+        w2 = parts.get("lokr_w2") or parts.get("lokr_w2_b")
+        if w1 and w2:
+            return int(w1[1] * w2[1])
+    return None
+
+
+def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
+    """Base family: metadata first, then SDXL-only names, then layer widths; None if undecidable."""
+    return family_from_metadata(metadata) or family_from_names(shapes) or family_from_shapes(shapes)
+
+
+def trigger_words(metadata: Mapping[str, str]) -> list[str]:
+    """``modelspec.trigger_phrase`` (comma-separated), then ``ss_tag_frequency`` tags, most frequent first."""
+    words = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",")]
+    counts = _tag_counts(metadata.get("ss_tag_frequency", ""))
+    words += sorted(counts, key=lambda tag: (-counts[tag], tag))
+    seen: set[str] = set()
+    unique = []
+    for word in words:
+        if word and word.lower() not in seen:
+            seen.add(word.lower())
+            unique.append(word)
+    return unique
+
+
+def _tag_counts(raw: str) -> Counter[str]:
+    """Sum kohya's ``{dataset: {tag: count}}`` over datasets; malformed parts are skipped."""
+    counts: Counter[str] = Counter()
+    try:
+        datasets = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return counts
+    for tags in datasets.values() if isinstance(datasets, dict) else ():
+        for tag, count in tags.items() if isinstance(tags, dict) else ():
+            if isinstance(tag, str) and isinstance(count, int | float) and tag.strip():
+                counts[tag.strip()] += count
+    return counts
+
+
+def components_of(keys: Iterable[str]) -> set[str]:
+    """Pipeline components a set of LoRA tensor names adapts."""
+    found = set()
+    for key in keys:
+        bare = key.removeprefix("base_model.model.")
+        if key.startswith("lora_te2_") or bare.startswith("text_encoder_2."):
+            found.add("text_encoder_2")
+        elif key.startswith(("lora_te_", "lora_te1_")) or bare.startswith(("text_encoder.", *TEXT_ROOTS)):
+            found.add("text_encoder")
+        else:
+            found.add("unet")
+    return found
