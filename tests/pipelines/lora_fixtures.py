@@ -8,6 +8,7 @@ LoKr and LoCon-Tucker, written out here by hand.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -91,6 +92,14 @@ def module_weights(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
             if isinstance(sub, nn.Linear | nn.Conv2d) and ".lora_" not in f".{name}":
                 weights[f"{component}.{name.removesuffix('.base_layer')}"] = sub.weight.detach().clone()
     return weights
+
+
+@cache
+def tiny_shapes() -> dict[str, torch.Size]:
+    """Module shapes of the tiny pipeline (built once per test process)."""
+    from pipelines.lora_formats import module_shapes
+
+    return module_shapes(build_tiny_pipeline(0))
 
 
 def max_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

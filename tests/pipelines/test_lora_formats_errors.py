@@ -24,10 +24,8 @@ from pipelines.lora_formats import (
     inspect,
     load,
     load_state_dict,
-    module_shapes,
 )
-from pipelines.tiny import build_tiny_pipeline
-from tests.pipelines.lora_fixtures import write
+from tests.pipelines.lora_fixtures import tiny_shapes, write
 from tests.pipelines.test_lora_formats_read import SDXL_LDM, random_kohya
 
 NAME = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -219,18 +217,18 @@ def test_unmatched_modules():
     with pytest.raises(
         UnmatchedKeysError, match=r"1 module\(s\) the model does not have: 'unet.down_blocks.2"
     ):
-        check_against_model(weights, None, module_shapes(build_tiny_pipeline(0)))
+        check_against_model(weights, None, tiny_shapes())
 
 
 def test_wrong_shapes():
     weights = load_state_dict(small_lora(width=320))  # an SD 1.x-width layer on the tiny model
     with pytest.raises(ShapeMismatchError) as caught:
-        check_against_model(weights, None, module_shapes(build_tiny_pipeline(0)))
+        check_against_model(weights, None, tiny_shapes())
     assert "attn1.to_q (model (32, 32), LoRA (320, 320))" in str(caught.value)
-    check_against_model(load_state_dict(small_lora()), None, module_shapes(build_tiny_pipeline(0)))
+    check_against_model(load_state_dict(small_lora()), None, tiny_shapes())
 
 
 def test_conv_1x1_and_linear_are_the_same_map():
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1×1 conv in SD 1.x-layout UNets
     flat = {f"{name}.lora_down.weight": torch.ones(2, 32), f"{name}.lora_up.weight": torch.ones(32, 2)}
-    check_against_model(load_state_dict(flat), None, module_shapes(build_tiny_pipeline(0)))
+    check_against_model(load_state_dict(flat), None, tiny_shapes())

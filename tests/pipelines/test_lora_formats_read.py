@@ -15,9 +15,8 @@ from pipelines.lora_formats import (
     inspect,
     load,
     load_state_dict,
-    module_shapes,
 )
-from pipelines.tiny import build_tiny_pipeline
+from tests.pipelines import lora_fixtures
 from tests.pipelines.lora_fixtures import (
     TEXT_TARGETS,
     TOLERANCE,
@@ -205,7 +204,7 @@ def test_dora_peft_and_kohya_match_peft_merge(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_shapes():
-    return module_shapes(build_tiny_pipeline(0))
+    return lora_fixtures.tiny_shapes()
 
 
 LINEAR = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
