@@ -1,0 +1,209 @@
+"""What a LoRA training run does: one frozen ``TrainSpec`` with every option, and three presets.
+
+Option names follow kohya_ss / diffusers' DreamBooth-LoRA script where one exists; defaults are the
+"balanced" preset, meant for a person who sets nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+# Module-name suffixes PEFT targets, per preset (diffusers' UNet / transformers' CLIP names).
+UNET_TARGETS: dict[str, tuple[str, ...]] = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attn-mlp": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    "all": (
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+    ),
+}
+TEXT_TARGETS: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "attn-mlp": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "all": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+CAPTION_SOURCES = ("auto", "txt", "template")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Every option of a DreamBooth-style LoRA run; validated on construction."""
+
+    trigger: str
+    class_word: str = ""
+    # captions
+    caption_source: str = "auto"  # auto: a .txt beside the picture if there is one, else the template
+    caption_template: str = "a photo of {trigger} {class_word}"
+    caption_dropout: float = 0.0
+    # the adapter
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    use_rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski 2023, arXiv 2312.03732)
+    use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353)
+    lora_dropout: float = 0.0
+    targets: str = "attn"  # a key of UNET_TARGETS
+    target_modules: tuple[str, ...] = ()  # explicit UNet module names; overrides ``targets``
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # None: same as learning_rate
+    orthogonal: bool = False  # Orthogonal Adaptation (Po et al. 2023, arXiv 2312.02432)
+    # optimisation
+    steps: int = 800
+    epochs: int | None = None  # when set, steps = epochs × batches per epoch
+    learning_rate: float = 1e-4
+    lora_plus_ratio: float = 1.0  # LoRA+: lr(B) / lr(A) (Hayou et al. 2024, arXiv 2402.12354)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    # data
+    resolution: int | None = None  # None: the model's native size
+    bucketing: bool = True
+    cache_latents: bool = True
+    # prior preservation (DreamBooth, Ruiz et al. 2023)
+    prior_preservation: bool | None = None  # None: on exactly when class_word is given
+    class_prompt: str = "a photo of {class_word}"
+    num_class_images: int = 50
+    class_steps: int = 25  # denoising steps per class image
+    prior_loss_weight: float = 1.0
+    # loss
+    min_snr_gamma: float | None = 5.0  # Hang et al. 2023, arXiv 2303.09556
+    noise_offset: float = 0.0
+    # machinery
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto: bf16 (or fp16) on CUDA, full precision on CPU
+    clip_skip: int | None = None
+    seed: int = 0
+    # monitoring
+    sample_every: int = 200  # 0: samples only at the end
+    sample_prompts: tuple[str, ...] = ()  # empty: the caption template
+    sample_seeds: tuple[int, ...] = (1, 2)
+    sample_steps: int = 20
+    sample_guidance: float = 7.5
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    name: str = ""  # output name; empty: the trigger
+
+    def __post_init__(self) -> None:
+        for problem in _problems(self):
+            raise ValueError(f"invalid training option: {problem}")
+
+    @property
+    def kohya_alpha(self) -> float:
+        """The alpha that makes kohya's alpha/rank equal PEFT's scale (alpha/rank or alpha/√rank)."""
+        alpha = float(self.rank if self.alpha is None else self.alpha)
+        return alpha * self.rank**0.5 if self.use_rslora else alpha
+
+    @property
+    def peft_alpha(self) -> float:
+        """The ``lora_alpha`` handed to PEFT."""
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether prior preservation runs."""
+        on = bool(self.class_word) if self.prior_preservation is None else self.prior_preservation
+        return on and self.prior_loss_weight > 0 and self.num_class_images > 0
+
+    @property
+    def unet_targets(self) -> tuple[str, ...]:
+        """UNet module names the adapter wraps."""
+        return self.target_modules or UNET_TARGETS[self.targets]
+
+    @property
+    def text_targets(self) -> tuple[str, ...]:
+        """Text-encoder module names the adapter wraps (when it trains the text encoder)."""
+        return TEXT_TARGETS["attn" if self.target_modules else self.targets]
+
+    @property
+    def output_name(self) -> str:
+        """The adapter's name."""
+        return self.name or self.trigger
+
+    def fill(self, text: str) -> str:
+        """Put trigger and class word into a template and tidy the spaces."""
+        filled = text.replace("{trigger}", self.trigger).replace("{class_word}", self.class_word)
+        return " ".join(filled.split())
+
+    def to_json(self) -> str:
+        """The spec as JSON (stable key order)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+        """Rebuild a spec from ``asdict``/JSON data; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        if extra := sorted(set(data) - known):
+            raise ValueError(f"unknown training options: {', '.join(extra)}")
+        tuples = {"target_modules", "sample_prompts", "sample_seeds"}
+        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in data.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainSpec:
+        """Inverse of ``to_json``."""
+        return cls.from_dict(json.loads(text))
+
+    def fingerprint(self) -> str:
+        """Hash of every option that changes the trained weights (monitoring options excluded)."""
+        skip = {"sample_every", "sample_prompts", "sample_seeds", "sample_steps", "sample_guidance",
+                "checkpoint_every", "keep_checkpoints", "name"}
+        data = {k: v for k, v in asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _problems(s: TrainSpec) -> list[str]:
+    """Human-readable reasons a spec is invalid (empty when it is fine)."""
+    checks = [
+        (bool(s.trigger.strip()) and s.trigger == s.trigger.strip(), "trigger must be a non-empty word"),
+        (s.rank >= 1, f"rank must be ≥ 1, got {s.rank}"),
+        (s.alpha is None or s.alpha > 0, f"alpha must be > 0, got {s.alpha}"),
+        (0 <= s.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {s.caption_dropout}"),
+        (0 <= s.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {s.lora_dropout}"),
+        (s.targets in UNET_TARGETS, f"targets must be one of {sorted(UNET_TARGETS)}, got {s.targets!r}"),
+        (s.steps >= 1, f"steps must be ≥ 1, got {s.steps}"),
+        (s.epochs is None or s.epochs >= 1, f"epochs must be ≥ 1, got {s.epochs}"),
+        (s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
+        (s.text_encoder_lr is None or s.text_encoder_lr >= 0, "text_encoder_lr must be ≥ 0"),
+        (s.lora_plus_ratio >= 1, f"lora_plus_ratio must be ≥ 1, got {s.lora_plus_ratio}"),
+        (s.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
+        (s.lr_warmup_steps >= 0, "lr_warmup_steps must be ≥ 0"),
+        (s.batch_size >= 1 and s.grad_accum >= 1, "batch_size and grad_accum must be ≥ 1"),
+        (s.resolution is None or s.resolution >= 8, f"resolution must be ≥ 8, got {s.resolution}"),
+        (s.caption_source in CAPTION_SOURCES, f"caption_source must be one of {CAPTION_SOURCES}"),
+        ("{trigger}" in s.caption_template, "caption_template must contain {trigger}"),
+        (s.num_class_images >= 0 and s.prior_loss_weight >= 0, "class images and prior weight must be ≥ 0"),
+        (s.class_steps >= 1, f"class_steps must be ≥ 1, got {s.class_steps}"),
+        (not (s.prior_preservation and not s.class_word), "prior preservation needs a class word"),
+        (s.min_snr_gamma is None or s.min_snr_gamma > 0, "min_snr_gamma must be > 0 or None"),
+        (s.noise_offset >= 0, "noise_offset must be ≥ 0"),
+        (s.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
+        (s.clip_skip is None or s.clip_skip >= 0, "clip_skip must be ≥ 0"),
+        (s.sample_every >= 0 and s.sample_steps >= 1, "sample_every must be ≥ 0 and sample_steps ≥ 1"),
+        (s.checkpoint_every >= 1 and s.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints ≥ 1"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+# Presets: "balanced" is the dataclass default; the others override a few options.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"rank": 8, "steps": 300, "learning_rate": 2e-4, "sample_every": 100},
+    "balanced": {},
+    "quality": {
+        "rank": 32, "steps": 1500, "learning_rate": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 50,
+        "targets": "attn-mlp", "train_text_encoder": True, "text_encoder_lr": 5e-5, "caption_dropout": 0.05,
+        "num_class_images": 100, "noise_offset": 0.05,
+    },
+}
+
+
+def preset(name: str, trigger: str, **overrides: Any) -> TrainSpec:
+    """A spec from a preset (quick, balanced, quality) with some options changed."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(TrainSpec(trigger=trigger), **{**PRESETS[name], **overrides})

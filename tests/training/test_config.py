@@ -1,0 +1,75 @@
+"""TrainSpec: validation, presets, JSON round trip, alpha conventions, fingerprint."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from pipelines.training import PRESETS, TrainSpec, preset
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"trigger": ""}, "trigger must be a non-empty word"),
+        ({"trigger": " sks"}, "trigger must be a non-empty word"),
+        ({"rank": 0}, "rank must be ≥ 1"),
+        ({"alpha": -1.0}, "alpha must be > 0"),
+        ({"caption_dropout": 1.0}, "caption_dropout must be in"),
+        ({"targets": "everything"}, "targets must be one of"),
+        ({"steps": 0}, "steps must be ≥ 1"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"lora_plus_ratio": 0.5}, "lora_plus_ratio must be ≥ 1"),
+        ({"lr_scheduler": "exotic"}, "lr_scheduler must be one of"),
+        ({"caption_template": "a photo"}, "caption_template must contain {trigger}"),
+        ({"prior_preservation": True}, "prior preservation needs a class word"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"min_snr_gamma": 0.0}, "min_snr_gamma must be > 0"),
+    ],
+)
+def test_invalid_options_are_named(overrides: dict, message: str) -> None:
+    args = {"trigger": "sks", **overrides}
+    with pytest.raises(ValueError, match=message):
+        TrainSpec(**args)
+
+
+def test_presets_differ_and_default_is_balanced() -> None:
+    assert preset("balanced", "sks") == TrainSpec(trigger="sks")
+    quick, quality = preset("quick", "sks"), preset("quality", "sks")
+    assert quick.steps < TrainSpec(trigger="sks").steps < quality.steps
+    assert quality.train_text_encoder and quality.rank > quick.rank
+    assert preset("quick", "sks", rank=3).rank == 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("turbo", "sks")
+    assert set(PRESETS) == {"quick", "balanced", "quality"}
+
+
+def test_json_round_trip_and_unknown_keys() -> None:
+    spec = TrainSpec(trigger="sks", class_word="dog", target_modules=("to_q", "to_v"), sample_prompts=("x",),
+                     sample_seeds=(3, 4), use_dora=True)
+    assert TrainSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="unknown training options: bogus"):
+        TrainSpec.from_dict({"trigger": "sks", "bogus": 1})
+
+
+def test_alpha_conventions() -> None:
+    assert TrainSpec(trigger="s", rank=16).kohya_alpha == 16.0  # alpha None = rank
+    assert TrainSpec(trigger="s", rank=16, alpha=8).kohya_alpha == 8.0
+    # rsLoRA: PEFT scale alpha/sqrt(r) = 8/4 = 2 → kohya alpha = scale × r = 32
+    assert TrainSpec(trigger="s", rank=16, alpha=8, use_rslora=True).kohya_alpha == pytest.approx(32.0)
+
+
+def test_prior_preservation_follows_the_class_word() -> None:
+    assert not TrainSpec(trigger="s").uses_prior
+    assert TrainSpec(trigger="s", class_word="dog").uses_prior
+    assert not TrainSpec(trigger="s", class_word="dog", prior_preservation=False).uses_prior
+    template = "a photo of {trigger} {class_word}"
+    assert TrainSpec(trigger="s", class_word="dog").fill(template) == "a photo of s dog"
+    assert TrainSpec(trigger="s").fill("a photo of {trigger} {class_word}") == "a photo of s"
+
+
+def test_fingerprint_ignores_monitoring_only() -> None:
+    spec = TrainSpec(trigger="sks")
+    assert replace(spec, sample_every=7, checkpoint_every=3, name="x").fingerprint() == spec.fingerprint()
+    assert replace(spec, learning_rate=2e-4).fingerprint() != spec.fingerprint()
