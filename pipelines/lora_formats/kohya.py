@@ -67,8 +67,9 @@ def group_modules(keys: Iterable[str]) -> dict[str, dict[str, str]]:
         if not is_kohya_key(key) or not part:
             raise UnknownFormatError(f"tensor {key!r} is not a kohya LoRA tensor name")
         if part not in KOHYA_PARTS:
-            what = _UNSUPPORTED.get(part.split(".")[0], "an unknown LoRA part")
-            raise UnknownFormatError(f"tensor {key!r}: {part!r} belongs to {what}, which is not supported")
+            what = _UNSUPPORTED.get(part.split(".")[0])
+            why = f"is a part of {what}, which is not supported" if what else "is no known LoRA part"
+            raise UnknownFormatError(f"tensor {key!r}: {part!r} {why}")
         groups.setdefault(name, {})[part] = key
     return groups
 

@@ -148,13 +148,15 @@ def inspect(path: Path | str) -> LoraFileInfo:
 def _info(
     path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], size: int, peft: bool
 ) -> LoraFileInfo:
-    """LoraFileInfo from tensor shapes and metadata."""
+    """LoraFileInfo from tensor shapes and metadata (names resolved and parts checked as ``load`` does)."""
     fmt = detect_format(shapes)
     is_kohya = any(kohya.is_kohya_key(k) for k in shapes)
     if fmt is None and not is_kohya:
         raise UnknownFormatError(not_a_lora_message(list(shapes)) if shapes else "holds no tensors")
+    family = detect_family(shapes, metadata)
     if is_kohya:
         groups, rank_of = kohya.group_modules(shapes), kohya.module_rank
+        kohya.module_paths(groups, family)
     else:
         groups, rank_of = diffusers_peft.group_modules(shapes), diffusers_peft.module_rank
         fmt = "peft" if peft and fmt in ("diffusers", "diffusers_legacy") else fmt
@@ -167,7 +169,7 @@ def _info(
     return LoraFileInfo(
         path=path,
         format=fmt or "kohya",
-        family=detect_family(shapes, metadata),
+        family=family,
         metadata=metadata,
         trigger_words=trigger_words(metadata),
         rank=max(ranks, default=0),

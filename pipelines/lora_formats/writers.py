@@ -130,7 +130,8 @@ def save_kohya(weights: LoraWeights, path: Path | str, metadata: Mapping[str, st
     path = Path(path)
     _checked(weights)
     sdxl = weights.family == "sdxl" or "text_encoder_2" in weights.components()
-    alpha = Counter(_alpha(layer) for layer in weights.layers.values()).most_common(1)[0][0]
+    alphas = Counter(_alpha(layer) for layer in weights.layers.values() if _alpha(layer) != 0)
+    alpha = alphas.most_common(1)[0][0] if alphas else 1.0
     tensors: dict[str, torch.Tensor] = {}
     for module, layer in weights.layers.items():
         name = kohya_name(module, sdxl)

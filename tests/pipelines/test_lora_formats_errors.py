@@ -154,6 +154,14 @@ def test_non_finite_weights(tmp_path, bad):
             {f"{NAME}.lora_down.weight": torch.zeros(2, 32), f"{NAME}.lora_up.weight": torch.zeros(32, 3)},
             "rank 2",
         ),
+        (
+            {
+                f"lora_unet_{name}.{part}": torch.zeros(2, 2)
+                for name in ("input_blocks_4_1_proj_in", "down_blocks_9_resnets_0_conv1")
+                for part in ("lora_down.weight", "lora_up.weight")
+            },
+            "mixes SGM and diffusers block names",
+        ),
     ],
 )
 def test_unknown_or_broken_naming(tmp_path, sd, fragment):
@@ -218,6 +226,14 @@ def test_unmatched_modules():
         UnmatchedKeysError, match=r"1 module\(s\) the model does not have: 'unet.down_blocks.2"
     ):
         check_against_model(weights, None, tiny_shapes())
+    odd = {
+        "lora_unet_foo_bar.lora_down.weight": torch.ones(2, 4),
+        "lora_unet_foo_bar.lora_up.weight": torch.ones(4, 2),
+    }
+    with pytest.raises(
+        UnmatchedKeysError, match=r"'unet\.foo\.bar'"
+    ):  # named by diffusers' own key converter
+        check_against_model(load_state_dict(odd), None, tiny_shapes())
 
 
 def test_wrong_shapes():
