@@ -1,0 +1,397 @@
+"""Training jobs: a persistent queue in the database, one worker thread per device, cancel, recovery.
+
+``JobRunner.submit`` validates and stores the pictures (content-addressed), writes a ``queued`` row
+and wakes the device's worker; the worker trains with ``pipelines.training.train_lora``, writes its
+progress into the row, and at the end registers the adapter in the catalog. A job never stays
+half-done: on a studio restart a ``running`` job is queued again from its last checkpoint, or marked
+``failed`` with the reason when it has none; a cancelled or failed job registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from pipelines.images import ImageLimits, ImageUploadError, store_uploads
+from pipelines.training import ImageItem, TrainingCancelled, TrainProgress, TrainResult, TrainSpec, train_lora
+from pipelines.training.checkpoint import list_checkpoints
+from pipelines.training.data import SIDECAR_SUFFIXES
+from pipelines.training.lora_train import resolve_device
+from pipelines.training.orthogonal import BasisRegistry, BasisSlot
+from studio.config import StudioConfig
+from studio.jobs_db import ACTIVE, TrainJobRow, make_engine, make_sessionmaker, utcnow
+
+MAX_IMAGES = 200
+Trainer = Callable[..., TrainResult]
+Registrar = Callable[[StudioConfig, TrainResult, "JobStatus"], str]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the UI and the CLI see of one job."""
+
+    id: str
+    name: str
+    status: str
+    device: str
+    model: str
+    phase: str
+    step: int
+    total: int
+    loss: float | None
+    eta_s: float | None
+    sample_path: str | None
+    reason: str | None
+    out_path: str
+    work_dir: str
+    adapter_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        """True once the job can change no more (done, failed or cancelled)."""
+        return self.status not in ACTIVE
+
+    @property
+    def fraction(self) -> float:
+        """Steps done as a fraction of all steps."""
+        return self.step / self.total if self.total else 0.0
+
+
+def _status(row: TrainJobRow) -> JobStatus:
+    """Copy a row into a DTO (ORM objects never leave this module)."""
+    return JobStatus(
+        row.id, row.name, row.status, row.device, row.model, row.phase, row.step, row.total_steps, row.loss,
+        row.eta_s, row.sample_path, row.reason, row.out_path, row.work_dir, row.adapter_id, row.created_at,
+        row.started_at, row.finished_at,
+    )
+
+
+def split_uploads(files: Sequence[str | Path]) -> tuple[list[Path], dict[str, str]]:
+    """Pictures and captions from one upload: ``x.txt`` captions the picture with stem ``x``."""
+    pictures, captions = [], {}
+    for f in map(Path, files):
+        if f.suffix.lower() == ".txt":
+            captions[f.stem] = f.read_text(encoding="utf-8").strip()
+        elif f.suffix.lower() not in SIDECAR_SUFFIXES:
+            pictures.append(f)
+    return pictures, captions
+
+
+def folder_files(folder: str | Path) -> list[Path]:
+    """Every visible file of a picture folder (pictures and their ``.txt`` captions)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such image folder: {root}")
+    return sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def register_in_catalog(config: StudioConfig, result: TrainResult, job: JobStatus) -> str:
+    """Add a finished adapter to the catalog (embedding from captions and samples); returns its id."""
+    import adapters_db
+
+    catalog = adapters_db.open_catalog(config.catalog_url, config.data_dir)
+    with catalog.session() as session:
+        record = adapters_db.register_trained_adapter(
+            session, catalog, result.kohya_path, list(result.captions), list(result.sample_images),
+            name=job.name, base_model=job.model, family=result.family, trigger=result.metadata.get(
+                "modelspec.trigger_phrase", ""), job_id=job.id)
+    return str(getattr(record, "id", record))
+
+
+class JobRunner:
+    """The studio's training queue: submit, watch, cancel; one worker thread per device."""
+
+    def __init__(self, config: StudioConfig, *, trainer: Trainer = train_lora,
+                 registrar: Registrar | None = register_in_catalog, limits: ImageLimits = ImageLimits(),
+                 progress_interval_s: float = 1.0) -> None:
+        self.config, self.trainer, self.registrar, self.limits = config, trainer, registrar, limits
+        self.progress_interval_s = progress_interval_s
+        if config.catalog_url.startswith("sqlite:///"):
+            Path(config.catalog_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(config.catalog_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.basis = BasisRegistry(config.data_dir / "orthogonal_basis.json")
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._workers: dict[str, threading.Thread] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self._stopping = threading.Event()
+        self._listeners: list[Callable[[str, TrainProgress], None]] = []
+
+    # ---- submitting ------------------------------------------------------------------------
+    def store_pictures(self, files: Sequence[str | Path], captions: Mapping[str, str] | None = None
+                       ) -> list[dict[str, Any]]:
+        """Validate and store the upload (all or nothing); returns the job's picture manifest."""
+        pictures, txt = split_uploads(files)
+        txt = {**txt, **(captions or {})}
+        if not pictures:
+            raise ImageUploadError("no pictures were uploaded")
+        if len(pictures) > MAX_IMAGES:
+            raise ImageUploadError(f"{len(pictures)} pictures is over the limit of {MAX_IMAGES}")
+        stored = store_uploads(pictures, self.config.data_dir / "uploads", self.limits)
+        manifest, seen = [], set()
+        for src, img in zip(pictures, stored, strict=True):
+            if img.sha256 not in seen:
+                seen.add(img.sha256)
+                manifest.append({"path": str(img.path), "caption": txt.get(src.stem), "name": img.name,
+                                 "sha256": img.sha256})
+        return manifest
+
+    def submit(self, spec: TrainSpec, files: Sequence[str | Path], *, model: str | None = None,
+               captions: Mapping[str, str] | None = None, out: str | Path | None = None,
+               device: str | None = None, register: bool = True) -> str:
+        """Queue a training job for uploaded files (pictures and ``.txt`` captions); returns its id."""
+        manifest = self.store_pictures(files, captions)
+        job_id = uuid.uuid4().hex
+        work = self.config.jobs_dir / job_id
+        out_path = Path(out) if out is not None else work / f"{spec.output_name}.safetensors"
+        dev = str(resolve_device(device or self.config.device))
+        row = TrainJobRow(id=job_id, name=spec.output_name, status="queued", device=dev,
+                          model=str(model or self.config.model), spec_json=spec.to_json(),
+                          images_json=json.dumps(manifest), work_dir=str(work), out_path=str(out_path),
+                          register=int(register), total_steps=spec.steps, phase="queued")
+        with self.sessions() as s, s.begin():
+            s.add(row)
+        with self._wake:
+            self._wake.notify_all()
+        return job_id
+
+    # ---- reading ---------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        """The job's current state."""
+        with self.sessions() as s:
+            row = s.get(TrainJobRow, job_id)
+            if row is None:
+                raise KeyError(f"no such training job: {job_id}")
+            return _status(row)
+
+    def jobs(self, limit: int = 50) -> list[JobStatus]:
+        """The newest jobs first."""
+        with self.sessions() as s:
+            rows = s.scalars(select(TrainJobRow).order_by(TrainJobRow.created_at.desc()).limit(limit))
+            return [_status(r) for r in rows]
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.05) -> JobStatus:
+        """Block until the job has finished (or the timeout passed); returns its state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (st := self.status(job_id)).finished:
+            if deadline is not None and time.monotonic() > deadline:
+                return st
+            time.sleep(poll)
+        return st
+
+    def add_listener(self, fn: Callable[[str, TrainProgress], None]) -> None:
+        """Call ``fn(job_id, progress)`` on every progress report (from the worker thread)."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[str, TrainProgress], None]) -> None:
+        """Stop calling ``fn``."""
+        self._listeners.remove(fn)
+
+    # ---- changing --------------------------------------------------------------------------
+    def _update(self, job_id: str, **values: Any) -> None:
+        """Write some columns of one row."""
+        with self.sessions() as s, s.begin():
+            s.execute(update(TrainJobRow).where(TrainJobRow.id == job_id).values(**values))
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued job at once, or ask a running one to stop at its next step."""
+        with self.sessions() as s, s.begin():
+            queued = (TrainJobRow.id == job_id, TrainJobRow.status == "queued")
+            done = s.execute(update(TrainJobRow).where(*queued).values(
+                status="cancelled", phase="cancelled", finished_at=utcnow(),
+                reason="cancelled before it started"))
+        status = self.status(job_id)
+        if done.rowcount == 0 and status.status == "running":
+            self._cancel.setdefault(job_id, threading.Event()).set()
+        return self.status(job_id)
+
+    def resume(self, job_id: str) -> JobStatus:
+        """Queue a cancelled or failed job again; it continues from its newest checkpoint."""
+        with self.sessions() as s, s.begin():
+            res = s.execute(update(TrainJobRow).where(
+                TrainJobRow.id == job_id, TrainJobRow.status.in_(("cancelled", "failed")))
+                .values(status="queued", phase="queued", finished_at=None, reason="resumed on request"))
+        if res.rowcount == 0:
+            raise ValueError(f"job {job_id} is not cancelled or failed; nothing to resume")
+        with self._wake:
+            self._wake.notify_all()
+        return self.status(job_id)
+
+    def recover(self) -> list[JobStatus]:
+        """After a restart: queue ``running`` jobs again from their checkpoint, or fail them with why."""
+        with self.sessions() as s:
+            rows = list(s.scalars(select(TrainJobRow).where(TrainJobRow.status == "running")))
+        for row in rows:
+            ck = list_checkpoints(Path(row.work_dir) / "checkpoints")
+            if ck:
+                self._update(row.id, status="queued", phase="queued",
+                             reason=f"the studio restarted; resuming from the checkpoint at step {ck[-1][0]}")
+            else:
+                self._update(row.id, status="failed", phase="failed", finished_at=utcnow(),
+                             reason="the studio stopped while this job ran, before its first checkpoint")
+                self._release_basis(row.id, keep=False)
+        return [self.status(r.id) for r in rows]
+
+    # ---- workers ---------------------------------------------------------------------------
+    def start(self) -> JobRunner:
+        """Recover interrupted jobs and start a worker for every device that has queued jobs."""
+        self._stopping.clear()
+        self.recover()
+        with self.sessions() as s:
+            devices = set(s.scalars(select(TrainJobRow.device).where(TrainJobRow.status == "queued")))
+        for dev in devices | {str(resolve_device(self.config.device))}:
+            self._ensure_worker(dev)
+        return self
+
+    def _ensure_worker(self, device: str) -> None:
+        """One daemon thread per device."""
+        with self._lock:
+            if device in self._workers and self._workers[device].is_alive():
+                return
+            t = threading.Thread(target=self._work, args=(device,), name=f"train-{device}", daemon=True)
+            self._workers[device] = t
+            t.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the workers; a running job checkpoints and goes back to the queue."""
+        self._stopping.set()
+        for event in list(self._cancel.values()):
+            event.set()
+        with self._wake:
+            self._wake.notify_all()
+        for t in list(self._workers.values()):
+            t.join(timeout)
+        self._workers.clear()
+
+    def _claim(self, device: str | None, job_id: str | None = None) -> str | None:
+        """Mark one queued job running (the given one, or this device's oldest); returns its id."""
+        with self.sessions() as s, s.begin():
+            if job_id is None:
+                job_id = s.scalar(select(TrainJobRow.id).where(TrainJobRow.status == "queued",
+                                                               TrainJobRow.device == device)
+                                  .order_by(TrainJobRow.created_at).limit(1))
+            if job_id is None:
+                return None
+            queued = (TrainJobRow.id == job_id, TrainJobRow.status == "queued")
+            res = s.execute(update(TrainJobRow).where(*queued).values(
+                status="running", phase="starting", started_at=utcnow(), attempts=TrainJobRow.attempts + 1))
+            return job_id if res.rowcount == 1 else None
+
+    def _work(self, device: str) -> None:
+        """Worker loop: claim, run, repeat; sleep on the condition when the queue is empty."""
+        while not self._stopping.is_set():
+            job_id = self._claim(device)
+            if job_id is None:
+                with self._wake:
+                    self._wake.wait(timeout=1.0)
+                continue
+            self.run_job(job_id, claimed=True)
+
+    # ---- running one job -------------------------------------------------------------------
+    def run_job(self, job_id: str, progress: Callable[[TrainProgress], None] | None = None,
+                claimed: bool = False) -> JobStatus:
+        """Train one queued job in this thread (the CLI's way; workers pass ``claimed``); record the end."""
+        if not claimed and self._claim(None, job_id) is None:
+            raise ValueError(f"job {job_id} is not queued (it is {self.status(job_id).status})")
+        job = self.status(job_id)
+        event = self._cancel.setdefault(job_id, threading.Event())
+        try:
+            result = self._train(job, event, progress)
+        except TrainingCancelled as exc:
+            self._ended_cancelled(job, exc.step)
+        except Exception as exc:  # every failure is recorded with its reason
+            self._ended_failed(job, f"{type(exc).__name__}: {exc}")
+        else:
+            self._ended_done(job, result)
+        finally:
+            self._cancel.pop(job_id, None)
+        return self.status(job_id)
+
+    def _train(self, job: JobStatus, event: threading.Event,
+               progress: Callable[[TrainProgress], None] | None) -> TrainResult:
+        """Call the trainer with the job's spec, pictures, work folder, device and basis."""
+        with self.sessions() as s:
+            row = s.get(TrainJobRow, job.id)
+            spec, manifest = TrainSpec.from_json(row.spec_json), json.loads(row.images_json)
+        items = [ImageItem(Path(m["path"]), m["caption"]) for m in manifest]
+        basis: Callable[[str], BasisSlot] | None = None
+        if spec.orthogonal:
+            def basis(family: str) -> BasisSlot:
+                return self.basis.allocate(family, job.id, spec.rank)
+        return self.trainer(spec, job.model, items, Path(job.out_path), work_dir=Path(job.work_dir),
+                            device=job.device, progress=self._progress_fn(job.id, progress), cancel=event,
+                            basis=basis, limits=self.limits)
+
+    def _progress_fn(self, job_id: str, extra: Callable[[TrainProgress], None] | None
+                     ) -> Callable[[TrainProgress], None]:
+        """A progress callback that writes the row (at most once per interval) and tells listeners."""
+        last = {"t": 0.0, "phase": ""}
+
+        def report(p: TrainProgress) -> None:
+            now = time.monotonic()
+            if p.phase != last["phase"] or now - last["t"] >= self.progress_interval_s or p.step == p.total:
+                last.update(t=now, phase=p.phase)
+                self._update(job_id, phase=p.phase, step=p.step, total_steps=p.total, loss=p.loss,
+                             eta_s=p.eta_s, sample_path=None if p.sample_path is None else str(p.sample_path))
+            for fn in self._listeners:
+                fn(job_id, p)
+            if extra is not None:
+                extra(p)
+
+        return report
+
+    def _ended_done(self, job: JobStatus, result: TrainResult) -> None:
+        """Register the adapter (when asked) and mark the job done, or failed if registering failed."""
+        adapter_id, reason = None, None
+        if self.registrar is not None and self._wants_registration(job.id):
+            try:
+                adapter_id = self.registrar(self.config, result, job)
+            except Exception as exc:
+                self._update(job.id, status="failed", phase="failed", finished_at=utcnow(),
+                             reason=f"trained and saved to {result.kohya_path}, but catalog registration "
+                                    f"failed: {type(exc).__name__}: {exc}")
+                return
+        else:
+            reason = "not registered in the catalog (registration was not requested)"
+        self._update(job.id, status="done", phase="done", step=result.steps, total_steps=result.steps,
+                     loss=result.losses[-1] if result.losses else None, eta_s=0.0, finished_at=utcnow(),
+                     out_path=str(result.kohya_path), adapter_id=adapter_id, reason=reason,
+                     sample_path=str(result.sample_images[-1]) if result.sample_images else None)
+
+    def _wants_registration(self, job_id: str) -> bool:
+        """Whether the job was submitted with ``register=True``."""
+        with self.sessions() as s:
+            return bool(s.get(TrainJobRow, job_id).register)
+
+    def _ended_cancelled(self, job: JobStatus, step: int) -> None:
+        """Back to the queue when the studio is stopping, else cancelled (checkpoint kept for resume)."""
+        if self._stopping.is_set():
+            self._update(job.id, status="queued", phase="queued",
+                         reason=f"the studio stopped; resumes from step {step}")
+            return
+        self._update(job.id, status="cancelled", phase="cancelled", finished_at=utcnow(),
+                     reason=f"cancelled at step {step}; its checkpoint is kept, so it can be resumed")
+        self._release_basis(job.id, keep=True)
+
+    def _ended_failed(self, job: JobStatus, reason: str) -> None:
+        """Record the failure (the trainer writes its outputs only at the very end, atomically)."""
+        self._update(job.id, status="failed", phase="failed", finished_at=utcnow(), reason=reason)
+        self._release_basis(job.id, keep=bool(list_checkpoints(Path(job.work_dir) / "checkpoints")))
+
+    def _release_basis(self, job_id: str, keep: bool) -> None:
+        """Free the job's orthogonal block unless a checkpoint still uses it."""
+        if not keep:
+            self.basis.release(job_id)
