@@ -36,7 +36,8 @@ def _bytes_to_unicode() -> list[str]:
 @lru_cache(maxsize=1)
 def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """CLIP's 49,408-token vocabulary and its BPE merges (openai/CLIP SimpleTokenizer)."""
-    lines = gzip.open(_bpe_file(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(_bpe_file(), "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
     merges = lines[1 : N_MERGES + 1]
     base = _bytes_to_unicode()
     tokens = base + [t + "</w>" for t in base]

@@ -11,7 +11,9 @@ from studio.config import default_data_dir
 # Each module in studio.commands exposes ``register(subparsers, parent)``; its commands set
 # ``func(args) -> int`` on their parser.
 COMMAND_MODULES: tuple[str, ...] = (
+    "studio.commands.catalog",
     "studio.commands.generate",
+    "studio.commands.pocket",
     "studio.commands.train",
 )
 

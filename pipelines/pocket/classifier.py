@@ -66,9 +66,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def training_batch(seed: int, step: int, n: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     """A deterministic batch of all concepts (base and LoRA-only) for ``step``."""
     rng = np.random.default_rng([seed, step])
-    images, scenes = world.batch(
-        rng, n, objects=world.OBJECTS, styles=world.STYLES, palettes=world.PALETTES
-    )
+    images, scenes = world.batch(rng, n, objects=world.OBJECTS, styles=world.STYLES, palettes=world.PALETTES)
     labels = {k: torch.tensor([s.labels()[k] for s in scenes]) for k in HEADS}
     return images, labels
 
@@ -83,9 +81,7 @@ class ClassifierTrainConfig:
     seed: int = 1234
 
 
-def train_classifier(
-    cfg: ClassifierTrainConfig, out: Path, progress: bool = True
-) -> ConceptClassifier:
+def train_classifier(cfg: ClassifierTrainConfig, out: Path, progress: bool = True) -> ConceptClassifier:
     """Train the judge on fresh procedural images (AdamW, one-cycle) and save it to ``out``."""
     from tqdm import tqdm
 
@@ -137,8 +133,6 @@ def predict(model: ConceptClassifier, images: np.ndarray, batch_size: int = 256)
 def accuracy(model: ConceptClassifier, n: int = 2000, seed: int = 99) -> dict[str, float]:
     """Per-attribute accuracy on fresh procedural pictures of every concept."""
     rng = np.random.default_rng(seed)
-    images, scenes = world.batch(
-        rng, n, objects=world.OBJECTS, styles=world.STYLES, palettes=world.PALETTES
-    )
+    images, scenes = world.batch(rng, n, objects=world.OBJECTS, styles=world.STYLES, palettes=world.PALETTES)
     pred = predict(model, images)
-    return {k: float(np.mean([p == getattr(s, k) for p, s in zip(pred[k], scenes)])) for k in HEADS}
+    return {k: float(np.mean([p == getattr(s, k) for p, s in zip(pred[k], scenes, strict=True)])) for k in HEADS}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -143,8 +143,10 @@ def train_vae(cfg: PocketTrainConfig, run: Path) -> None:
         return loss.item()
 
     def save_fn(step: int) -> None:
-        _save_ckpt(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(),
-                               "sched": sched.state_dict(), "step": step})
+        _save_ckpt(
+            ckpt_path,
+            {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step},
+        )
 
     _run_loop(c.steps, start, step_fn, save_fn, c.checkpoint_every, "vae", run / "vae.log")
 
@@ -160,7 +162,7 @@ def load_trained_vae(cfg: PocketTrainConfig, run: Path):  # -> AutoencoderKL
 
 
 @torch.no_grad()
-def center_latents(vae, x: torch.Tensor) -> tuple[torch.Tensor, float]:  # noqa: ANN001
+def center_latents(vae, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Fold the per-channel latent mean into quant_conv/post_quant_conv; return (mean, std).
 
     The VAE's decoded pictures are unchanged (z' = z − μ, post_quant_conv bias += W·μ); the
@@ -186,17 +188,24 @@ def encode_dataset(cfg: PocketTrainConfig, run: Path) -> None:
 
     c = cfg.unet
     rng = np.random.default_rng(c.seed)
-    probe, _ = world.batch(np.random.default_rng(c.seed + 1), 512, objects=world.OBJECTS,
-                           styles=world.STYLES, palettes=world.PALETTES)
-    mu, std = center_latents(vae, to_tensor(probe))
+    probe, _ = world.batch(
+        np.random.default_rng(c.seed + 1),
+        512,
+        objects=world.OBJECTS,
+        styles=world.STYLES,
+        palettes=world.PALETTES,
+    )
+    _, std = center_latents(vae, to_tensor(probe))
     latents, scenes = [], []
     for _ in tqdm(range(c.dataset_size // 256), desc="encode"):
         images, sc = world.batch(rng, 256)
         with torch.no_grad():
             latents.append(vae.encode(to_tensor(images)).latent_dist.mean.half())
         scenes += [asdict(s) for s in sc]
-    torch.save({"latents": torch.cat(latents), "scaling_factor": 1.0 / std,
-                "vae": vae.state_dict()}, out.with_suffix(".tmp"))
+    torch.save(
+        {"latents": torch.cat(latents), "scaling_factor": 1.0 / std, "vae": vae.state_dict()},
+        out.with_suffix(".tmp"),
+    )
     (run / "scenes.json").write_text(json.dumps(scenes))
     out.with_suffix(".tmp").replace(out)
 
@@ -220,7 +229,9 @@ def _captions(scenes: list[dict], rng: np.random.Generator, c: UnetTrainConfig) 
         if rng.random() < c.empty_caption_rate:
             out.append("")
         else:
-            out.append(world.Scene(**{**s, "jitter": tuple(s["jitter"])}).caption(rng.random() < c.size_word_rate))
+            out.append(
+                world.Scene(**{**s, "jitter": tuple(s["jitter"])}).caption(rng.random() < c.size_word_rate)
+            )
     return out
 
 
@@ -238,8 +249,10 @@ def train_unet(cfg: PocketTrainConfig, run: Path) -> None:
     sched = build_scheduler()
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    params = [{"params": unet.parameters(), "lr": c.lr, "weight_decay": 0.01},
-              {"params": te.parameters(), "lr": c.text_lr, "weight_decay": 0.0}]
+    params = [
+        {"params": unet.parameters(), "lr": c.lr, "weight_decay": 0.01},
+        {"params": te.parameters(), "lr": c.text_lr, "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(params)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c))
     ema = {f"unet.{k}": v.detach().clone() for k, v in unet.state_dict().items()}
@@ -286,8 +299,17 @@ def train_unet(cfg: PocketTrainConfig, run: Path) -> None:
         return loss.item()
 
     def save_fn(step: int) -> None:
-        _save_ckpt(ckpt_path, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
-                               "sched": lr_sched.state_dict(), "ema": ema, "step": step})
+        _save_ckpt(
+            ckpt_path,
+            {
+                "unet": unet.state_dict(),
+                "te": te.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": lr_sched.state_dict(),
+                "ema": ema,
+                "step": step,
+            },
+        )
 
     _run_loop(c.steps, start, step_fn, save_fn, c.checkpoint_every, "unet", run / "unet.log")
 
@@ -313,9 +335,32 @@ def assemble_pipeline(cfg: PocketTrainConfig, run: Path, use_ema: bool = True): 
         unet.load_state_dict(ck["unet"])
         te.load_state_dict(ck["te"])
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=te.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
-        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae.eval(),
+        text_encoder=te.eval(),
+        tokenizer=clip_tokenizer(),
+        unet=unet.eval(),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def export(cfg: PocketTrainConfig, run: Path, out: Path, classifier_src: Path, classifier_dst: Path) -> None:
+    """Write the pipeline (EMA weights) as a diffusers folder of safetensors, plus the judge."""
+    import shutil
+
+    pipe = assemble_pipeline(cfg, run)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.copyfile(classifier_src, tmp / classifier_dst.name)
+    if out.exists():
+        for keep in ("loras", "previews", "catalog"):  # concept LoRAs and catalog live beside the model
+            if (out / keep).exists():
+                shutil.move(str(out / keep), str(tmp / keep))
+        shutil.rmtree(out)
+    tmp.replace(out)

@@ -110,8 +110,10 @@ def _polygon(obj: str, cx: float, cy: float, r: float) -> list[tuple[float, floa
         h = r * 0.86
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if obj == "triangle":
-        return [(cx + r * math.cos(a), cy + r * 0.15 + r * math.sin(a)) for a in
-                (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [
+            (cx + r * math.cos(a), cy + r * 0.15 + r * math.sin(a))
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     if obj == "star":
         pts = []
         for i in range(10):
@@ -155,7 +157,7 @@ def _mask(scene: Scene, outline: float | None = None) -> Image.Image:
         if outline is None:
             d.polygon(pts, fill=255)
         else:
-            d.line(pts + [pts[0]], fill=255, width=width, joint="curve")
+            d.line([*pts, pts[0]], fill=255, width=width, joint="curve")
     return img
 
 
@@ -222,9 +224,7 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), "RGB")
 
 
-def batch(
-    rng: np.random.Generator, n: int, **kwargs: object
-) -> tuple[np.ndarray, list[Scene]]:
+def batch(rng: np.random.Generator, n: int, **kwargs: object) -> tuple[np.ndarray, list[Scene]]:
     """``n`` random scenes rendered as a uint8 array N×64×64×3, with the scenes."""
     scenes = [sample_scene(rng, **kwargs) for _ in range(n)]  # type: ignore[arg-type]
     return np.stack([np.asarray(render(s)) for s in scenes]), scenes

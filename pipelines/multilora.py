@@ -1,0 +1,262 @@
+"""Multi-LoRA layers: every active adapter of one Linear/Conv2d concatenated along the rank axis.
+
+y = W₀x + B_cat · (g_rank ⊙ (A_cat · x)) costs two matmuls per layer whatever the adapter count.
+g_rank expands the per-adapter gate vector of this layer to rank slots. Gates live in a shared
+:class:`GateTable`; a layer re-derives what it needs only when the table's version changes.
+A layer runs one of two paths, chosen per layer by cost (:mod:`pipelines.path_plan`):
+``unfused`` (the two extra matmuls on every call) or ``fused`` (W_t = W₀ + B·diag(g)·A built once
+per gate version, then one matmul). The base module is never written to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.lora_weights import LoraLayer
+
+
+class GateTable:
+    """Gates of every wrapped layer for the current step: a (layers × adapters) tensor + a version."""
+
+    def __init__(self, n_layers: int, n_adapters: int, device: torch.device | str = "cpu") -> None:
+        self.values = torch.zeros(n_layers, n_adapters, device=device)
+        self.row_version = [0] * n_layers
+
+    def set(self, table: torch.Tensor) -> None:
+        """Copy a new (layers × adapters) gate table in; bumps the version of the rows that changed."""
+        table = table.to(self.values.device, self.values.dtype)
+        changed = (table != self.values).any(dim=1).nonzero().flatten().tolist()
+        if changed:
+            self.values.copy_(table)
+            for row in changed:
+                self.row_version[row] += 1
+
+
+def fold_tucker(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """One conv kernel for LoCon's Tucker form: down' = mid ∘ down (LyCORIS ``lora_mid``)."""
+    return torch.einsum("rskl,si->rikl", mid, down[:, :, 0, 0])
+
+
+def conform(base: nn.Module, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors shaped for the base op: 1×1-conv LoRAs on Linear layers and back (SD-2 proj_in/out)."""
+    if isinstance(base, nn.Linear) and down.dim() == 4:
+        if down.shape[2:] != (1, 1):
+            raise ValueError(f"a {tuple(down.shape[2:])} conv LoRA cannot adapt a Linear layer")
+        return down[:, :, 0, 0], up.flatten(1)
+    if isinstance(base, nn.Conv2d) and down.dim() == 2:
+        return down[:, :, None, None], up[:, :, None, None]
+    if isinstance(base, nn.Conv2d) and up.dim() == 2:
+        return down, up[:, :, None, None]
+    return down, up
+
+
+def expand_gates(gates: torch.Tensor, slot_adapter: torch.Tensor, slot_scale: torch.Tensor) -> torch.Tensor:
+    """Per-rank-slot multipliers g_rank = g[adapter(slot)] · alpha/rank (LoRA eq. 4, per adapter)."""
+    return gates.index_select(0, slot_adapter) * slot_scale
+
+
+def fused_weight(
+    w0: torch.Tensor, up: torch.Tensor, down: torch.Tensor, g_rank: torch.Tensor
+) -> torch.Tensor:
+    """W_t = W₀ + B · diag(g_rank) · A, for Linear (2-d) and Conv (4-d) weights (LoRA merge, eq. 3)."""
+    if w0.dim() == 2:
+        return torch.addmm(w0, up * g_rank, down)
+    delta = (up[:, :, 0, 0] * g_rank) @ down.flatten(1)
+    return w0 + delta.view_as(w0)
+
+
+@dataclass
+class _Cache:
+    version: int = -1
+    weight: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+
+class MultiLoraLayer(nn.Module):
+    """Base class: holds the base module, concatenated factors and the gate-table row it reads."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        layers: list[tuple[int, LoraLayer | torch.Tensor]],
+        table: GateTable,
+        row: int,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.table = table
+        self.row = row
+        device = base.weight.device
+        downs, ups, slot_adapter, slot_scale = [], [], [], []
+        dense, dense_adapter = [], []
+        for adapter, layer in layers:
+            if isinstance(layer, torch.Tensor):  # a dense ΔW (DoRA, merges), already scaled
+                dense.append(layer.reshape(base.weight.shape))
+                dense_adapter.append(adapter)
+                continue
+            down = fold_tucker(layer.down, layer.mid) if layer.mid is not None else layer.down
+            down, up = conform(base, down, layer.up)
+            downs.append(down)
+            ups.append(up)
+            slot_adapter += [adapter] * layer.rank
+            slot_scale += [layer.scale] * layer.rank
+        w = base.weight
+        empty_down = w.new_zeros((0, *w.shape[1:])) if w.dim() == 4 else w.new_zeros((0, w.shape[1]))
+        empty_up = w.new_zeros((w.shape[0], 0, 1, 1)) if w.dim() == 4 else w.new_zeros((w.shape[0], 0))
+        self.register_buffer(
+            "down", (torch.cat(downs) if downs else empty_down).to(device, dtype), persistent=False
+        )
+        self.register_buffer(
+            "up", (torch.cat(ups, dim=1) if ups else empty_up).to(device, dtype), persistent=False
+        )
+        self.register_buffer(
+            "slot_adapter", torch.tensor(slot_adapter, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "slot_scale", torch.tensor(slot_scale, device=device, dtype=dtype), persistent=False
+        )
+        self.register_buffer(
+            "dense", torch.stack(dense).to(device, dtype) if dense else None, persistent=False
+        )
+        self.register_buffer(
+            "dense_adapter", torch.tensor(dense_adapter, dtype=torch.long, device=device), persistent=False
+        )
+        self.path = "unfused"
+        self.planner: Callable[[MultiLoraLayer, torch.Tensor], str] | None = None
+        self._cache = _Cache()
+        self.calls = 0
+
+    @property
+    def rank(self) -> int:
+        """Total rank of all adapters at this layer."""
+        return int(self.down.shape[0])
+
+    def gate_ranks(self) -> torch.Tensor:
+        """Current per-slot multipliers."""
+        g = self.table.values[self.row].to(self.slot_scale.dtype)
+        return expand_gates(g, self.slot_adapter, self.slot_scale)
+
+    def _refresh(self) -> _Cache:
+        """Re-derive fused weight or active factors when the gate table changed."""
+        c = self._cache
+        version = self.table.row_version[self.row]
+        if c.version == version:
+            return c
+        g_rank = self.gate_ranks()
+        c.version = version
+        c.weight = c.down = c.up = c.dense = None
+        active = g_rank != 0
+        if self.dense is not None:
+            g = self.table.values[self.row].to(self.dense.dtype).index_select(0, self.dense_adapter)
+            if bool((g != 0).any()):
+                c.dense = torch.tensordot(g, self.dense, dims=1)
+        if self.path == "fused":
+            if active.any():
+                c.weight = fused_weight(self.base.weight, self.up, self.down, g_rank)
+            if c.dense is not None:
+                c.weight = (self.base.weight if c.weight is None else c.weight) + c.dense
+        elif active.any():
+            idx = active.nonzero().flatten()
+            c.down = self.down.index_select(0, idx)
+            up = self.up.index_select(1, idx)
+            shape = (1, -1) if up.dim() == 2 else (1, -1, 1, 1)
+            c.up = up * g_rank.index_select(0, idx).view(shape)
+        return c
+
+    def choose_path(self, x: torch.Tensor) -> None:
+        """Let the planner pick this layer's path on its first call (it sees the real input)."""
+        if self.planner is not None and self.calls == 0:
+            self.path = self.planner(self, x)
+            self._cache = _Cache()
+        self.calls += 1
+
+    def tokens(self, x: torch.Tensor) -> int:
+        """How many input vectors one call multiplies (T in the cost model)."""
+        raise NotImplementedError
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base op with a given weight."""
+        raise NotImplementedError
+
+    def lora_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """B · (A · x) for the active slots."""
+        raise NotImplementedError
+
+    def dense_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW · x for a dense delta (no bias)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.choose_path(x)
+        c = self._refresh()
+        if c.weight is not None:
+            return self.base_forward(x, c.weight)
+        y = self.base(x)
+        if c.down is not None:
+            y = y + self.lora_forward(x, c.down, c.up)
+        if c.dense is not None:
+            y = y + self.dense_forward(x, c.dense)
+        return y
+
+
+class MultiLoraLinear(MultiLoraLayer):
+    """Multi-LoRA wrapper of an ``nn.Linear``."""
+
+    def tokens(self, x: torch.Tensor) -> int:
+        return x.numel() // x.shape[-1]
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base.bias)
+
+    def lora_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, down), up)
+
+    def dense_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, delta)
+
+
+class MultiLoraConv2d(MultiLoraLayer):
+    """Multi-LoRA wrapper of an ``nn.Conv2d`` (LoCon: down carries the kernel, up is 1×1)."""
+
+    def tokens(self, x: torch.Tensor) -> int:
+        b = self.base
+        h = (x.shape[-2] + 2 * b.padding[0] - b.dilation[0] * (b.kernel_size[0] - 1) - 1) // b.stride[0] + 1
+        w = (x.shape[-1] + 2 * b.padding[1] - b.dilation[1] * (b.kernel_size[1] - 1) - 1) // b.stride[1] + 1
+        return x.shape[0] * h * w
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.conv2d(x, weight, b.bias, b.stride, b.padding, b.dilation, b.groups)
+
+    def lora_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.conv2d(F.conv2d(x, down, None, b.stride, b.padding, b.dilation), up)
+
+    def dense_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.conv2d(x, delta, None, b.stride, b.padding, b.dilation, b.groups)
+
+
+def wrap(
+    base: nn.Module,
+    layers: list[tuple[int, LoraLayer | torch.Tensor]],
+    table: GateTable,
+    row: int,
+    dtype: torch.dtype,
+) -> MultiLoraLayer:
+    """The right wrapper for a base Linear or Conv2d."""
+    if isinstance(base, nn.Linear):
+        return MultiLoraLinear(base, layers, table, row, dtype)
+    if isinstance(base, nn.Conv2d):
+        if base.groups != 1:
+            raise ValueError("LoRA on grouped convolutions is not supported")
+        return MultiLoraConv2d(base, layers, table, row, dtype)
+    raise TypeError(f"cannot attach a LoRA to {type(base).__name__}")
