@@ -75,7 +75,7 @@ _TAG = re.compile(r"<(lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class LoraTag:
-    """An A1111 ``<lora:name:w>`` tag; also ``<lora:name:te:unet>``, ``te=``/``unet=`` and loractl keyframes."""
+    """An A1111 ``<lora:name:w>`` tag (``<lora:name:te:unet>``, ``te=``/``unet=``, loractl keyframes)."""
 
     name: str
     te: str = "1"

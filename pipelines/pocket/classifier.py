@@ -135,4 +135,5 @@ def accuracy(model: ConceptClassifier, n: int = 2000, seed: int = 99) -> dict[st
     rng = np.random.default_rng(seed)
     images, scenes = world.batch(rng, n, objects=world.OBJECTS, styles=world.STYLES, palettes=world.PALETTES)
     pred = predict(model, images)
-    return {k: float(np.mean([p == getattr(s, k) for p, s in zip(pred[k], scenes, strict=True)])) for k in HEADS}
+    hits = {k: [p == getattr(s, k) for p, s in zip(pred[k], scenes, strict=True)] for k in HEADS}
+    return {k: float(np.mean(v)) for k, v in hits.items()}
