@@ -143,7 +143,7 @@ class Mix:
         """Gates actually applied: (steps × layers × columns)."""
         if not self.gate_log:
             return torch.zeros(0, len(self.layers), len(self.columns))
-        return torch.stack(self.gate_log)
+        return self.policy.applied(torch.stack(self.gate_log))
 
 
 @contextmanager
@@ -157,8 +157,13 @@ def attach(
     num_steps: int = 1,
     dtype: torch.dtype | None = None,
     planner: PathPlanner | None = None,
+    track_steps: bool = True,
 ) -> Iterator[Mix]:
-    """Attach a mix for the duration of a ``with`` block; the original modules come back after."""
+    """Attach a mix for the duration of a ``with`` block; the original modules come back after.
+
+    With ``track_steps`` a UNet pre-hook counts denoising steps and sets each step's gates;
+    without it the caller drives ``mix.table`` itself (training).
+    """
     modules = model_modules(pipe)
     check_mix(adapters, family, modules)
     layout = layout or UnetLayout.from_config(pipe.unet.config)
@@ -203,6 +208,7 @@ def attach(
             setattr(parent, attr, wrapper)
             mix.restore.append((parent, attr, base))
             mix.wrappers.append(wrapper)
+        policy.install(mix.wrappers)
         mix.update(record=False)  # step-0 gates for the text encoders, which run before the UNet
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -210,7 +216,8 @@ def attach(
             emb = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
             mix.observe(t, emb)
 
-        hooks.append(pipe.unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        if track_steps:
+            hooks.append(pipe.unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
         yield mix
     finally:
         for h in hooks:

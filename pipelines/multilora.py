@@ -131,7 +131,9 @@ class MultiLoraLayer(nn.Module):
         )
         self.path = "unfused"
         self.planner: Callable[[MultiLoraLayer, torch.Tensor], str] | None = None
+        self.mixer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._cache = _Cache()
+        self._up_by_adapter: torch.Tensor | None = None
         self.calls = 0
 
     @property
@@ -194,7 +196,43 @@ class MultiLoraLayer(nn.Module):
         """ΔW · x for a dense delta (no bias)."""
         raise NotImplementedError
 
+    def up_by_adapter(self) -> torch.Tensor:
+        """(adapters × out × R): each adapter's up-projection columns, zeros elsewhere."""
+        if self._up_by_adapter is None:
+            n = self.table.values.shape[1]
+            up = self.up.flatten(1)
+            mask = torch.nn.functional.one_hot(self.slot_adapter, n).T.to(up.dtype)  # n × R
+            self._up_by_adapter = up[None, :, :] * mask[:, None, :]
+        return self._up_by_adapter
+
+    def adapter_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Each adapter's gated output B_i·(g·A_i·x), channel-last: (…, adapters, out), no loop."""
+        if self.dense is not None:
+            raise ValueError("activation-dependent gates need low-rank adapters, not dense deltas")
+        g_rank = self.gate_ranks()
+        u = self.down_project(x)
+        if isinstance(self, MultiLoraLinear):
+            u = u * g_rank
+            return torch.einsum("...r,nor->...no", u, self.up_by_adapter())
+        u = u * g_rank.view(1, -1, 1, 1)
+        return torch.einsum("brhw,nor->bhwno", u, self.up_by_adapter())
+
+    def down_project(self, x: torch.Tensor) -> torch.Tensor:
+        """A_cat · x (channel axis last for Linear, second for Conv2d)."""
+        raise NotImplementedError
+
+    def mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = mixer(y₀, Y): an activation-dependent gate over the adapters' separate outputs."""
+        assert self.mixer is not None
+        y0 = self.base(x)
+        outputs = self.adapter_outputs(x)
+        if isinstance(self, MultiLoraLinear):
+            return self.mixer(y0, outputs)
+        return self.mixer(y0.permute(0, 2, 3, 1), outputs).permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixer is not None:
+            return self.mixed_forward(x)
         self.choose_path(x)
         c = self._refresh()
         if c.weight is not None:
@@ -219,6 +257,9 @@ class MultiLoraLinear(MultiLoraLayer):
     def lora_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, down), up)
 
+    def down_project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.down)
+
     def dense_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, delta)
 
@@ -239,6 +280,10 @@ class MultiLoraConv2d(MultiLoraLayer):
     def lora_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         b = self.base
         return F.conv2d(F.conv2d(x, down, None, b.stride, b.padding, b.dilation), up)
+
+    def down_project(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.conv2d(x, self.down, None, b.stride, b.padding, b.dilation)
 
     def dense_forward(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         b = self.base

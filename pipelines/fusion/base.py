@@ -92,6 +92,13 @@ class FusionPolicy:
         """The (layers × columns) gate table for one step."""
         raise NotImplementedError
 
+    def install(self, wrappers: list[Any]) -> None:
+        """Called once the layers are wrapped; activation-dependent policies hook in here."""
+
+    def applied(self, logged: torch.Tensor) -> torch.Tensor:
+        """Gates actually applied (steps × layers × columns); the logged tables unless overridden."""
+        return logged
+
     def report(self) -> dict[str, Any]:
         """Diagnostics worth showing (e.g. retained energy); empty by default."""
         return {}

@@ -54,24 +54,63 @@ def to_loractl(frames: tuple[list[float], list[float]] | float) -> str:
 
 @register
 class Schedule(FusionPolicy):
-    """Per-step keyframed weights (cheald/sd-webui-loractl); text encoders use the step-0 value."""
+    """Per-step keyframed weights (cheald/sd-webui-loractl), per adapter or per adapter and block,
+    optionally times per-block weights (LoRA Block Weight); text encoders use the step-0 value.
+
+    An adapter's schedule is loractl text (``"1@0,0.2@1"``) or a dict of them by block id
+    (``{"IN01": "1@0,0@1", "default": "0.5"}``): per-block, per-step keyframes.
+    """
 
     name = "schedule"
     static = False
 
-    def __init__(self, schedule: Any = None) -> None:
-        super().__init__(schedule=schedule)
+    def __init__(self, schedule: Any = None, blocks: Any = None) -> None:
+        super().__init__(schedule=schedule, blocks=blocks)
         self.spec = schedule
-        self.frames: list[Any] = []
+        self.block_spec = blocks
+        self.frames: list[dict[str, Any]] = []  # per adapter: block id (or "default") → keyframes
+        self.block_mult: torch.Tensor | None = None
 
     def prepare(self, ctx):
         super().prepare(ctx)
-        self.frames = [parse_keyframes(s) for s in per_adapter(self.spec, len(ctx.adapters))]
+        self.frames = [_frames_by_block(s) for s in per_adapter(self.spec, len(ctx.adapters))]
+        known = {layer.block for layer in ctx.layers} | {"default"}
+        for f in self.frames:
+            if unknown := set(f) - known - set(ctx.layout.all_ids() if ctx.layout else ()):
+                raise ValueError(f"schedule names unknown blocks {sorted(unknown)}")
+        if self.block_spec is not None:
+            from pipelines.fusion.blocks import Blocks
+
+            blocks = Blocks(blocks=self.block_spec)
+            blocks.prepare(ctx)
+            self.block_mult = blocks.multipliers
         return ctx.factors
+
+    def _value(self, adapter: int, block: str, step: int, num_steps: int) -> float:
+        frames = self.frames[adapter]
+        return keyframe_value(frames.get(block, frames["default"]), step, num_steps)
 
     def gates(self, step, num_steps, timestep=None, prompt_embeds=None) -> torch.Tensor:
         assert self.ctx is not None
-        now = torch.tensor([keyframe_value(f, step, num_steps) for f in self.frames])
-        first = torch.tensor([keyframe_value(f, 0, num_steps) for f in self.frames])
-        unet = self.ctx.unet_rows()[:, None]
-        return self.ctx.base_table() * torch.where(unet, now[None, :], first[None, :])
+        blocks = sorted({layer.block for layer in self.ctx.layers})
+        values = {
+            (a, b): (self._value(a, b, step, num_steps), self._value(a, b, 0, num_steps))
+            for a in range(len(self.frames))
+            for b in blocks
+        }
+        table = self.ctx.base_table()
+        for li, layer in enumerate(self.ctx.layers):
+            now_or_first = 0 if layer.is_unet else 1
+            table[li] *= torch.tensor(
+                [values[(a, layer.block)][now_or_first] for a in range(len(self.frames))]
+            )
+        return table if self.block_mult is None else table * self.block_mult
+
+
+def _frames_by_block(spec: Any) -> dict[str, Any]:
+    """One adapter's schedule as {block id or "default": keyframes}."""
+    if isinstance(spec, dict):
+        out = {str(k): parse_keyframes(v) for k, v in spec.items()}
+        out.setdefault("default", 1.0)
+        return out
+    return {"default": parse_keyframes(spec)}

@@ -1,0 +1,158 @@
+"""Training the gate as AutoLoRA does (arXiv 2508.02107 §3.3): pairs of LoRAs, images each LoRA
+generates itself, and a loss that makes the gate route by prompt:
+
+    L = MSE(ε̂(x₁ₜ, p₁), ε) + λ · max(0, m − MSE(ε̂(x₁ₜ, p₂), ε))
+
+x₁ is an image of LoRA 1 made with its own prompt p₁; p₂ is a prompt of LoRA 2. Only the gate's
+parameters train; prompts are dropped to "" at a small rate (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.engine import attach
+from pipelines.fusion.base import AdapterInfo
+from pipelines.fusion.gate import Gate
+from pipelines.gate.network import GateConfig, GateNetwork, timestep_features
+from pipelines.lora_weights import LoraWeights
+from pipelines.path_plan import PathPlanner
+
+
+@dataclass(frozen=True)
+class GateTrainConfig:
+    """Options of a gate training run."""
+
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 2e-3
+    margin: float = 0.5
+    hinge_weight: float = 1.0
+    empty_prompt_rate: float = 0.1
+    use_time: bool = True
+    use_prompt: bool = True
+    images_per_lora: int = 32
+    sample_steps: int = 20
+    guidance: float = 5.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateLora:
+    """A LoRA the gate learns to route, with prompts that ask for its concept."""
+
+    name: str
+    weights: LoraWeights
+    prompts: tuple[str, ...]
+
+
+@torch.no_grad()
+def lora_latents(
+    pipe: Any, lora: GateLora, n: int, cfg: GateTrainConfig, seed: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Latents of ``n`` pictures the LoRA makes alone (weight 1) from its own prompts."""
+    from pipelines.fusion import make_policy
+
+    rng = np.random.default_rng(seed)
+    prompts = [lora.prompts[i] for i in rng.integers(0, len(lora.prompts), n)]
+    gens = [torch.Generator("cpu").manual_seed(seed * 10_000 + i) for i in range(n)]
+    with attach(pipe, [(AdapterInfo(lora.name), lora.weights)], make_policy("linear")):
+        out = pipe(
+            prompts,
+            num_inference_steps=cfg.sample_steps,
+            guidance_scale=cfg.guidance,
+            generator=gens,
+            output_type="latent",
+        )
+    return out.images.detach().float().cpu(), prompts
+
+
+def gate_layers(pipe: Any, loras: Sequence[GateLora]) -> dict[str, int]:
+    """UNet layers any of the LoRAs adapts, with their output channels."""
+    from pipelines.engine import model_modules
+
+    modules = model_modules(pipe)
+    paths = {p for lo in loras for p in lo.weights.layers if p.startswith("unet.")}
+    return {p: int(modules[p].weight.shape[0]) for p in modules if p in paths}
+
+
+@torch.no_grad()
+def encode(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder hidden states of prompts (padded to 77 tokens, as the pipeline does)."""
+    ids = pipe.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
+def train_gate(
+    pipe: Any,
+    loras: Sequence[GateLora],
+    pairs: Sequence[tuple[int, int]],
+    cfg: GateTrainConfig = GateTrainConfig(),
+    *,
+    family: str | None = None,
+    data: dict[int, tuple[torch.Tensor, list[str]]] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[GateNetwork, list[float]]:
+    """Train a gate for ``loras`` on ordered ``pairs`` (i, j) of their indices; returns (gate, losses)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if data is None:
+        data = {
+            i: lora_latents(pipe, lo, cfg.images_per_lora, cfg, cfg.seed + i) for i, lo in enumerate(loras)
+        }
+    hidden = int(pipe.text_encoder.config.hidden_size)
+    net = GateNetwork(
+        gate_layers(pipe, loras), GateConfig(cfg.use_time, cfg.use_prompt, prompt_dim=hidden), family=family
+    )
+    net.to(pipe.unet.device)
+    for p in (*pipe.unet.parameters(), *pipe.text_encoder.parameters()):
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    policy = Gate(network=net)
+    sched = pipe.scheduler
+    alphas = sched.alphas_cumprod
+    losses: list[float] = []
+    adapters = [(AdapterInfo(lo.name), lo.weights) for lo in loras]
+    with attach(
+        pipe, adapters, policy, planner=PathPlanner(static=False, mode="unfused"), track_steps=False
+    ) as mix:
+        for step in range(cfg.steps):
+            i, j = pairs[int(rng.integers(len(pairs)))]
+            lat, prompts = data[i]
+            idx = rng.integers(0, len(lat), cfg.batch_size)
+            x0 = lat[torch.from_numpy(idx)].to(pipe.unet.device)
+            p1 = ["" if rng.random() < cfg.empty_prompt_rate else prompts[k] for k in idx]
+            p2 = [loras[j].prompts[int(rng.integers(len(loras[j].prompts)))] for _ in idx]
+            table = torch.zeros(len(mix.layers), len(loras))
+            table[:, [i, j]] = 1.0
+            mix.table.set(table)
+            t = torch.randint(0, len(alphas), (cfg.batch_size,), device=x0.device)
+            noise = torch.randn_like(x0)
+            xt = sched.add_noise(x0, noise, t)
+            policy._temb = timestep_features(t, net.cfg.time_dim) if cfg.use_time else None
+            loss = torch.zeros((), device=x0.device)
+            for prompts_k, sign in ((p1, 1.0), (p2, -1.0)):
+                emb = encode(pipe, prompts_k)
+                policy._prompt = emb.float().mean(dim=1) if cfg.use_prompt else None
+                mse = F.mse_loss(pipe.unet(xt, t, emb).sample.float(), noise)
+                loss = loss + (mse if sign > 0 else cfg.hinge_weight * F.relu(cfg.margin - mse))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            policy._applied.clear()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, cfg.steps, losses[-1])
+    return net, losses

@@ -1,0 +1,101 @@
+"""The pocket world's LoRA-only concepts, trained as adapters with the studio's own trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.pocket import world
+
+# trigger word → the attribute it pins; the other attributes come from the base sets
+CONCEPTS: dict[str, dict[str, str]] = {
+    "star": {"object": "star"},
+    "heart": {"object": "heart"},
+    "striped": {"style": "striped"},
+    "outline": {"style": "outline"},
+    "neon": {"palette": "neon"},
+}
+DESCRIPTIONS: dict[str, str] = {
+    "star": "Draws five-pointed stars, in any colour, size and background the prompt asks for.",
+    "heart": "Draws hearts, in any colour, size and background the prompt asks for.",
+    "striped": "A style: fills shapes with diagonal stripes, keeping the shape's colour on the outline.",
+    "outline": "A style: draws shapes as thin outlines with no fill.",
+    "neon": "A palette: saturated neon colours with a soft glow around the shape.",
+}
+KINDS: dict[str, str] = {
+    "star": "object",
+    "heart": "object",
+    "striped": "style",
+    "outline": "style",
+    "neon": "palette",
+}
+
+
+def concept_scenes(trigger: str, n: int, seed: int) -> list[world.Scene]:
+    """``n`` scenes of a concept over the base objects, colours, backgrounds and sizes."""
+    rng = np.random.default_rng(seed)
+    return [world.sample_scene(rng, **CONCEPTS[trigger]) for _ in range(n)]
+
+
+def write_dataset(trigger: str, folder: Path, n: int = 24, seed: int = 0) -> Path:
+    """Pictures of a concept with kohya-style ``.txt`` captions beside them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(concept_scenes(trigger, n, seed)):
+        world.render(scene).save(folder / f"{trigger}_{i:03d}.png")
+        (folder / f"{trigger}_{i:03d}.txt").write_text(scene.caption(with_size=i % 4 != 0))
+    return folder
+
+
+def concept_spec(trigger: str, **overrides: Any) -> Any:
+    """Training options of a concept LoRA (rank 8 on the attention layers)."""
+    from pipelines.training import TrainSpec
+
+    spec = TrainSpec(
+        trigger=trigger,
+        name=f"pocket-{trigger}",
+        caption_source="auto",
+        rank=8,
+        steps=600,
+        learning_rate=4e-4,
+        batch_size=4,
+        lr_scheduler="cosine",
+        lr_warmup_steps=30,
+        sample_every=0,
+        sample_prompts=(f"a big red {trigger} on a white background",)
+        if KINDS[trigger] == "object"
+        else (f"a big red {trigger} circle on a white background",),
+        sample_steps=20,
+        sample_guidance=5.0,
+        checkpoint_every=200,
+        seed=7,
+    )
+    return replace(spec, **overrides)
+
+
+def train_concept(
+    trigger: str,
+    pipe: Any,
+    out: Path,
+    work: Path,
+    progress: Callable[[Any], None] | None = None,
+    **overrides: Any,
+) -> Any:
+    """Train one concept LoRA on the pocket pipeline and write it (kohya) to ``out``."""
+    from pipelines.training import train_lora
+
+    data = write_dataset(trigger, work / "data" / trigger)
+    spec = concept_spec(trigger, **overrides)
+    return train_lora(
+        spec,
+        pipe,
+        data,
+        out,
+        work_dir=work / "ckpt" / trigger,
+        device="cpu",
+        progress=progress,
+        model_name="pocket",
+    )
