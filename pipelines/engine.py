@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,9 +91,28 @@ def check_mix(
             check_against_model(weights, family, shapes)
         except ValueError as exc:
             raise type(exc)(f"LoRA {info.name!r}: {exc}") from exc
-        for path, layer in weights.layers.items():
-            if not all(torch.isfinite(t).all() for t in (layer.down, layer.up) if t is not None):
-                raise NonFiniteWeightsError(f"LoRA {info.name!r} has NaN/Inf weights at {path}")
+        if not _finite_once(weights):
+            bad = next(p for p, layer in weights.layers.items() if not _finite(layer))
+            raise NonFiniteWeightsError(f"LoRA {info.name!r} has NaN/Inf weights at {bad}")
+
+
+_FINITE: dict[int, weakref.ref] = {}
+
+
+def _finite(layer: LoraLayer) -> bool:
+    """True when a layer's factors hold no NaN/Inf."""
+    return all(bool(torch.isfinite(t).all()) for t in (layer.down, layer.up, layer.mid) if t is not None)
+
+
+def _finite_once(weights: LoraWeights) -> bool:
+    """Finiteness of an adapter's factors, checked once per in-memory adapter (a mix switch stays cheap)."""
+    ref = _FINITE.get(id(weights))
+    if ref is not None and ref() is weights:
+        return True
+    if not all(_finite(layer) for layer in weights.layers.values()):
+        return False
+    _FINITE[id(weights)] = weakref.ref(weights)
+    return True
 
 
 @dataclass

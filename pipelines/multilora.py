@@ -77,6 +77,7 @@ class _Cache:
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    fuses: int = 0
 
 
 class MultiLoraLayer(nn.Module):
@@ -108,15 +109,12 @@ class MultiLoraLayer(nn.Module):
             ups.append(up)
             slot_adapter += [adapter] * layer.rank
             slot_scale += [layer.scale] * layer.rank
-        w = base.weight
-        empty_down = w.new_zeros((0, *w.shape[1:])) if w.dim() == 4 else w.new_zeros((0, w.shape[1]))
-        empty_up = w.new_zeros((w.shape[0], 0, 1, 1)) if w.dim() == 4 else w.new_zeros((w.shape[0], 0))
-        self.register_buffer(
-            "down", (torch.cat(downs) if downs else empty_down).to(device, dtype), persistent=False
-        )
-        self.register_buffer(
-            "up", (torch.cat(ups, dim=1) if ups else empty_up).to(device, dtype), persistent=False
-        )
+        # Factors stay per adapter until a path needs them concatenated: attaching a mix copies
+        # nothing, and a static mix is fused adapter by adapter on its first call.
+        self._downs = [d.to(device, dtype) for d in downs]
+        self._ups = [u.to(device, dtype) for u in ups]
+        self._ranks = [d.shape[0] for d in downs]
+        self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer(
             "slot_adapter", torch.tensor(slot_adapter, dtype=torch.long, device=device), persistent=False
         )
@@ -139,7 +137,41 @@ class MultiLoraLayer(nn.Module):
     @property
     def rank(self) -> int:
         """Total rank of all adapters at this layer."""
-        return int(self.down.shape[0])
+        return sum(self._ranks)
+
+    def _concat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat, B_cat), built once per mix on first use."""
+        if self._cat is None:
+            w = self.base.weight
+            if self._downs:
+                self._cat = (torch.cat(self._downs), torch.cat(self._ups, dim=1))
+            else:
+                empty_down = w.new_zeros((0, *w.shape[1:]))
+                empty_up = (
+                    w.new_zeros((w.shape[0], 0, 1, 1)) if w.dim() == 4 else w.new_zeros((w.shape[0], 0))
+                )
+                self._cat = (empty_down, empty_up)
+        return self._cat
+
+    @property
+    def down(self) -> torch.Tensor:
+        """A_cat: every adapter's down-projection stacked along the rank axis."""
+        return self._concat()[0]
+
+    @property
+    def up(self) -> torch.Tensor:
+        """B_cat: every adapter's up-projection side by side along the rank axis."""
+        return self._concat()[1]
+
+    def _fuse_per_adapter(self, g_rank: torch.Tensor) -> torch.Tensor:
+        """W₀ + Σᵢ Bᵢ·diag(gᵢ)·Aᵢ without concatenating the factors (for one-off fusing)."""
+        w, start = self.base.weight, 0
+        for down, up, r in zip(self._downs, self._ups, self._ranks, strict=True):
+            g = g_rank[start : start + r]
+            start += r
+            if bool((g != 0).any()):
+                w = fused_weight(w, up, down, g)
+        return w
 
     def gate_ranks(self) -> torch.Tensor:
         """Current per-slot multipliers."""
@@ -162,7 +194,13 @@ class MultiLoraLayer(nn.Module):
                 c.dense = torch.tensordot(g, self.dense, dims=1)
         if self.path == "fused":
             if active.any():
-                c.weight = fused_weight(self.base.weight, self.up, self.down, g_rank)
+                one_off = self._cat is None and c.fuses == 0
+                c.weight = (
+                    self._fuse_per_adapter(g_rank)
+                    if one_off
+                    else fused_weight(self.base.weight, self.up, self.down, g_rank)
+                )
+                c.fuses += 1
             if c.dense is not None:
                 c.weight = (self.base.weight if c.weight is None else c.weight) + c.dense
         elif active.any():
