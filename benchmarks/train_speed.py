@@ -10,7 +10,9 @@ and AdamW over all of them, at the same batch, resolution, data and loss. Models
 (speed and memory do not depend on them): the pocket architecture and SD-1.5's UNet / VAE / CLIP-L
 shapes. Reported: seconds per step (median after a warm-up step; CPU time with one thread on the
 CPU, synchronised wall time on CUDA), the extra memory training needs beyond the loaded model
-(peak RSS on the CPU, peak allocated on CUDA), and the ratios LoRA/full and cached/uncached.
+(peak RSS on the CPU, peak allocated on CUDA, over the warm-up step and the timed steps, above
+what the loaded model and caches hold: activations, gradients and optimizer states), and the ratios
+LoRA/full and cached/encoded.
 """
 
 from __future__ import annotations
@@ -128,14 +130,14 @@ def worker(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as work:
         trainer = cls(spec, pipe, examples, Path(work), device, None)
         trainer.prepare()
-        trainer.train_step()  # warm-up (allocates optimizer states and caches)
-        trainer.step += 1
-        if device.type == "cuda":
+        if device.type == "cuda":  # baseline: the loaded model (+ caches), before any gradient or state
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
             base, reset = _rss_kib("VmRSS") * 1024, _reset_peak()
+        trainer.train_step()  # warm-up: allocates gradients and optimizer states (counted in the peak)
+        trainer.step += 1
         times = []
         for _ in range(job["steps"]):
             t0 = time.perf_counter() if device.type == "cuda" else time.process_time()
@@ -154,7 +156,7 @@ def worker(job: dict) -> dict:
                 print("warning: peak RSS could not be reset; memory includes set-up", file=sys.stderr)
     trainable = sum(p.numel() for p in trainer.trainable())
     return {**job, "sec_per_step": statistics.median(times), "times": times, "peak_bytes": peak,
-            "train_bytes": peak - base + (base if device.type == "cuda" else 0), "trainable": trainable}
+            "base_bytes": base, "train_bytes": peak - base, "trainable": trainable}
 
 
 def run_worker(job: dict) -> dict:
@@ -162,7 +164,9 @@ def run_worker(job: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {job['model']}/{job['mode']} failed:\n{proc.stderr[-3000:]}")
+        why = "killed by SIGKILL (out of memory?)" if proc.returncode == -9 else f"exit {proc.returncode}"
+        print(f"  worker {job['model']}/{job['mode']} failed: {why}\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {**job, "failed": why}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -171,16 +175,24 @@ def report(model: str, rows: dict[tuple[str, bool], dict]) -> None:
     gib = 2**30
     print(f"\n== {model}: batch {rows['lora', True]['batch']}, {rows['lora', True]['resolution']} px, "
           f"LoRA rank {rows['lora', True]['rank']} ==")
-    print(f"{'mode':<6}{'latents':<10}{'s/step':>10}{'train mem GiB':>15}{'trainable':>14}")
+    print(f"{'mode':<6}{'latents':<10}{'s/step':>10}{'model GiB':>11}{'+train GiB':>12}{'trainable':>14}")
     for (mode, cache), r in rows.items():
+        if "failed" in r:
+            print(f"{mode:<6}{'cached' if cache else 'encoded':<10}  failed: {r['failed']}")
+            continue
         print(f"{mode:<6}{'cached' if cache else 'encoded':<10}{r['sec_per_step']:>10.3f}"
-              f"{r['train_bytes'] / gib:>15.3f}{r['trainable']:>14,}")
+              f"{r['base_bytes'] / gib:>11.3f}{r['train_bytes'] / gib:>12.3f}{r['trainable']:>14,}")
+    ok = {k: r for k, r in rows.items() if "failed" not in r}
     for cache in (True, False):
+        if ("lora", cache) not in ok or ("full", cache) not in ok:
+            continue
         lo, fu = rows["lora", cache], rows["full", cache]
         label = "cached" if cache else "encoded"
         print(f"LoRA/full ({label} latents): time {lo['sec_per_step'] / fu['sec_per_step']:.2f}×, "
               f"training memory {lo['train_bytes'] / fu['train_bytes']:.2f}×")
     for mode in ("lora", "full"):
+        if (mode, True) not in ok or (mode, False) not in ok:
+            continue
         on, off = rows[mode, True], rows[mode, False]
         print(f"{mode}: cached/encoded latents: time {on['sec_per_step'] / off['sec_per_step']:.2f}×, "
               f"training memory {on['train_bytes'] / off['train_bytes']:.2f}×")
@@ -195,6 +207,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--pocket-resolution", type=int, default=64)
     ap.add_argument("--sd-resolution", type=int, default=256, help="512 is SD-1.5's native size")
+    ap.add_argument("--only", help="run one cell, e.g. full:encoded (for a machine short of memory)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -207,12 +220,16 @@ def main() -> None:
             rows = {}
             for mode in ("lora", "full"):
                 for cache in (True, False):
+                    if args.only and args.only != f"{mode}:{'cached' if cache else 'encoded'}":
+                        continue
                     job = {"model": model, "mode": mode, "cache": cache, "device": args.device,
                            "steps": args.steps, "batch": args.batch, "rank": args.rank, "resolution": res,
                            "images": str(images)}
-                    rows[mode, cache] = run_worker(job)
-                    print(f"  {model} {mode} {'cached' if cache else 'encoded'}: "
-                          f"{rows[mode, cache]['sec_per_step']:.3f} s/step", flush=True)
+                    r = rows[mode, cache] = run_worker(job)
+                    if "failed" not in r:
+                        label = "cached" if cache else "encoded"
+                        print(f"  {model} {mode} {label}: {r['sec_per_step']:.3f} s/step, "
+                              f"+{r['train_bytes'] / 2**30:.3f} GiB", flush=True)
             report(model, rows)
 
 

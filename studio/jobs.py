@@ -9,6 +9,7 @@ half-done: on a studio restart a ``running`` job is queued again from its last c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -97,17 +98,36 @@ def folder_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def catalog_registrar(catalog: Any) -> Registrar:
+    """A registrar that adds a finished adapter to ``catalog`` (an ``adapters_db.Catalog``): the file,
+    its training captions (they feed retrieval) and its sample pictures with their prompts."""
+
+    def register(config: StudioConfig, result: TrainResult, job: JobStatus) -> str:
+        import adapters_db
+
+        meta: dict[str, Any] = {"name": job.name, "tags": ["trained"], "source": "trained"}
+        if trigger := result.metadata.get("modelspec.trigger_phrase", ""):
+            meta["trigger_words"] = [trigger]
+        if result.family in adapters_db.FAMILIES:
+            meta["base_family"] = result.family
+        with catalog.session() as session:
+            record = adapters_db.register_trained_adapter(
+                session, catalog, result.kohya_path, list(result.captions), list(result.sample_images),
+                sample_prompts=list(result.sample_prompts), **meta)
+        return str(record.id)
+
+    return register
+
+
 def register_in_catalog(config: StudioConfig, result: TrainResult, job: JobStatus) -> str:
-    """Add a finished adapter to the catalog (embedding from captions and samples); returns its id."""
+    """Register in the catalog at the config's URL and data folder (what the CLI uses)."""
     import adapters_db
 
     catalog = adapters_db.open_catalog(config.catalog_url, config.data_dir)
-    with catalog.session() as session:
-        record = adapters_db.register_trained_adapter(
-            session, catalog, result.kohya_path, list(result.captions), list(result.sample_images),
-            name=job.name, base_model=job.model, family=result.family, trigger=result.metadata.get(
-                "modelspec.trigger_phrase", ""), job_id=job.id)
-    return str(getattr(record, "id", record))
+    try:
+        return catalog_registrar(catalog)(config, result, job)
+    finally:
+        catalog.dispose()
 
 
 class JobRunner:
@@ -298,7 +318,12 @@ class JobRunner:
                 with self._wake:
                     self._wake.wait(timeout=1.0)
                 continue
-            self.run_job(job_id, claimed=True)
+            try:
+                self.run_job(job_id, claimed=True)
+            except Exception as exc:  # the bookkeeping itself failed (e.g. the database): record it if we can
+                with contextlib.suppress(Exception):
+                    self._update(job_id, status="failed", phase="failed", finished_at=utcnow(),
+                                 reason=f"internal error: {type(exc).__name__}: {exc}")
 
     # ---- running one job -------------------------------------------------------------------
     def run_job(self, job_id: str, progress: Callable[[TrainProgress], None] | None = None,

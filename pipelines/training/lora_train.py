@@ -89,6 +89,7 @@ class TrainResult:
     losses: tuple[float, ...]
     captions: tuple[str, ...]
     sample_images: tuple[Path, ...]
+    sample_prompts: tuple[str, ...]  # the prompt of each sample picture
     loss_curve: Path
     metadata: dict[str, str] = field(repr=False)
     resumed_from: int = 0
@@ -224,6 +225,7 @@ class LoraTrainer:
         self.step, self.resumed_from = 0, 0
         self.losses: list[float] = []
         self.samples: list[Path] = []
+        self.sample_texts: list[str] = []
         self.class_examples: list[Example] = []
         self.components: dict[str, torch.nn.Module] = {}
         self.cache: LatentCache | None = None
@@ -510,6 +512,7 @@ class LoraTrainer:
         paths = render_samples(self.pipe, self.sample_prompts(), s.sample_seeds, (res, res),
                                self.work / "samples", self.step, s.sample_steps, s.sample_guidance)
         self.samples += paths
+        self.sample_texts += [p for p in self.sample_prompts() for _ in s.sample_seeds]  # render order
         self.report("sampling")
         return paths
 
@@ -535,7 +538,8 @@ class LoraTrainer:
         kohya, diffusers_dir = write_adapter(weights, out)
         curve = write_loss_curve(self.losses, self.work / "loss.png", f"{self.spec.output_name}: loss")
         result = TrainResult(kohya, diffusers_dir, self.work, self.family, self.total, tuple(self.losses),
-                             info.captions, tuple(self.samples), curve, meta, self.resumed_from)
+                             info.captions, tuple(self.samples), tuple(self.sample_texts), curve, meta,
+                             self.resumed_from)
         (self.work / "result.json").write_text(json.dumps(
             {"kohya_path": str(kohya), "diffusers_path": str(diffusers_dir), "steps": self.total,
              "final_loss": info.final_loss, "samples": [str(p) for p in self.samples]}, indent=1))

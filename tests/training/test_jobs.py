@@ -6,16 +6,18 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+import adapters_db
 from pipelines.images import ImageUploadError
 from pipelines.training import TrainProgress, TrainResult
 from pipelines.training.checkpoint import list_checkpoints
 from studio.config import StudioConfig
-from studio.jobs import JobRunner, JobStatus, folder_files
+from studio.jobs import JobRunner, JobStatus, catalog_registrar, folder_files
 from studio.jobs_db import TrainJobRow
 from tests.training.conftest import fast_spec
 from tests.training.test_images import huge_png
@@ -23,26 +25,27 @@ from tests.training.test_images import huge_png
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Registrations:
-    """Records what the runner asks the catalog to register (the catalog's side is tested there)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Path]] = []
-
-    def __call__(self, config: StudioConfig, result: TrainResult, job: JobStatus) -> str:
-        assert result.kohya_path.is_file() and result.captions and result.sample_images
-        self.calls.append((job.id, result.kohya_path))
-        return f"adapter-{len(self.calls)}"
-
-
 @pytest.fixture()
 def config(tmp_path: Path, tiny_pipeline_dir: Path) -> StudioConfig:
     return StudioConfig(data_dir=tmp_path / "data", model=str(tiny_pipeline_dir), device="cpu")
 
 
-def test_jobs_run_one_at_a_time_and_record_progress(config: StudioConfig, concept_dir: Path) -> None:
-    registered = Registrations()
-    runner = JobRunner(config, registrar=registered, progress_interval_s=0.0)
+@pytest.fixture()
+def catalog(config: StudioConfig) -> Iterator[adapters_db.Catalog]:
+    """The real catalog on the same database (hashing embedder: no model to load)."""
+    cat = adapters_db.open_catalog(config.catalog_url, config.data_dir, embedder="hashing")
+    yield cat
+    cat.dispose()
+
+
+def catalogued(catalog: adapters_db.Catalog) -> list[adapters_db.AdapterRecord]:
+    with catalog.session() as s:
+        return list(adapters_db.list_adapters(s, catalog, include_nsfw=True, limit=100).items)
+
+
+def test_jobs_run_one_at_a_time_and_record_progress(config: StudioConfig, concept_dir: Path,
+                                                    catalog: adapters_db.Catalog) -> None:
+    runner = JobRunner(config, registrar=catalog_registrar(catalog), progress_interval_s=0.0)
     seen: list[tuple[str, str, int]] = []
     runner.add_listener(lambda job_id, p: seen.append((job_id, p.phase, p.step)))
     first = runner.submit(fast_spec(steps=2), folder_files(concept_dir))
@@ -55,17 +58,20 @@ def test_jobs_run_one_at_a_time_and_record_progress(config: StudioConfig, concep
         runner.stop()
     assert (a.status, b.status) == ("done", "done"), (a.reason, b.reason)
     assert b.started_at >= a.finished_at  # one worker per device: the queue waits
-    assert (a.step, a.total, a.adapter_id, b.adapter_id) == (2, 2, "adapter-1", "adapter-2")
+    assert (a.step, a.total) == (2, 2) and a.adapter_id and b.adapter_id and a.adapter_id != b.adapter_id
     assert a.loss is not None and Path(a.sample_path).is_file() and Path(a.out_path).is_file()
-    assert [c[0] for c in registered.calls] == [first, second]
+    records = {str(r.id): r for r in catalogued(catalog)}
+    assert set(records) == {a.adapter_id, b.adapter_id}
+    rec = records[a.adapter_id]
+    assert rec.name == "zq" and rec.source == "trained" and "zq" in rec.trigger_words and rec.has_local_file
     assert (first, "training", 2) in seen and (first, "done", 2) in seen
     stored = list((config.data_dir / "uploads").rglob("*.png"))
     assert len(stored) == 7  # content-addressed: the second job reused the first job's files
 
 
-def test_cancel_running_job_registers_nothing_and_can_resume(config: StudioConfig, concept_dir: Path) -> None:
-    registered = Registrations()
-    runner = JobRunner(config, registrar=registered, progress_interval_s=0.0)
+def test_cancel_running_job_registers_nothing_and_can_resume(config: StudioConfig, concept_dir: Path,
+                                                             catalog: adapters_db.Catalog) -> None:
+    runner = JobRunner(config, registrar=catalog_registrar(catalog), progress_interval_s=0.0)
     def cancel_at_two(job_id: str, p: TrainProgress) -> None:
         if p.phase == "training" and p.step == 2:
             runner.cancel(job_id)
@@ -74,12 +80,12 @@ def test_cancel_running_job_registers_nothing_and_can_resume(config: StudioConfi
     job = runner.submit(fast_spec(steps=6, checkpoint_every=2), folder_files(concept_dir))
     status = runner.run_job(job)
     assert status.status == "cancelled" and "cancelled at step 2" in status.reason
-    assert not Path(status.out_path).exists() and registered.calls == []
+    assert not Path(status.out_path).exists() and catalogued(catalog) == []
     assert list_checkpoints(Path(status.work_dir) / "checkpoints")[-1][0] == 2
     runner.remove_listener(cancel_at_two)
     runner.resume(job)
     done = runner.run_job(job)
-    assert done.status == "done" and registered.calls == [(job, Path(done.out_path))]
+    assert done.status == "done" and [str(r.id) for r in catalogued(catalog)] == [done.adapter_id]
 
 
 def test_cancel_queued_job(config: StudioConfig, concept_dir: Path) -> None:

@@ -248,3 +248,25 @@ def test_bf16_autocast_on_cpu_runs(concept_dir: Path, tmp_path: Path) -> None:
     assert torch.isfinite(torch.tensor(trainer.losses)).all()
     with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA device"):
         resolve_precision(fast_spec(mixed_precision="fp16"), torch.device("cpu"))
+
+
+def test_sdxl_pipeline_trains_with_both_text_encoders(concept_dir: Path, tmp_path: Path) -> None:
+    from tests.training.conftest import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    spec = fast_spec(steps=2, train_text_encoder=True, learning_rate=1e-2, targets="attn-mlp")
+    trainer = _trainer(spec, concept_dir, tmp_path / "work", pipe)
+    assert set(trainer.components) == {"unet", "text_encoder", "text_encoder_2"}
+    trainer.run()
+    assert all(torch.isfinite(torch.tensor(trainer.losses)))
+    result = trainer.finish(tmp_path / "xl.safetensors", "tiny-xl", 0.0)
+    trainer.detach()
+    weights = lora_formats.load(result.kohya_path)
+    assert weights.components() == {"unet", "text_encoder", "text_encoder_2"}
+    reloaded = build_tiny_sdxl_pipeline()
+    reloaded.load_lora_weights(str(result.diffusers_path))
+    for path, layer in list(weights.layers.items())[:5]:  # diffusers holds the same factors
+        component, name = path.split(".", 1)
+        module = getattr(reloaded, component).get_submodule(name)
+        got = module.lora_B["default_0"].weight @ module.lora_A["default_0"].weight
+        assert torch.allclose(got, layer.delta(), atol=1e-5)
