@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("classifier", "vae", "latents", "unet", "export")
+STAGES = ("classifier", "vae", "latents", "unet", "export", "loras", "catalog")
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -80,7 +80,34 @@ def run_train(args: argparse.Namespace) -> int:
                 classifier_dst=out / CLASSIFIER_PATH.name,
             )
             print(f"exported to {out}")
+        elif stage in ("loras", "catalog"):
+            concept_stage(stage, out, run)
     return 0
+
+
+def concept_stage(stage: str, out: Path, run: Path) -> None:
+    """``loras``: train each missing concept LoRA with the studio's trainer; ``catalog``: previews and
+    sidecars for every concept LoRA (both on the exported model in ``out``)."""
+    import shutil
+
+    import torch
+
+    from pipelines.models import load_pipeline
+    from pipelines.pocket.catalog import write_sidecars
+    from pipelines.pocket.concepts import CONCEPTS, train_concept
+
+    pipe = load_pipeline(str(out), torch.device("cpu"), torch.float32)
+    pipe.studio_family = "pocket"
+    folder = out / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    for trigger in CONCEPTS:
+        lora = folder / f"pocket-{trigger}.safetensors"
+        if stage == "loras" and not lora.exists():
+            train_concept(trigger, pipe, lora, run / "loras")
+            shutil.rmtree(folder / f"pocket-{trigger}_diffusers", ignore_errors=True)
+        if stage == "catalog" and lora.exists():
+            write_sidecars(lora, trigger, pipe)
+        print(f"{stage}: {lora.name}")
 
 
 def run_eval(args: argparse.Namespace) -> int:
