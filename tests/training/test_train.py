@@ -270,3 +270,26 @@ def test_sdxl_pipeline_trains_with_both_text_encoders(concept_dir: Path, tmp_pat
         module = getattr(reloaded, component).get_submodule(name)
         got = module.lora_B["default_0"].weight @ module.lora_A["default_0"].weight
         assert torch.allclose(got, layer.delta(), atol=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(concept_dir: Path, tmp_path: Path) -> None:
+    runs = []
+    for flag in (False, True):
+        trainer = _trainer(fast_spec(steps=2, gradient_checkpointing=flag), concept_dir, tmp_path / str(flag))
+        trainer.run()
+        runs.append(({k: p.detach().clone() for k, p in trainer.lora_tensors().items()}, trainer.losses))
+    _assert_same_lora(runs[0][0], runs[1][0])
+    assert runs[0][1] == pytest.approx(runs[1][1], abs=1e-6)
+
+
+def test_epochs_set_the_number_of_steps(concept_dir: Path, tmp_path: Path) -> None:
+    pipe = build_tiny_pipeline()
+    spec = fast_spec(epochs=2, batch_size=2, grad_accum=1)
+    geometry = Geometry.of(pipe, spec)
+    examples = prepare_examples(items_from_folder(concept_dir), spec, list(geometry.buckets))
+    trainer = LoraTrainer(spec, pipe, examples, tmp_path, torch.device("cpu"), None)
+    assert trainer.plan.per_epoch == 3 + 1  # six square pictures in pairs, the wide one alone
+    assert trainer.total == 8
+    accumulated = LoraTrainer(fast_spec(epochs=2, batch_size=2, grad_accum=3), pipe, examples, tmp_path,
+                              torch.device("cpu"), None)
+    assert accumulated.total == 3  # ceil(2 × 4 micro-batches / 3)
