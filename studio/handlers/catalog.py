@@ -1,0 +1,282 @@
+"""The Catalog tab: search and browse with filters, the detail view, curation, imports."""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.parse
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import adapters_db
+from adapters_db import AdapterRecord, ImportResult, ImportSummary
+from adapters_db.repository import LICENCE_FLAGS, SORTS
+from studio.handlers.state import SessionState
+from studio.services import Services
+
+LOCATIONS = ("all", "local", "remote")
+PAGE_SIZE = 24
+_HF_REPO = re.compile(r"^(?:https?://huggingface\.co/)?([A-Za-z0-9][\w.-]*/[\w.-]+)/?$")
+
+
+@dataclass(frozen=True)
+class CatalogQuery:
+    """What the catalog's search box and filters say."""
+
+    text: str = ""
+    base_family: str | None = None
+    tags: tuple[str, ...] = ()
+    include_nsfw: bool = False
+    licence: tuple[str, ...] = ()
+    location: str = "all"
+    sort: str = "relevance"
+    page: int = 1
+    page_size: int = PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        if self.location not in LOCATIONS:
+            raise ValueError(f"location must be one of {', '.join(LOCATIONS)}, got {self.location!r}")
+        if self.sort not in SORTS:
+            raise ValueError(f"unknown sort {self.sort!r}: use one of {', '.join(SORTS)}")
+        unknown = [f for f in self.licence if f not in LICENCE_FLAGS]
+        if unknown:
+            raise ValueError(f"unknown licence filter(s) {unknown}: use {', '.join(LICENCE_FLAGS)}")
+        if self.page < 1 or not 1 <= self.page_size <= 200:
+            raise ValueError("pages start at 1 and hold 1 to 200 adapters")
+        if self.base_family is not None:
+            object.__setattr__(self, "base_family", adapters_db.normalize_family(self.base_family))
+
+    @property
+    def local_only(self) -> bool | None:
+        """The repository's ``local_only`` filter for the location choice."""
+        return {"all": None, "local": True, "remote": False}[self.location]
+
+
+def split_tags(text: str) -> tuple[str, ...]:
+    """Comma-separated tags → a tuple of lower-case tags."""
+    return tuple(t.strip().lower() for t in (text or "").split(",") if t.strip())
+
+
+@dataclass
+class CatalogPage:
+    """One page of results: the records, why each matched (searches), and paging."""
+
+    items: list[AdapterRecord]
+    why: dict[int, str]
+    page: int
+    total: int | None  # None when a search has no exact total (more pages may exist)
+    has_next: bool
+    page_size: int = PAGE_SIZE
+
+    def label(self) -> str:
+        """``page 2 of 5 (113 adapters)`` or ``page 2``."""
+        if self.total is None:
+            return f"page {self.page}" + (" · more on the next page" if self.has_next else "")
+        pages = max(1, math.ceil(self.total / self.page_size))
+        return f"page {self.page} of {pages} ({self.total} adapter{'s' if self.total != 1 else ''})"
+
+
+def browse(services: Services, q: CatalogQuery) -> CatalogPage:
+    """Search (a query: the catalog's hybrid search) or list (no query) with the filters and sort."""
+    catalog, offset = services.catalog, (q.page - 1) * q.page_size
+    with catalog.session() as session:
+        if q.text.strip():
+            hits = adapters_db.search(
+                session,
+                catalog,
+                q.text,
+                q.page_size + 1,
+                base_family=q.base_family,
+                include_nsfw=q.include_nsfw,
+                tags=q.tags or None,
+                licence=q.licence or None,
+                local_only=q.local_only,
+                sort=q.sort,
+                offset=offset,
+            )
+            shown = hits[: q.page_size]
+            return CatalogPage(
+                [h.adapter for h in shown],
+                {h.adapter.id: h.why for h in shown},
+                q.page,
+                None,
+                len(hits) > q.page_size,
+                q.page_size,
+            )
+        sort = "downloads" if q.sort == "relevance" else q.sort
+        page = adapters_db.list_adapters(
+            session,
+            catalog,
+            base_family=q.base_family,
+            include_nsfw=q.include_nsfw,
+            tags=q.tags or None,
+            licence=q.licence or None,
+            local_only=q.local_only,
+            sort=sort,
+            offset=offset,
+            limit=q.page_size,
+        )
+    return CatalogPage(
+        list(page.items), {}, q.page, page.total, offset + len(page.items) < page.total, q.page_size
+    )
+
+
+def page_data(page: CatalogPage) -> list[dict[str, Any]]:
+    """Plain data of a page (the API's view)."""
+    return [
+        {
+            "id": r.id,
+            "name": r.name,
+            "base_model": r.base_model or r.base_family,
+            "tags": list(r.tags),
+            "trigger_words": list(r.trigger_words),
+            "local": r.has_local_file,
+            "downloads": r.stats.downloads,
+            "rating": r.stats.rating,
+            "nsfw_level": r.nsfw_level,
+            "why": page.why.get(r.id, ""),
+        }
+        for r in page.items
+    ]
+
+
+def get_record(services: Services, adapter_id: int | str) -> AdapterRecord:
+    """The full record of one adapter."""
+    try:
+        key = int(adapter_id)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not an adapter id: {adapter_id!r}") from exc
+    with services.catalog.session() as session:
+        record = adapters_db.get_adapter(session, services.catalog, key)
+    if record is None:
+        raise LookupError(f"no adapter with id {key} in the catalog (deleted?)")
+    return record
+
+
+def open_detail(
+    services: Services, state: SessionState, adapter_id: int | str
+) -> tuple[SessionState, AdapterRecord]:
+    """Open an adapter in the detail view."""
+    record = get_record(services, adapter_id)
+    return replace(state, detail_id=record.id), record
+
+
+def preview_prompt(record: AdapterRecord, image_id: int | str) -> tuple[str, str, dict[str, Any]]:
+    """(prompt, negative prompt, parameters) of one of an adapter's preview images ("use this prompt")."""
+    image = next((i for i in record.images if str(i.id) == str(image_id)), None)
+    if image is None or not image.prompt:
+        raise LookupError(f"{record.name!r} has no preview image {image_id} with a prompt")
+    return image.prompt, image.negative_prompt or "", dict(image.params)
+
+
+@dataclass(frozen=True)
+class MetadataEdit:
+    """What a person may change about an adapter."""
+
+    name: str
+    tags: tuple[str, ...] = ()
+    trigger_words: tuple[str, ...] = ()
+    base_family: str | None = None
+    nsfw_level: int = 0
+    description_html: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def edit_metadata(services: Services, adapter_id: int, edit: MetadataEdit) -> AdapterRecord:
+    """Save a curation edit (the description is sanitised by the catalog)."""
+    changes: dict[str, Any] = {
+        "name": edit.name,
+        "tags": list(edit.tags),
+        "trigger_words": list(edit.trigger_words),
+        "base_family": edit.base_family or None,
+        "nsfw_level": int(edit.nsfw_level),
+    }
+    if edit.description_html is not None:
+        changes["description_html"] = edit.description_html
+    with services.catalog.session() as session:
+        return adapters_db.update_metadata(session, services.catalog, int(adapter_id), **changes)
+
+
+def delete(services: Services, state: SessionState, adapter_id: int) -> tuple[SessionState, str]:
+    """Delete an adapter (and its files nothing else uses); the mix loses it too."""
+    record = get_record(services, adapter_id)
+    with services.catalog.session() as session:
+        if not adapters_db.delete_adapter(session, services.catalog, record.id):
+            raise LookupError(f"no adapter with id {adapter_id}")
+    mix = tuple(m for m in state.mix if m.adapter_id != record.id)
+    return replace(state, mix=mix, detail_id=None), f"deleted {record.name!r}"
+
+
+# ------------------------------------------------------------------------------------------ import
+def _embed(services: Services, summary: ImportSummary) -> None:
+    """Embed the imported adapters now, so the next search does not pay for it."""
+    ids = {r.adapter_id for r in summary.results if r.ok and r.adapter_id is not None}
+    if ids:
+        with services.catalog.session() as session:
+            adapters_db.embed_missing(services.catalog, session=session, adapter_ids=ids)
+
+
+def import_uploads(services: Services, paths: list[str]) -> ImportSummary:
+    """Import uploaded ``.safetensors`` files (each one on its own: a bad file fails alone)."""
+    if not paths:
+        raise ValueError("choose one or more .safetensors files to import")
+    results = []
+    for path in paths:
+        with services.catalog.session() as session:
+            results.append(adapters_db.import_file(session, services.catalog, Path(path)))
+    summary = ImportSummary(tuple(results))
+    _embed(services, summary)
+    return summary
+
+
+def import_folder(services: Services, folder: str) -> ImportSummary:
+    """Import an A1111/ComfyUI ``models/Lora`` folder on the studio's machine (previews and sidecars too)."""
+    root = Path((folder or "").strip()).expanduser()
+    if not str(root) or str(root) == ".":
+        raise ValueError("type the path of a LoRA folder on the studio's machine")
+    with services.catalog.session() as session:
+        summary = adapters_db.import_folder(session, services.catalog, root)
+    _embed(services, summary)
+    return summary
+
+
+def import_url(services: Services, url: str) -> ImportSummary:
+    """Import from a direct ``http(s)://…safetensors`` link or a Hugging Face repo (``owner/name``)."""
+    from adapters_db.importers.download import download_to_store
+    from adapters_db.importers.huggingface import HuggingFaceClient, import_hf_repo
+
+    text = (url or "").strip()
+    parts = urllib.parse.urlsplit(text)
+    catalog = services.catalog
+    if parts.scheme in ("http", "https") and parts.path.lower().endswith(".safetensors"):
+        stored = download_to_store(text, catalog.store)
+        name = urllib.parse.unquote(parts.path.rsplit("/", 1)[-1])
+        with catalog.session() as session:
+            result = adapters_db.import_file(session, catalog, stored.path, file_name=name, source_url=text)
+        if not result.ok and not stored.existed:
+            stored.path.unlink(missing_ok=True)
+        summary = ImportSummary((replace(result, source=text),))
+    elif m := _HF_REPO.match(text):
+        with catalog.session() as session:
+            summary = import_hf_repo(session, catalog, HuggingFaceClient(), m[1])
+    else:
+        raise ValueError(
+            "give a direct link to a .safetensors file (http/https) or a Hugging Face repo like owner/name"
+        )
+    _embed(services, summary)
+    return summary
+
+
+def summary_text(summary: ImportSummary) -> str:
+    """Markdown report of an import: counts, then one line per item that did not import cleanly."""
+    lines = [f"**Import:** {summary.describe()}"]
+    for r in summary.results:
+        lines.append(_result_line(r))
+    return "\n".join(lines)
+
+
+def _result_line(r: ImportResult) -> str:
+    name = r.name or Path(r.source).name
+    detail = f" — {r.message}" if r.message else ""
+    return f"- {r.status}: {name}{detail}"

@@ -1,0 +1,253 @@
+"""The Train tab: pictures and captions in, a queued training job, live progress, the adapter out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pipelines.training import PRESETS, TrainSpec, preset
+from pipelines.training.data import SIDECAR_SUFFIXES
+from studio.handlers import html as H
+from studio.handlers import plots
+from studio.handlers.state import SessionState
+from studio.services import Services
+
+MAX_SAMPLES_SHOWN = 12
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the Train tab's form says (``None``: keep the preset's value)."""
+
+    files: tuple[str, ...]
+    trigger: str
+    class_word: str = ""
+    preset: str = "quick"
+    name: str = ""
+    captions: dict[str, str] = field(default_factory=dict)  # picture file stem → caption
+    steps: int | None = None
+    rank: int | None = None
+    learning_rate: float | None = None
+    resolution: int | None = None
+    sample_every: int | None = None
+    train_text_encoder: bool | None = None
+    prior_preservation: bool = False
+    options_json: str = ""  # any other TrainSpec option, as JSON
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """Extra training options from JSON, checked against the TrainSpec's option names."""
+    if not (text or "").strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the extra training options are not valid JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise ValueError('the extra training options must be a JSON object like {"rank": 8}')
+    known = {f.name for f in fields(TrainSpec)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+    tuples = {"target_modules", "sample_prompts", "sample_seeds"}
+    return {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in value.items()}
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """The form's advanced fields as a preset sets them (resolution 0: the model's own size)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    spec = preset(name, "x")
+    return {
+        "steps": spec.steps,
+        "rank": spec.rank,
+        "learning_rate": spec.learning_rate,
+        "resolution": spec.resolution or 0,
+        "sample_every": spec.sample_every,
+        "train_text_encoder": spec.train_text_encoder,
+    }
+
+
+def build_spec(req: TrainRequest) -> TrainSpec:
+    """The TrainSpec of a request: the preset, the form's fields, then the extra options."""
+    trigger = (req.trigger or "").strip()
+    if not trigger:
+        raise ValueError("type a trigger word: a rare token that will call up your concept, e.g. 'zq'")
+    if req.preset not in PRESETS:
+        raise ValueError(f"unknown preset {req.preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides: dict[str, Any] = {
+        "class_word": (req.class_word or "").strip(),
+        "name": (req.name or "").strip(),
+        "prior_preservation": bool(req.prior_preservation),
+    }
+    for key in ("steps", "rank", "learning_rate", "resolution", "sample_every", "train_text_encoder"):
+        value = getattr(req, key)
+        if value is not None:
+            overrides[key] = value
+    if overrides.get("resolution") == 0:
+        overrides["resolution"] = None  # the model's native size
+    overrides.update(parse_options(req.options_json))
+    if overrides["prior_preservation"] and not overrides["class_word"]:
+        raise ValueError("prior preservation needs a class word (what the concept is: dog, person, style, …)")
+    return replace(preset(req.preset, trigger), **overrides)
+
+
+def is_picture(path: str | Path) -> bool:
+    """Whether an uploaded file is a picture (not a caption or other sidecar)."""
+    return Path(path).suffix.lower() not in SIDECAR_SUFFIXES
+
+
+def caption_rows(files: Sequence[str]) -> list[list[str]]:
+    """One editable row per uploaded picture: [file name, caption] (a same-named ``.txt`` fills it)."""
+    texts = {
+        Path(f).stem: Path(f).read_text(encoding="utf-8", errors="replace").strip()
+        for f in files
+        if Path(f).suffix.lower() == ".txt"
+    }
+    return [[Path(f).name, texts.get(Path(f).stem, "")] for f in files if is_picture(f)]
+
+
+def captions_from_rows(rows: Sequence[Sequence[Any]] | None) -> dict[str, str]:
+    """Captions typed in the table → {picture stem: caption} (empty captions are left out)."""
+    out = {}
+    for row in rows or []:
+        if len(row) >= 2 and row[0] and str(row[1] or "").strip():
+            out[Path(str(row[0])).stem] = str(row[1]).strip()
+    return out
+
+
+def start_training(services: Services, state: SessionState, req: TrainRequest) -> tuple[SessionState, str]:
+    """Validate the pictures and options, queue the job; returns the state (owning the job) and its id."""
+    spec = build_spec(req)
+    if not req.files:
+        raise ValueError("upload the pictures of your concept first (5 to 30 work well)")
+    job_id = services.jobs.submit(spec, list(req.files), model=services.config.model, captions=req.captions)
+    return replace(state, jobs=(*state.jobs, job_id)), job_id
+
+
+@dataclass
+class JobView:
+    """What the Train tab shows of one job."""
+
+    job_id: str
+    status: str
+    phase: str
+    step: int
+    total: int
+    loss: float | None
+    eta_s: float | None
+    reason: str | None
+    adapter_id: str | None
+    name: str
+    progress_html: str
+    loss_image: Image.Image | None
+    samples: list[tuple[str, str]]
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job can change no more."""
+        return self.status in ("done", "failed", "cancelled")
+
+    def data(self) -> dict[str, Any]:
+        """Plain data (the API's view)."""
+        return {
+            "job_id": self.job_id,
+            "name": self.name,
+            "status": self.status,
+            "phase": self.phase,
+            "step": self.step,
+            "total": self.total,
+            "loss": self.loss,
+            "eta_s": self.eta_s,
+            "reason": self.reason,
+            "adapter_id": self.adapter_id,
+            "finished": self.finished,
+            "samples": [p for p, _ in self.samples],
+        }
+
+
+def _label(st: Any) -> str:
+    parts = [
+        f"{st.name}: {st.status}",
+        f"{st.phase}" if st.phase and st.phase != st.status else "",
+        f"step {st.step}/{st.total}",
+        f"loss {st.loss:.4f}" if st.loss is not None else "",
+        f"about {st.eta_s:.0f} s left" if st.eta_s and not st.finished else "",
+    ]
+    return " · ".join(p for p in parts if p)
+
+
+def sample_pictures(work_dir: str | Path) -> list[tuple[str, str]]:
+    """The job's sample pictures so far (newest last) with their step as caption."""
+    folder = Path(work_dir) / "samples"
+    paths = sorted(folder.glob("step_*.png")) if folder.is_dir() else []
+    return [(str(p), f"step {int(p.stem.split('_')[1])}") for p in paths[-MAX_SAMPLES_SHOWN:]]
+
+
+def job_view(services: Services, job_id: str) -> JobView:
+    """The job's progress, loss curve and samples."""
+    job_id = (job_id or "").strip()
+    if not job_id:
+        raise ValueError("no training job selected")
+    st = services.jobs.status(job_id)
+    points = services.monitor.losses(job_id)
+    loss_img = plots.loss_curve(points, f"{st.name}: loss") if points else None
+    curve = Path(st.work_dir) / "loss.png"
+    if loss_img is None and st.status == "done" and curve.is_file():
+        loss_img = Image.open(curve).convert("RGB")
+    text = _label(st)
+    if st.reason and st.finished:
+        text += f" — {st.reason}"
+    fraction = 1.0 if st.status == "done" else st.fraction
+    return JobView(
+        st.id,
+        st.status,
+        st.phase,
+        st.step,
+        st.total,
+        st.loss,
+        st.eta_s,
+        st.reason,
+        st.adapter_id,
+        st.name,
+        H.progress_bar(fraction, text),
+        loss_img,
+        sample_pictures(st.work_dir),
+    )
+
+
+def cancel_job(services: Services, job_id: str) -> str:
+    """Ask a job to stop (a queued one is cancelled at once); returns its status."""
+    return services.jobs.cancel(job_id.strip()).status
+
+
+def resume_job(services: Services, job_id: str) -> str:
+    """Queue a cancelled or failed job again from its last checkpoint; returns its status."""
+    return services.jobs.resume(job_id.strip()).status
+
+
+def session_jobs(services: Services, state: SessionState) -> list[list[str]]:
+    """Rows [id, name, status, step] of the jobs this session started, newest first."""
+    rows = []
+    for job_id in reversed(state.jobs):
+        try:
+            st = services.jobs.status(job_id)
+        except KeyError:
+            continue
+        rows.append([st.id, st.name, st.status, f"{st.step}/{st.total}"])
+    return rows
+
+
+def trained_adapter_ref(services: Services, job_id: str) -> str:
+    """The catalog id of a finished job's adapter (an error until the job is done and catalogued)."""
+    st = services.jobs.status(job_id.strip())
+    if st.status != "done":
+        raise ValueError(f"job {st.name!r} is {st.status}; its adapter is in the catalog once it is done")
+    if not st.adapter_id:
+        raise ValueError(f"job {st.name!r} finished without a catalog entry: {st.reason or 'unknown reason'}")
+    return st.adapter_id

@@ -1,0 +1,365 @@
+"""The Catalog tab: hybrid search with filters, paginated cards, the detail view, curation, imports."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import gradio as gr
+
+import adapters_db
+from adapters_db.repository import LICENCE_FLAGS, SORTS
+from studio.handlers import catalog as C
+from studio.handlers import create
+from studio.handlers import html as H
+from studio.handlers.state import SessionState
+from studio.ui.assets import CARD_JS
+from studio.ui.common import Ui, user_errors, warn
+
+ANY = "any"
+
+
+def _query(
+    query: str,
+    base_family: str,
+    tags: str,
+    include_nsfw: bool,
+    licence: list[str],
+    location: str,
+    sort: str,
+    page: float,
+) -> C.CatalogQuery:
+    return C.CatalogQuery(
+        text=query or "",
+        base_family=None if base_family in (None, "", ANY) else base_family,
+        tags=C.split_tags(tags),
+        include_nsfw=bool(include_nsfw),
+        licence=tuple(licence or ()),
+        location=location or "all",
+        sort=sort or "relevance",
+        page=max(1, int(page or 1)),
+    )
+
+
+def build(ui: Ui, tab: gr.Tab) -> None:
+    """Lay out the Catalog tab and wire its events (``tab``: its gr.Tab, whose selection refreshes it)."""
+    services, state = ui.services, ui.state
+    with gr.Row():
+        query = gr.Textbox(
+            "",
+            label="Search the catalog",
+            placeholder="style, subject, trigger word, prompt…",
+            scale=4,
+            elem_id="catalog-query",
+        )
+        search_btn = gr.Button("Search", scale=1, elem_id="catalog-search")
+    with gr.Row():
+        family = gr.Dropdown(
+            [ANY, *adapters_db.FAMILIES], value=ANY, label="base model", elem_id="catalog-family"
+        )
+        tags = gr.Textbox("", label="tags (comma-separated)", elem_id="catalog-tags")
+        location = gr.Radio(list(C.LOCATIONS), value="all", label="files", elem_id="catalog-location")
+        sort = gr.Dropdown(list(SORTS), value="relevance", label="sort", elem_id="catalog-sort")
+    with gr.Row():
+        licence = gr.CheckboxGroup(
+            list(LICENCE_FLAGS), value=[], label="licence allows", elem_id="catalog-licence"
+        )
+        nsfw = gr.Checkbox(False, label="show NSFW", elem_id="catalog-nsfw")
+    with gr.Row():
+        prev_btn = gr.Button("◀ previous", size="sm", elem_id="catalog-prev")
+        page_label = gr.Markdown("page 1", elem_id="catalog-page-label", label="page label")
+        page = gr.Number(
+            1, precision=0, minimum=1, label="page", elem_id="catalog-page", scale=0, min_width=90
+        )
+        next_btn = gr.Button("next ▶", size="sm", elem_id="catalog-next")
+    cards = gr.HTML(
+        H.message("Loading the catalog…"), elem_id="catalog-cards", js_on_load=CARD_JS, label="adapter cards"
+    )
+    items = gr.JSON(visible=False, label="items")
+    gr.Markdown("### Details")
+    detail = gr.HTML(
+        H.message("Choose an adapter's Details to see everything about it."),
+        elem_id="catalog-detail",
+        js_on_load=CARD_JS,
+        label="details",
+    )
+    with gr.Accordion("Edit metadata", open=False, elem_id="catalog-edit"):
+        edit_name = gr.Textbox(label="name")
+        edit_tags = gr.Textbox(label="tags (comma-separated)")
+        edit_triggers = gr.Textbox(label="trigger words (comma-separated)")
+        edit_family = gr.Dropdown(["", *adapters_db.FAMILIES], value="", label="base family")
+        edit_nsfw = gr.Slider(0, 3, 0, step=1, label="NSFW level (0 none … 3 explicit)")
+        edit_description = gr.Textbox(label="description (HTML; sanitised when saved)", lines=4)
+        with gr.Row():
+            save_btn = gr.Button("Save changes", variant="primary", elem_id="catalog-save")
+            delete_btn = gr.Button("Delete adapter…", variant="stop", elem_id="catalog-delete")
+        with gr.Row(visible=False) as confirm_row:
+            confirm_md = gr.Markdown()
+            confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="catalog-confirm-delete")
+            keep_btn = gr.Button("Keep it")
+    with gr.Accordion("Import adapters", open=False, elem_id="catalog-import"):
+        upload = gr.File(file_count="multiple", file_types=[".safetensors"], label=".safetensors files")
+        upload_btn = gr.Button("Import uploaded files", elem_id="import-upload")
+        with gr.Row():
+            folder = gr.Textbox(
+                "", label="folder on the studio's machine (A1111/ComfyUI models/Lora)", scale=3
+            )
+            folder_btn = gr.Button("Import folder", scale=1)
+        with gr.Row():
+            url = gr.Textbox(
+                "", label="URL of a .safetensors file, or a Hugging Face repo (owner/name)", scale=3
+            )
+            url_btn = gr.Button("Import from URL", scale=1)
+        import_report = gr.Markdown(elem_id="import-report", label="import report")
+
+    filters = [query, family, tags, nsfw, licence, location, sort]
+    edit_fields = [edit_name, edit_tags, edit_triggers, edit_family, edit_nsfw, edit_description]
+    detail_outputs = [detail, *edit_fields, ui.tabs]
+
+    def detail_values(
+        state: SessionState, record: adapters_db.AdapterRecord, switch: bool
+    ) -> tuple[Any, ...]:
+        in_mix = record.id in create.mix_ids(state)
+        return (
+            H.detail_view(record, in_mix=in_mix),
+            record.name,
+            ", ".join(record.tags),
+            ", ".join(record.trigger_words),
+            record.base_family or "",
+            record.nsfw_level,
+            record.description_html,
+            gr.Tabs(selected="catalog") if switch else gr.skip(),
+        )
+
+    def open_detail(state: SessionState, ref: Any) -> tuple[Any, ...]:
+        new, record = C.open_detail(services, state, ref)
+        return (new, *detail_values(new, record, True))
+
+    def detail_skip() -> tuple[Any, ...]:
+        return (gr.skip(),) * len(detail_outputs)
+
+    ui.add(open_detail=open_detail, detail_skip=detail_skip, detail_outputs=detail_outputs)
+
+    # ---- listing
+    def show(q: C.CatalogQuery, state: SessionState) -> tuple[Any, ...]:
+        result = C.browse(services, q)
+        html = H.record_cards(result.items, create.mix_ids(state), result.why)
+        return html, result.label(), C.page_data(result), result.page
+
+    def on_catalog(
+        state: SessionState,
+        query: str,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        sort: str,
+        page: float,
+    ) -> tuple[Any, ...]:
+        with user_errors("Catalog"):
+            return show(_query(query, base_family, tags, include_nsfw, licence, location, sort, page), state)
+
+    list_outputs = [cards, page_label, items, page]
+    page.submit(on_catalog, [state, *filters, page], list_outputs, api_name="catalog")
+
+    def on_filter(
+        state: SessionState,
+        query: str,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        sort: str,
+    ) -> tuple[Any, ...]:
+        return on_catalog(state, query, base_family, tags, include_nsfw, licence, location, sort, 1)
+
+    gr.on(
+        [
+            search_btn.click,
+            query.submit,
+            family.input,
+            tags.submit,
+            nsfw.input,
+            licence.input,
+            location.input,
+            sort.input,
+            tab.select,
+        ],
+        on_filter,
+        [state, *filters],
+        list_outputs,
+        api_name="catalog_filter",
+    )
+
+    def on_step_page(
+        delta: int,
+        state: SessionState,
+        query: str,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        sort: str,
+        page: float,
+    ) -> tuple[Any, ...]:
+        return on_catalog(
+            state,
+            query,
+            base_family,
+            tags,
+            include_nsfw,
+            licence,
+            location,
+            sort,
+            max(1, int(page or 1) + delta),
+        )
+
+    prev_btn.click(partial(on_step_page, -1), [state, *filters, page], list_outputs, api_name="catalog_prev")
+    next_btn.click(partial(on_step_page, 1), [state, *filters, page], list_outputs, api_name="catalog_next")
+
+    # ---- cards and the detail view
+    def on_catalog_card(state: SessionState, evt: gr.EventData) -> tuple[Any, ...]:
+        data = getattr(evt, "_data", None) or {}
+        action, ref = data.get("action"), data.get("id")
+        with user_errors("Catalog"):
+            if action == "add":
+                new, notes = create.add_adapter(services, state, ref)
+                warn(notes)
+                if new.detail_id is not None and str(new.detail_id) == str(ref):
+                    return (new, *detail_values(new, C.get_record(services, ref), False))
+                return (new, *detail_skip())
+            if action == "detail":
+                new, record = C.open_detail(services, state, ref)
+                return (new, *detail_values(new, record, False))
+        return (gr.skip(), *detail_skip())
+
+    cards.click(on_catalog_card, state, [state, *detail_outputs], api_name="catalog_card")
+
+    def on_detail_click(state: SessionState, evt: gr.EventData) -> tuple[Any, ...]:
+        data = getattr(evt, "_data", None) or {}
+        with user_errors("Details"):
+            if data.get("action") == "use_prompt" and state.detail_id is not None:
+                record = C.get_record(services, state.detail_id)
+                prompt, negative, _params = C.preview_prompt(record, data.get("id"))
+                return gr.skip(), gr.skip(), prompt, negative, gr.Tabs(selected="create")
+            if data.get("action") == "add":
+                new, notes = create.add_adapter(services, state, data.get("id"))
+                warn(notes)
+                record = C.get_record(services, data.get("id"))
+                return new, H.detail_view(record, in_mix=True), gr.skip(), gr.skip(), gr.skip()
+        return (gr.skip(),) * 5
+
+    detail.click(
+        on_detail_click,
+        state,
+        [state, detail, ui["prompt"], ui["negative"], ui.tabs],
+        api_name="detail_action",
+    )
+
+    def on_detail(state: SessionState, adapter_id: float) -> tuple[Any, ...]:
+        with user_errors("Details"):
+            new, record = C.open_detail(services, state, int(adapter_id))
+            return (new, *detail_values(new, record, False)[:-1])
+
+    detail_id = gr.Number(visible=False, precision=0, label="adapter id")
+    detail_id.submit(on_detail, [state, detail_id], [state, detail, *edit_fields], api_name="catalog_detail")
+
+    # ---- curation
+    def on_save(
+        state: SessionState,
+        name: str,
+        tags_text: str,
+        triggers: str,
+        base_family: str,
+        nsfw_level: float,
+        description: str,
+    ) -> tuple[Any, ...]:
+        with user_errors("Save"):
+            if state.detail_id is None:
+                raise ValueError("open an adapter's details first")
+            edit = C.MetadataEdit(
+                name=name,
+                tags=C.split_tags(tags_text),
+                trigger_words=tuple(w.strip() for w in (triggers or "").split(",") if w.strip()),
+                base_family=base_family or None,
+                nsfw_level=int(nsfw_level or 0),
+                description_html=description,
+            )
+            record = C.edit_metadata(services, state.detail_id, edit)
+        gr.Info("Saved.")
+        return detail_values(state, record, False)[:-1]
+
+    save_btn.click(on_save, [state, *edit_fields], [detail, *edit_fields], api_name="catalog_save")
+
+    def on_delete_ask(state: SessionState) -> tuple[Any, ...]:
+        with user_errors("Delete"):
+            if state.detail_id is None:
+                raise ValueError("open an adapter's details first")
+            record = C.get_record(services, state.detail_id)
+        return gr.Row(visible=True), f"Delete **{H.esc(record.name)}** and its files for good?"
+
+    delete_btn.click(on_delete_ask, state, [confirm_row, confirm_md], api_name="catalog_delete_ask")
+    keep_btn.click(lambda: gr.Row(visible=False), None, confirm_row, api_name="catalog_delete_keep")
+
+    def on_delete(
+        state: SessionState,
+        query: str,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        sort: str,
+        page: float,
+    ) -> tuple[Any, ...]:
+        with user_errors("Delete"):
+            if state.detail_id is None:
+                raise ValueError("open an adapter's details first")
+            new, text = C.delete(services, state, state.detail_id)
+            listing = show(_query(query, base_family, tags, include_nsfw, licence, location, sort, page), new)
+        gr.Info(text)
+        return (new, gr.Row(visible=False), H.message(text), *listing)
+
+    confirm_btn.click(
+        on_delete,
+        [state, *filters, page],
+        [state, confirm_row, detail, *list_outputs],
+        api_name="catalog_delete",
+    )
+
+    # ---- imports
+    def after_import(
+        summary: adapters_db.ImportSummary, state: SessionState, *filters_and_page: Any
+    ) -> tuple[Any, ...]:
+        if summary.failed:
+            warn([f"{len(summary.failed)} item(s) failed to import"])
+        listing = show(_query(*filters_and_page), state)
+        return (C.summary_text(summary), *listing)
+
+    def on_upload(state: SessionState, files: list[str] | None, *rest: Any) -> tuple[Any, ...]:
+        with user_errors("Import"):
+            return after_import(C.import_uploads(services, [str(f) for f in files or []]), state, *rest)
+
+    def on_folder(state: SessionState, folder: str, *rest: Any) -> tuple[Any, ...]:
+        with user_errors("Import folder"):
+            return after_import(C.import_folder(services, folder), state, *rest)
+
+    def on_url(state: SessionState, url: str, *rest: Any) -> tuple[Any, ...]:
+        with user_errors("Import from URL"):
+            return after_import(C.import_url(services, url), state, *rest)
+
+    import_outputs = [import_report, *list_outputs]
+    upload_btn.click(on_upload, [state, upload, *filters, page], import_outputs, api_name="import_files")
+    folder_btn.click(on_folder, [state, folder, *filters, page], import_outputs, api_name="import_folder")
+    url_btn.click(on_url, [state, url, *filters, page], import_outputs, api_name="import_url")
+
+    ui.add(
+        catalog_filters=filters,
+        catalog_page=page,
+        catalog_list_outputs=list_outputs,
+        catalog_on_filter=on_filter,
+        catalog_detail_values=detail_values,
+    )

@@ -1,0 +1,264 @@
+"""The Train tab: upload pictures, caption them, pick a preset, watch the job, use the adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from pipelines.training import PRESETS
+from studio.handlers import create
+from studio.handlers import html as H
+from studio.handlers import train as T
+from studio.handlers.state import SessionState
+from studio.ui.common import Ui, user_errors, warn
+
+PRESET_HELP = {
+    "quick": "quick: rank 8, 300 steps — a first look in minutes",
+    "balanced": "balanced: rank 16, 800 steps — the default",
+    "quality": "quality: rank 32, 1500 steps, text encoder too — slow",
+}
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def _rows(captions: Any) -> list[list[Any]]:
+    """Rows of the captions table, whatever form Gradio hands it over in."""
+    if captions is None:
+        return []
+    if hasattr(captions, "values") and hasattr(captions, "columns"):  # a pandas DataFrame
+        return captions.values.tolist()
+    if isinstance(captions, dict):
+        return list(captions.get("data") or [])
+    return list(captions)
+
+
+def build(ui: Ui) -> None:
+    """Lay out the Train tab and wire its events."""
+    services, state = ui.services, ui.state
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=360):
+            files = gr.File(
+                file_count="multiple",
+                file_types=["image", ".txt"],
+                elem_id="train-files",
+                label="Pictures of your concept (drag and drop; .txt files with the same name caption them)",
+            )
+            captions = gr.Dataframe(
+                headers=["picture", "caption"],
+                datatype=["str", "str"],
+                column_count=2,
+                interactive=True,
+                label="captions (optional; empty: the template)",
+                elem_id="train-captions",
+            )
+        with gr.Column(scale=1, min_width=360):
+            with gr.Row():
+                trigger = gr.Textbox("", label="trigger word", placeholder="zq", elem_id="train-trigger")
+                class_word = gr.Textbox(
+                    "", label="class word", placeholder="dog, person, style…", elem_id="train-class"
+                )
+                name = gr.Textbox("", label="adapter name (default: the trigger)", elem_id="train-name")
+            preset = gr.Radio(
+                list(PRESETS),
+                value="quick",
+                label="preset",
+                elem_id="train-preset",
+                info=" · ".join(PRESET_HELP.get(p, p) for p in PRESETS),
+            )
+            with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+                first = T.preset_fields("quick")
+                with gr.Row():
+                    steps = gr.Number(first["steps"], precision=0, label="steps", elem_id="train-steps")
+                    rank = gr.Number(first["rank"], precision=0, label="rank", elem_id="train-rank")
+                    lr = gr.Number(first["learning_rate"], label="learning rate", elem_id="train-lr")
+                with gr.Row():
+                    resolution = gr.Number(
+                        first["resolution"],
+                        precision=0,
+                        label="resolution (0: the model's)",
+                        elem_id="train-resolution",
+                    )
+                    sample_every = gr.Number(
+                        first["sample_every"], precision=0, label="sample every (steps; 0: at the end)"
+                    )
+                    text_encoder = gr.Checkbox(
+                        first["train_text_encoder"], label="train the text encoder too"
+                    )
+                prior = gr.Checkbox(False, label="prior preservation (renders class images first; slower)")
+                options = gr.Textbox(
+                    "",
+                    label="more options (JSON, any TrainSpec field)",
+                    lines=2,
+                    placeholder='{"use_dora": true, "sample_steps": 10}',
+                    elem_id="train-options",
+                )
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+                resume_btn = gr.Button("Resume", elem_id="train-resume")
+            job_id = gr.Textbox("", label="job", elem_id="train-job", interactive=True)
+            progress = gr.HTML(H.message("No job yet."), elem_id="train-progress", label="progress")
+            status = gr.JSON(visible=False, label="status")
+            loss = gr.Image(label="loss", interactive=False, format="png", elem_id="train-loss", height=220)
+            samples = gr.Gallery(label="samples as they come", columns=4, height=200, elem_id="train-samples")
+            with gr.Row(visible=False) as done_row:
+                open_btn = gr.Button("Open in the catalog", elem_id="train-open")
+                send_btn = gr.Button("Send to Create", variant="primary", elem_id="train-send")
+            jobs = gr.Dataframe(
+                headers=["job", "name", "status", "step"],
+                interactive=False,
+                label="your jobs",
+                elem_id="train-jobs",
+            )
+    timer = gr.Timer(1.0, active=False)
+
+    def on_preset(name: str) -> tuple[Any, ...]:
+        with user_errors("Preset"):
+            f = T.preset_fields(name)
+        return (
+            f["steps"],
+            f["rank"],
+            f["learning_rate"],
+            f["resolution"],
+            f["sample_every"],
+            f["train_text_encoder"],
+        )
+
+    preset.input(
+        on_preset, preset, [steps, rank, lr, resolution, sample_every, text_encoder], api_name="train_preset"
+    )
+
+    def on_files(files: list[str] | None) -> list[list[str]]:
+        with user_errors("Pictures"):
+            return T.caption_rows([str(f) for f in files or []])
+
+    files.change(on_files, files, captions, api_name="caption_table")
+
+    def on_train(
+        state: SessionState,
+        files: list[str] | None,
+        captions: Any = None,
+        trigger: str = "",
+        class_word: str = "",
+        name: str = "",
+        preset: str = "quick",
+        steps: float | None = None,
+        rank: float | None = None,
+        learning_rate: float | None = None,
+        resolution: float | None = None,
+        sample_every: float | None = None,
+        text_encoder: bool = False,
+        prior_preservation: bool = False,
+        options_json: str = "",
+    ) -> tuple[Any, ...]:
+        with user_errors("Train"):
+            req = T.TrainRequest(
+                files=tuple(str(f) for f in files or [] if T.is_picture(f) or str(f).endswith(".txt")),
+                trigger=trigger or "",
+                class_word=class_word or "",
+                preset=preset or "quick",
+                name=name or "",
+                captions=T.captions_from_rows(_rows(captions)),
+                steps=_opt_int(steps),
+                rank=_opt_int(rank),
+                learning_rate=_opt_float(learning_rate),
+                resolution=_opt_int(resolution),
+                sample_every=_opt_int(sample_every),
+                train_text_encoder=None if text_encoder is None else bool(text_encoder),
+                prior_preservation=bool(prior_preservation),
+                options_json=options_json or "",
+            )
+            new, job = T.start_training(services, state, req)
+        gr.Info(f"Training job {job[:8]} queued.")
+        return new, job, H.progress_bar(0.0, "queued"), gr.Timer(active=True), T.session_jobs(services, new)
+
+    start_btn.click(
+        on_train,
+        [
+            state,
+            files,
+            captions,
+            trigger,
+            class_word,
+            name,
+            preset,
+            steps,
+            rank,
+            lr,
+            resolution,
+            sample_every,
+            text_encoder,
+            prior,
+            options,
+        ],
+        [state, job_id, progress, timer, jobs],
+        api_name="train",
+    )
+
+    def on_status(state: SessionState, job_id: str) -> tuple[Any, ...]:
+        with user_errors("Job status"):
+            mine = T.session_jobs(services, state)
+            if not (job_id or "").strip():
+                return (gr.skip(),) * 5 + (gr.Timer(active=False), mine)
+            view = T.job_view(services, job_id)
+        done = view.status == "done" and bool(view.adapter_id)
+        pictures = [(Image.open(p).convert("RGB"), c) for p, c in view.samples]
+        return (
+            view.progress_html,
+            view.data(),
+            view.loss_image,
+            pictures or None,
+            gr.Row(visible=done),
+            gr.Timer(active=not view.finished),
+            mine,
+        )
+
+    status_outputs = [progress, status, loss, samples, done_row, timer, jobs]
+    gr.on(
+        [timer.tick, job_id.submit],
+        on_status,
+        [state, job_id],
+        status_outputs,
+        api_name="job_status",
+        show_progress="hidden",
+    )
+
+    def on_cancel(job_id: str) -> tuple[Any, ...]:
+        with user_errors("Cancel"):
+            st = T.cancel_job(services, job_id)
+        gr.Info(f"Job {st}.")
+        return gr.Timer(active=True), gr.skip()
+
+    cancel_btn.click(on_cancel, job_id, [timer, progress], api_name="train_cancel")
+
+    def on_resume(job_id: str) -> tuple[Any, ...]:
+        with user_errors("Resume"):
+            st = T.resume_job(services, job_id)
+        gr.Info(f"Job {st}.")
+        return gr.Timer(active=True), gr.skip()
+
+    resume_btn.click(on_resume, job_id, [timer, progress], api_name="train_resume")
+
+    def on_send(state: SessionState, job_id: str) -> tuple[Any, ...]:
+        with user_errors("Send to Create"):
+            ref = T.trained_adapter_ref(services, job_id)
+            new, notes = create.add_adapter(services, state, ref)
+        warn(notes)
+        return new, gr.Tabs(selected="create")
+
+    send_btn.click(on_send, [state, job_id], [state, ui.tabs], api_name="train_send")
+
+    def on_open(state: SessionState, job_id: str) -> tuple[Any, ...]:
+        with user_errors("Open in the catalog"):
+            ref = T.trained_adapter_ref(services, job_id)
+            return ui["open_detail"](state, ref)
+
+    open_btn.click(on_open, [state, job_id], [state, *ui["detail_outputs"]], api_name="train_open")

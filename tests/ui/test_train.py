@@ -1,0 +1,111 @@
+"""Train-tab handlers without Gradio: the form → TrainSpec, captions, and a real job into the catalog."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipelines.training import PRESETS
+from studio.handlers import create
+from studio.handlers import train as T
+from studio.handlers.state import SessionState
+from tests.ui.fixtures import training_pictures
+
+FAST = '{"sample_steps": 2, "sample_seeds": [1], "checkpoint_every": 2}'
+
+
+def test_spec_from_the_form():
+    spec = T.build_spec(
+        T.TrainRequest(
+            files=(),
+            trigger="zq",
+            class_word="dog",
+            preset="quick",
+            name="my dog",
+            steps=12,
+            resolution=0,
+            options_json='{"use_dora": true}',
+        )
+    )
+    assert (spec.trigger, spec.class_word, spec.name, spec.steps, spec.rank) == ("zq", "dog", "my dog", 12, 8)
+    assert (
+        spec.resolution is None and spec.use_dora and spec.prior_preservation is False and not spec.uses_prior
+    )
+    assert T.build_spec(T.TrainRequest(files=(), trigger="zq", preset="quality")).rank == 32
+    assert (
+        T.preset_fields("balanced")["steps"] == 800
+        and T.preset_fields("quick")["rank"] == PRESETS["quick"]["rank"]
+    )
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(trigger=" "), "type a trigger word"),
+        (dict(preset="epic"), "unknown preset"),
+        (dict(options_json='{"rnak": 4}'), "unknown training option"),
+        (dict(options_json="[1]"), "JSON object"),
+        (dict(options_json="{"), "not valid JSON"),
+        (dict(prior_preservation=True), "needs a class word"),
+        (dict(steps=0), "steps must be"),
+        (dict(learning_rate=-1.0), "learning_rate must be"),
+    ],
+)
+def test_spec_errors_say_what_is_wrong(changes, match):
+    with pytest.raises(ValueError, match=match):
+        T.build_spec(T.TrainRequest(**{"files": (), "trigger": "zq", **changes}))
+
+
+def test_caption_table(tmp_path):
+    pics = training_pictures(tmp_path, n=2)
+    (tmp_path / "pic_1.txt").write_text("a zq circle on grass\n")
+    files = [str(p) for p in pics] + [str(tmp_path / "pic_1.txt")]
+    rows = T.caption_rows(files)
+    assert rows == [["pic_0.png", ""], ["pic_1.png", "a zq circle on grass"]]
+    rows[0][1] = "  a zq ring "
+    assert T.captions_from_rows(rows) == {"pic_0": "a zq ring", "pic_1": "a zq circle on grass"}
+    assert T.captions_from_rows(None) == {}
+
+
+def test_training_job_lands_in_the_catalog_and_the_mix(fresh_studio, tmp_path):
+    services, _ = fresh_studio
+    services.jobs.start()
+    pics = training_pictures(tmp_path / "pics", n=5)
+    req = T.TrainRequest(
+        files=tuple(map(str, pics)),
+        trigger="qx",
+        name="my circle",
+        preset="quick",
+        steps=4,
+        resolution=32,
+        sample_every=2,
+        captions={"pic_0": "a qx circle"},
+        options_json=FAST,
+    )
+    state, job = T.start_training(services, SessionState(), req)
+    assert state.jobs == (job,)
+    deadline = time.monotonic() + 300
+    while not (view := T.job_view(services, job)).finished and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert view.status == "done", view.reason
+    assert (view.step, view.total) == (4, 4) and view.adapter_id and "done" in view.progress_html
+    assert [s for s, _ in services.monitor.losses(job)] == [1, 2, 3, 4]
+    assert view.loss_image is not None and sorted({c for _, c in view.samples}) == ["step 2", "step 4"]
+    assert view.data()["finished"] is True
+    assert T.session_jobs(services, state) == [[job, "my circle", "done", "4/4"]]
+    record = create.resolve_adapter(services, T.trained_adapter_ref(services, job))
+    assert record.name == "my circle" and "qx" in record.trigger_words and "trained" in record.tags
+    assert any(i.prompt == "a qx circle" for i in record.images)  # captions feed retrieval
+    state, _ = create.add_adapter(services, state, record.id)
+    res = create.generate(
+        services, state, create.GenerateRequest("a qx circle", seed=1, steps=2, width=32, height=32)
+    )
+    assert len(res.images) == 1
+    assert T.cancel_job(services, job) == "done"
+    with pytest.raises(ValueError, match="nothing to resume"):
+        T.resume_job(services, job)
+    with pytest.raises(KeyError):
+        T.job_view(services, "f" * 32)
+    with pytest.raises(ValueError, match="upload the pictures"):
+        T.start_training(services, state, T.TrainRequest(files=(), trigger="qx"))
