@@ -1,0 +1,177 @@
+"""The live Civitai REST API (``/api/v1/models``, ``/api/v1/model-versions/by-hash/…``): page through
+LoRA models, catalogue them, optionally download and verify their files, and identify a local file by
+its hash. The base URL is configurable (tests run a fake API on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adapters_db.dto import ImportResult, ImportSummary
+from adapters_db.importers.civitai import import_civitai_records
+from adapters_db.importers.common import run_item
+from adapters_db.importers.download import HttpConfig, download_to_store, get_json
+from adapters_db.models import AdapterFile, AdapterVersion
+from adapters_db.repository import attach_local_file
+from adapters_db.specs import FileSpec
+
+if TYPE_CHECKING:
+    from adapters_db.catalog import Catalog
+
+
+class CivitaiClient:
+    """A small client of Civitai's public API."""
+
+    def __init__(
+        self,
+        base_url: str = "https://civitai.com",
+        api_key: str | None = None,
+        config: HttpConfig = HttpConfig(),
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.config = replace(config, headers={**config.headers, **headers})
+
+    def _url(self, path: str, params: dict[str, Any] | None = None) -> str:
+        query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None}, doseq=True)
+        return f"{self.base_url}{path}" + (f"?{query}" if query else "")
+
+    def models(
+        self,
+        *,
+        query: str | None = None,
+        limit: int = 100,
+        page_size: int = 100,
+        nsfw: bool = False,
+        sort: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """LoRA model records, following ``metadata.nextPage`` until ``limit`` records."""
+        url: str | None = self._url(
+            "/api/v1/models",
+            {
+                "types": "LORA",
+                "limit": min(page_size, limit),
+                "query": query,
+                "nsfw": str(nsfw).lower(),
+                "sort": sort,
+            },
+        )
+        seen = 0
+        while url and seen < limit:
+            page = get_json(url, self.config)
+            items = page.get("items") if isinstance(page, dict) else None
+            if not isinstance(items, list):
+                raise ValueError(f"{url}: not a Civitai models page (no 'items' list)")
+            for item in items:
+                if seen >= limit:
+                    return
+                seen += 1
+                yield item
+            url = (page.get("metadata") or {}).get("nextPage")
+
+    def model(self, model_id: int) -> dict[str, Any]:
+        """One model record."""
+        return get_json(self._url(f"/api/v1/models/{int(model_id)}"), self.config)
+
+    def version_by_hash(self, digest: str) -> dict[str, Any]:
+        """The model version owning a file with this SHA-256 / AutoV2 hash (raises if unknown)."""
+        return get_json(
+            self._url(f"/api/v1/model-versions/by-hash/{urllib.parse.quote(digest)}"), self.config
+        )
+
+
+def _remote_files(session: Session, adapter_ids: list[int]) -> list[AdapterFile]:
+    return list(
+        session.execute(
+            select(AdapterFile)
+            .join(AdapterVersion)
+            .where(
+                AdapterVersion.adapter_id.in_(adapter_ids),
+                AdapterFile.stored.is_(False),
+                AdapterFile.sha256.is_not(None),
+                AdapterFile.remote_url.is_not(None),
+                AdapterFile.primary.is_(True),
+            )
+        ).scalars()
+    )
+
+
+def download_files(
+    session: Session, catalog: Catalog, adapter_ids: list[int], config: HttpConfig = HttpConfig()
+) -> list[ImportResult]:
+    """Download the primary files of catalogued adapters, verify each SHA-256, then mark them stored.
+
+    Each file is checked with ``pipelines.lora_formats.inspect`` before it is registered; a file that
+    fails (HTTP error, hash mismatch, not a LoRA) leaves the entry remote and is reported.
+    """
+    results = []
+    for row in _remote_files(session, adapter_ids):
+        url, sha = row.remote_url or "", row.sha256 or ""
+        results.append(
+            run_item(
+                session,
+                url,
+                lambda u=url, h=sha, n=row.file_name: _download_one(session, catalog, u, h, n, config),
+            )
+        )
+    return results
+
+
+def _download_one(
+    session: Session, catalog: Catalog, url: str, sha256: str, name: str, config: HttpConfig
+) -> ImportResult:
+    from pipelines.lora_formats import inspect
+
+    stored = download_to_store(url, catalog.store, expected_sha256=sha256, config=config)
+    try:
+        info = inspect(stored.path)
+    except ValueError:
+        if not stored.existed:
+            stored.path.unlink(missing_ok=True)
+        raise
+    spec = FileSpec(
+        file_name=name,
+        sha256=stored.sha256,
+        size_bytes=stored.size_bytes,
+        format=info.format,
+        stored=True,
+        header_metadata=dict(info.metadata),
+        rank=info.rank or None,
+        num_modules=info.num_modules,
+        components=tuple(sorted(info.components)),
+    )
+    adapter_id = attach_local_file(session, stored.sha256, spec)
+    return ImportResult(url, "updated", adapter_id, name, stored.sha256, "downloaded and verified")
+
+
+def import_from_api(
+    session: Session,
+    catalog: Catalog,
+    client: CivitaiClient,
+    *,
+    query: str | None = None,
+    limit: int = 100,
+    download: bool = False,
+    show_progress: bool = False,
+) -> ImportSummary:
+    """Catalogue LoRAs from the live API (as remote entries), optionally downloading their files."""
+    records = ((f"{client.base_url} model {r.get('id')}", r) for r in client.models(query=query, limit=limit))
+    summary = import_civitai_records(session, catalog, records, show_progress=show_progress, total=limit)
+    if not download:
+        return summary
+    ids = [r.adapter_id for r in summary.results if r.ok and r.adapter_id is not None]
+    return ImportSummary(summary.results + tuple(download_files(session, catalog, ids, client.config)))
+
+
+def identify_file(client: CivitaiClient, path: Path) -> dict[str, Any]:
+    """Civitai's model-version record of a local file, looked up by its SHA-256."""
+    from adapters_db.store import sha256_file
+
+    return client.version_by_hash(sha256_file(Path(path)))

@@ -1,0 +1,668 @@
+"""Repository: the only code that reads and writes catalog rows. Takes a session, returns frozen DTOs.
+
+The caller owns the session (and so the transaction): nothing here commits. Every change bumps the
+catalog revision, which the derived search indexes compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Select, delete, event, func, select
+from sqlalchemy.orm import Session, selectinload
+
+from adapters_db.catalog import bump_revision
+from adapters_db.dto import (
+    AdapterRecord,
+    FileRecord,
+    ImageRecord,
+    LicenceFlags,
+    Stats,
+    VersionRecord,
+)
+from adapters_db.families import normalize_family
+from adapters_db.models import (
+    Adapter,
+    AdapterFile,
+    AdapterVersion,
+    PreviewImage,
+    SearchDocument,
+    Tag,
+    TriggerWord,
+)
+from adapters_db.sanitize import html_to_text, sanitize_html
+from adapters_db.specs import AdapterSpec, FileSpec, ImageSpec, VersionSpec
+from adapters_db.store import FileStore, autov2
+
+if TYPE_CHECKING:
+    from adapters_db.catalog import Catalog
+
+SORTS = ("relevance", "downloads", "rating", "newest", "name")
+LICENCE_FLAGS = ("commercial", "derivatives", "no_credit", "different_license")
+
+
+class NotFoundError(LookupError):
+    """No adapter with that id."""
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _full_query() -> Select[tuple[Adapter]]:
+    return select(Adapter).options(
+        selectinload(Adapter.tags),
+        selectinload(Adapter.versions).selectinload(AdapterVersion.files),
+        selectinload(Adapter.versions).selectinload(AdapterVersion.trigger_words),
+        selectinload(Adapter.versions).selectinload(AdapterVersion.images),
+    )
+
+
+def _file_record(row: AdapterFile, store: FileStore) -> FileRecord:
+    local = store.path_for(row.sha256) if row.stored and row.sha256 else None
+    return FileRecord(
+        id=row.id,
+        file_name=row.file_name,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        autov2=row.autov2,
+        format=row.format,
+        primary=row.primary,
+        stored=row.stored,
+        remote_url=row.remote_url,
+        local_path=local,
+        rank=row.rank,
+        header_metadata=dict(row.header_metadata or {}),
+    )
+
+
+def _image_record(row: PreviewImage, store: FileStore) -> ImageRecord:
+    local = None
+    if row.local_sha256:
+        local = store.path_for(row.local_sha256, "images", row.local_ext or "")
+    return ImageRecord(
+        id=row.id,
+        version_id=row.version_id,
+        kind=row.kind,
+        url=row.url,
+        local_path=local,
+        width=row.width,
+        height=row.height,
+        nsfw_level=row.nsfw_level,
+        prompt=row.prompt,
+        negative_prompt=row.negative_prompt,
+        params=dict(row.params or {}),
+        civitai_image_id=row.civitai_image_id,
+    )
+
+
+def _version_record(row: AdapterVersion, store: FileStore) -> VersionRecord:
+    return VersionRecord(
+        id=row.id,
+        name=row.name,
+        base_model=row.base_model,
+        base_family=row.base_family,
+        civitai_version_id=row.civitai_version_id,
+        download_url=row.download_url,
+        trigger_words=tuple(t.word for t in row.trigger_words),
+        files=tuple(_file_record(f, store) for f in row.files),
+        images=tuple(_image_record(i, store) for i in row.images),
+        created_at=row.created_at,
+    )
+
+
+def to_record(row: Adapter, store: FileStore, *, full: bool = True, max_nsfw: int = 3) -> AdapterRecord:
+    """An ORM adapter (with versions loaded) → :class:`AdapterRecord` (``full=False``: no versions)."""
+    versions = tuple(_version_record(v, store) for v in row.versions)
+    triggers = tuple(dict.fromkeys(w for v in versions for w in v.trigger_words))
+    cover = next(
+        (
+            i
+            for v in versions
+            for i in v.images
+            if i.kind != "caption" and i.nsfw_level <= max_nsfw and (i.url or i.local_path)
+        ),
+        None,
+    )
+    return AdapterRecord(
+        id=row.id,
+        name=row.name,
+        kind=row.kind,
+        source=row.source,
+        description_html=row.description_html,
+        description_text=row.description_text,
+        base_family=row.base_family,
+        base_model=row.base_model,
+        tags=tuple(t.name for t in row.tags),
+        trigger_words=triggers,
+        nsfw_level=row.nsfw_level,
+        creator=row.creator,
+        licence=LicenceFlags(
+            row.license,
+            row.allow_no_credit,
+            row.allow_commercial_use,
+            row.allow_derivatives,
+            row.allow_different_license,
+        ),
+        stats=Stats(row.download_count, row.favorite_count, row.comment_count, row.rating_count, row.rating),
+        civitai_model_id=row.civitai_model_id,
+        civitai_version_ids=tuple(v.civitai_version_id for v in versions if v.civitai_version_id),
+        hf_repo=row.hf_repo,
+        source_url=row.source_url,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        versions=versions if full else (),
+        has_local_file=any(f.is_local for v in versions for f in v.files),
+        cover_image=cover,
+        extra=dict(row.extra or {}),
+    )
+
+
+def get_adapter(session: Session, catalog: Catalog, adapter_id: int) -> AdapterRecord | None:
+    """The full record of one adapter, or ``None``."""
+    row = session.execute(_full_query().where(Adapter.id == adapter_id)).scalar_one_or_none()
+    return None if row is None else to_record(row, catalog.store)
+
+
+def get_adapters(
+    session: Session, catalog: Catalog, ids: Sequence[int], *, full: bool = False, max_nsfw: int = 3
+) -> dict[int, AdapterRecord]:
+    """Several adapters by id in one round trip (``full=False``: summaries without versions)."""
+    if not ids:
+        return {}
+    rows = session.execute(_full_query().where(Adapter.id.in_(list(ids)))).scalars().all()
+    return {r.id: to_record(r, catalog.store, full=full, max_nsfw=max_nsfw) for r in rows}
+
+
+def find_by_hash(session: Session, catalog: Catalog, digest: str) -> AdapterRecord | None:
+    """The adapter owning a file with this SHA-256 (64 hex) or AutoV2 (10 hex) hash."""
+    digest = digest.strip().lower()
+    cond = AdapterFile.sha256 == digest if len(digest) == 64 else func.lower(AdapterFile.autov2) == digest
+    adapter_id = session.execute(
+        select(AdapterVersion.adapter_id).join(AdapterFile).where(cond).limit(1)
+    ).scalar_one_or_none()
+    return None if adapter_id is None else get_adapter(session, catalog, adapter_id)
+
+
+def find_by_civitai_id(session: Session, catalog: Catalog, model_id: int) -> AdapterRecord | None:
+    """The adapter imported from Civitai model ``model_id``."""
+    adapter_id = session.execute(
+        select(Adapter.id).where(Adapter.civitai_model_id == model_id)
+    ).scalar_one_or_none()
+    return None if adapter_id is None else get_adapter(session, catalog, adapter_id)
+
+
+def local_file_path(record: AdapterRecord) -> Path | None:
+    """Path of the adapter's primary local file (newest version first), or ``None`` if only remote."""
+    files = [f for f in record.files if f.is_local]
+    primary = [f for f in files if f.primary]
+    chosen = (primary or files or [None])[0]
+    return None if chosen is None else chosen.local_path
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing and the total number of matches."""
+
+    items: tuple[AdapterRecord, ...]
+    total: int
+    offset: int
+    limit: int
+
+
+def _licence_conditions(licence: str | Iterable[str] | None) -> list[Any]:
+    flags = [licence] if isinstance(licence, str) else list(licence or [])
+    conds: list[Any] = []
+    for flag in flags:
+        key = flag.strip().lower().replace("-", "_")
+        if key == "commercial":
+            conds.append(Adapter.allow_commercial_use.is_not(None))
+            conds.append(func.lower(Adapter.allow_commercial_use).not_in(["none", "false", "[]", ""]))
+        elif key == "derivatives":
+            conds.append(Adapter.allow_derivatives.is_(True))
+        elif key == "no_credit":
+            conds.append(Adapter.allow_no_credit.is_(True))
+        elif key == "different_license":
+            conds.append(Adapter.allow_different_license.is_(True))
+        else:
+            raise ValueError(f"unknown licence filter {flag!r}: use {', '.join(LICENCE_FLAGS)}")
+    return conds
+
+
+def filter_conditions(
+    *,
+    base_family: str | None = None,
+    include_nsfw: bool = False,
+    tags: Iterable[str] | None = None,
+    licence: str | Iterable[str] | None = None,
+    local_only: bool | None = None,
+    source: str | None = None,
+) -> list[Any]:
+    """SQL conditions on ``Adapter`` shared by browsing and search filters."""
+    conds: list[Any] = []
+    family = normalize_family(base_family)
+    if family is not None:
+        conds.append(Adapter.base_family == family)
+    if not include_nsfw:
+        conds.append(Adapter.nsfw_level == 0)
+    for tag in tags or ():
+        conds.append(Adapter.tags.any(Tag.name == tag.strip().lower()))
+    conds.extend(_licence_conditions(licence))
+    if local_only is not None:
+        has_local = (
+            select(AdapterFile.id)
+            .join(AdapterVersion)
+            .where(AdapterVersion.adapter_id == Adapter.id, AdapterFile.stored.is_(True))
+            .exists()
+        )
+        conds.append(has_local if local_only else ~has_local)
+    if source is not None:
+        conds.append(Adapter.source == source)
+    return conds
+
+
+def _order(sort: str) -> list[Any]:
+    if sort not in SORTS:
+        raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
+    return {
+        "downloads": [Adapter.download_count.desc(), Adapter.id],
+        "relevance": [Adapter.download_count.desc(), Adapter.id],
+        "rating": [Adapter.rating.desc(), Adapter.rating_count.desc(), Adapter.id],
+        "newest": [Adapter.created_at.desc(), Adapter.id.desc()],
+        "name": [func.lower(Adapter.name), Adapter.id],
+    }[sort]
+
+
+def list_adapters(
+    session: Session,
+    catalog: Catalog,
+    *,
+    text: str | None = None,
+    base_family: str | None = None,
+    include_nsfw: bool = False,
+    tags: Iterable[str] | None = None,
+    licence: str | Iterable[str] | None = None,
+    local_only: bool | None = None,
+    source: str | None = None,
+    sort: str = "downloads",
+    offset: int = 0,
+    limit: int = 50,
+) -> Page:
+    """Browse: filters, an optional full-text condition (all words must match), sort and pagination."""
+    from adapters_db.fulltext import match_all_ids
+
+    conds = filter_conditions(
+        base_family=base_family,
+        include_nsfw=include_nsfw,
+        tags=tags,
+        licence=licence,
+        local_only=local_only,
+        source=source,
+    )
+    if text and text.strip():
+        conds.append(Adapter.id.in_(match_all_ids(session, text)))
+    total = session.execute(select(func.count(Adapter.id)).where(*conds)).scalar_one()
+    ids = (
+        session.execute(
+            select(Adapter.id).where(*conds).order_by(*_order(sort)).offset(max(0, offset)).limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    records = get_adapters(session, catalog, ids, full=False, max_nsfw=3 if include_nsfw else 0)
+    return Page(tuple(records[i] for i in ids), int(total), offset, limit)
+
+
+def catalog_counts(session: Session) -> dict[str, int]:
+    """How many adapters, versions, files (stored locally), preview images and prompts."""
+
+    def count(stmt: Any) -> int:
+        return int(session.execute(stmt).scalar_one())
+
+    return {
+        "adapters": count(select(func.count(Adapter.id))),
+        "versions": count(select(func.count(AdapterVersion.id))),
+        "files": count(select(func.count(AdapterFile.id))),
+        "local_files": count(select(func.count(AdapterFile.id)).where(AdapterFile.stored.is_(True))),
+        "images": count(select(func.count(PreviewImage.id))),
+        "prompts": count(select(func.count(PreviewImage.id)).where(PreviewImage.prompt.is_not(None))),
+    }
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def _tag_rows(session: Session, names: Iterable[str]) -> list[Tag]:
+    clean = list(dict.fromkeys(n.strip().lower()[:200] for n in names if n and n.strip()))
+    if not clean:
+        return []
+    existing = {t.name: t for t in session.execute(select(Tag).where(Tag.name.in_(clean))).scalars()}
+    rows = []
+    for name in clean:
+        if name not in existing:
+            existing[name] = Tag(name=name)
+            session.add(existing[name])
+        rows.append(existing[name])
+    return rows
+
+
+def _file_row(spec: FileSpec) -> AdapterFile:
+    sha = spec.sha256.lower() if spec.sha256 else None
+    return AdapterFile(
+        file_name=spec.file_name[:500],
+        size_bytes=spec.size_bytes,
+        sha256=sha,
+        autov2=autov2(sha) if sha else (spec.hashes.get("AutoV2") or None),
+        hashes=dict(spec.hashes),
+        format=spec.format,
+        primary=spec.primary,
+        remote_url=spec.remote_url,
+        stored=spec.stored,
+        header_metadata=dict(spec.header_metadata),
+        rank=spec.rank,
+        num_modules=spec.num_modules,
+        components=list(spec.components),
+    )
+
+
+def _image_row(spec: ImageSpec, adapter: Adapter, position: int) -> PreviewImage:
+    return PreviewImage(
+        adapter=adapter,
+        position=position,
+        civitai_image_id=spec.civitai_image_id,
+        url=spec.url,
+        local_sha256=spec.local_sha256,
+        local_ext=spec.local_ext,
+        width=spec.width,
+        height=spec.height,
+        nsfw_level=spec.nsfw_level,
+        blurhash=spec.blurhash,
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        params=dict(spec.params),
+        kind=spec.kind,
+    )
+
+
+def _version_row(spec: VersionSpec, adapter: Adapter, position: int) -> AdapterVersion:
+    version = AdapterVersion(
+        position=position,
+        name=spec.name[:400],
+        civitai_version_id=spec.civitai_version_id,
+        base_model=spec.base_model,
+        base_family=spec.base_family,
+        description_html=sanitize_html(spec.description_html),
+        download_url=spec.download_url,
+        created_at=spec.created_at,
+        download_count=spec.download_count,
+    )
+    version.files = [_file_row(f) for f in spec.files]
+    version.trigger_words = [
+        TriggerWord(adapter=adapter, position=i, word=w) for i, w in enumerate(spec.trigger_words)
+    ]
+    version.images = [_image_row(im, adapter, i) for i, im in enumerate(spec.images)]
+    return version
+
+
+def _apply_spec(session: Session, row: Adapter, spec: AdapterSpec) -> None:
+    row.name = spec.name[:400]
+    row.kind = spec.kind
+    row.source = spec.source
+    row.description_html = sanitize_html(spec.description_html)
+    row.description_text = html_to_text(spec.description_html)
+    row.base_family = spec.base_family
+    row.base_model = spec.base_model
+    row.nsfw_level = spec.nsfw_level
+    row.creator = spec.creator
+    row.civitai_model_id = spec.civitai_model_id
+    row.hf_repo = spec.hf_repo
+    row.source_url = spec.source_url
+    row.license = spec.licence.license
+    row.allow_no_credit = spec.licence.allow_no_credit
+    row.allow_commercial_use = spec.licence.allow_commercial_use
+    row.allow_derivatives = spec.licence.allow_derivatives
+    row.allow_different_license = spec.licence.allow_different_license
+    row.poi = spec.poi
+    row.download_count = spec.stats.downloads
+    row.favorite_count = spec.stats.favorites
+    row.comment_count = spec.stats.comments
+    row.rating_count = spec.stats.ratings
+    row.rating = spec.stats.rating
+    if spec.created_at is not None:
+        row.created_at = spec.created_at
+    row.extra = {**spec.extra, "fingerprint": spec.fingerprint()}
+    row.tags = _tag_rows(session, spec.tags)
+    row.versions = [_version_row(v, row, i) for i, v in enumerate(spec.versions)]
+
+
+def search_document_fields(row: Adapter) -> dict[str, str]:
+    """The text the full-text index covers for one adapter (name, tags, triggers, file names, text)."""
+    files = [Path(f.file_name).stem for v in row.versions for f in v.files]
+    triggers = [t.word for v in row.versions for t in v.trigger_words]
+    version_names = [v.name for v in row.versions if v.name]
+    return {
+        "name": row.name,
+        "tags": ", ".join(t.name for t in row.tags),
+        "triggers": ", ".join(dict.fromkeys(triggers)),
+        "files": ", ".join(dict.fromkeys(files + version_names)),
+        "description": row.description_text,
+    }
+
+
+def _write_search_document(session: Session, row: Adapter) -> None:
+    fields = search_document_fields(row)
+    doc = session.get(SearchDocument, row.id)
+    if doc is None:
+        session.add(SearchDocument(adapter_id=row.id, **fields))
+        return
+    for key, value in fields.items():
+        setattr(doc, key, value)
+
+
+def write_adapter(session: Session, spec: AdapterSpec, *, adapter_id: int | None = None) -> tuple[int, str]:
+    """Insert a spec, or replace adapter ``adapter_id`` / the one with the same Civitai id.
+
+    Returns ``(adapter_id, status)`` with status ``imported``, ``updated`` or ``duplicate`` (an
+    identical spec was written before: nothing changes).
+    """
+    row: Adapter | None = None
+    if adapter_id is not None:
+        row = session.get(Adapter, adapter_id)
+        if row is None:
+            raise NotFoundError(f"no adapter with id {adapter_id}")
+    elif spec.civitai_model_id is not None:
+        row = session.execute(
+            select(Adapter).where(Adapter.civitai_model_id == spec.civitai_model_id)
+        ).scalar_one_or_none()
+    if row is not None and (row.extra or {}).get("fingerprint") == spec.fingerprint():
+        return row.id, "duplicate"
+    status = "imported" if row is None else "updated"
+    if row is None:
+        row = Adapter()
+        session.add(row)
+    else:
+        row.versions.clear()
+        session.flush()
+    _apply_spec(session, row, spec)
+    session.flush()
+    _write_search_document(session, row)
+    bump_revision(session)
+    session.flush()
+    return row.id, status
+
+
+def update_metadata(session: Session, catalog: Catalog, adapter_id: int, **changes: Any) -> AdapterRecord:
+    """Curate an adapter: change name, description_html, tags, trigger_words, base_family, nsfw_level,
+    creator, licence (a :class:`LicenceFlags`) or extra; unknown keys raise ``TypeError``.
+    """
+    allowed = {
+        "name",
+        "description_html",
+        "tags",
+        "trigger_words",
+        "base_family",
+        "nsfw_level",
+        "creator",
+        "licence",
+        "extra",
+    }
+    unknown = set(changes) - allowed
+    if unknown:
+        raise TypeError(f"update_metadata got unknown field(s): {', '.join(sorted(unknown))}")
+    row = session.execute(_full_query().where(Adapter.id == adapter_id)).scalar_one_or_none()
+    if row is None:
+        raise NotFoundError(f"no adapter with id {adapter_id}")
+    _apply_changes(session, row, changes)
+    row.extra = {**(row.extra or {}), "fingerprint": None, "curated": True}
+    session.flush()
+    _write_search_document(session, row)
+    bump_revision(session)
+    session.flush()
+    return to_record(row, catalog.store)
+
+
+def _apply_changes(session: Session, row: Adapter, changes: dict[str, Any]) -> None:
+    if "name" in changes:
+        if not str(changes["name"]).strip():
+            raise ValueError("an adapter name cannot be empty")
+        row.name = str(changes["name"]).strip()[:400]
+    if "description_html" in changes:
+        row.description_html = sanitize_html(changes["description_html"])
+        row.description_text = html_to_text(changes["description_html"])
+    if "tags" in changes:
+        row.tags = _tag_rows(session, changes["tags"])
+    if "trigger_words" in changes and row.versions:
+        version = row.versions[0]
+        for extra_version in row.versions[1:]:
+            extra_version.trigger_words.clear()
+        version.trigger_words = [
+            TriggerWord(adapter_id=row.id, position=i, word=w) for i, w in enumerate(changes["trigger_words"])
+        ]
+    if "base_family" in changes:
+        row.base_family = normalize_family(changes["base_family"])
+    if "nsfw_level" in changes:
+        level = int(changes["nsfw_level"])
+        if not 0 <= level <= 3:
+            raise ValueError(f"nsfw_level must be 0..3, got {level}")
+        row.nsfw_level = level
+    if "creator" in changes:
+        row.creator = changes["creator"]
+    if "licence" in changes:
+        lic: LicenceFlags = changes["licence"]
+        row.license, row.allow_no_credit, row.allow_commercial_use = (
+            lic.license,
+            lic.allow_no_credit,
+            lic.allow_commercial_use,
+        )
+        row.allow_derivatives, row.allow_different_license = (
+            lic.allow_derivatives,
+            lic.allow_different_license,
+        )
+    if "extra" in changes:
+        row.extra = {**(row.extra or {}), **dict(changes["extra"])}
+
+
+def stored_hashes(session: Session) -> set[str]:
+    """SHA-256 of every file and image the catalog says is in the local store."""
+    files = session.execute(select(AdapterFile.sha256).where(AdapterFile.stored.is_(True))).scalars()
+    images = session.execute(
+        select(PreviewImage.local_sha256).where(PreviewImage.local_sha256.is_not(None))
+    ).scalars()
+    return {h for h in files if h} | {h for h in images if h}
+
+
+def delete_adapter(session: Session, catalog: Catalog, adapter_id: int, *, delete_files: bool = True) -> bool:
+    """Delete an adapter with its versions, files, images and vectors; ``False`` if it did not exist.
+
+    Stored blobs no other adapter references are removed from disk after the transaction commits
+    (a rollback keeps them, so rows never point at missing files).
+    """
+    row = session.get(Adapter, adapter_id)
+    if row is None:
+        return False
+    blobs = _adapter_blobs(session, adapter_id)
+    session.execute(delete(SearchDocument).where(SearchDocument.adapter_id == adapter_id))
+    session.delete(row)
+    session.flush()
+    bump_revision(session)
+    if delete_files and blobs:
+        _remove_after_commit(session, catalog, blobs)
+    return True
+
+
+def _adapter_blobs(session: Session, adapter_id: int) -> list[tuple[str, str, str | None]]:
+    files = session.execute(
+        select(AdapterFile.sha256)
+        .join(AdapterVersion)
+        .where(AdapterVersion.adapter_id == adapter_id, AdapterFile.stored.is_(True))
+    ).scalars()
+    images = session.execute(
+        select(PreviewImage.local_sha256, PreviewImage.local_ext).where(
+            PreviewImage.adapter_id == adapter_id, PreviewImage.local_sha256.is_not(None)
+        )
+    ).all()
+    return [(s, "lora", None) for s in files if s] + [(s, "images", e or "") for s, e in images]
+
+
+def _remove_after_commit(
+    session: Session, catalog: Catalog, blobs: list[tuple[str, str, str | None]]
+) -> None:
+    def remove(_session: Session) -> None:
+        with catalog.session_factory() as fresh:
+            still = stored_hashes(fresh)
+        for sha, kind, ext in blobs:
+            if sha not in still:
+                catalog.store.remove(sha, kind, ext)
+
+    event.listen(session, "after_commit", remove, once=True)
+
+
+def adapter_ids_matching(session: Session, conds: Sequence[Any]) -> set[int]:
+    """Ids of the adapters that satisfy filter conditions (for search-time filtering)."""
+    return set(session.execute(select(Adapter.id).where(*conds)).scalars())
+
+
+def attach_local_file(session: Session, sha256: str, spec: FileSpec) -> int | None:
+    """Mark a catalogued remote file with this SHA-256 as stored locally; returns its adapter id."""
+    row = session.execute(
+        select(AdapterFile).where(AdapterFile.sha256 == sha256.lower()).limit(1)
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    row.stored = True
+    row.size_bytes = spec.size_bytes or row.size_bytes
+    row.header_metadata = dict(spec.header_metadata) or dict(row.header_metadata or {})
+    row.rank = spec.rank if spec.rank is not None else row.rank
+    row.num_modules = spec.num_modules if spec.num_modules is not None else row.num_modules
+    row.components = list(spec.components) or list(row.components or [])
+    row.format = spec.format or row.format
+    adapter_id = row.version.adapter_id
+    bump_revision(session)
+    session.flush()
+    return adapter_id
+
+
+def add_version(
+    session: Session, adapter_id: int, spec: VersionSpec, *, merge_into: int | None = None
+) -> int:
+    """Append a version to an adapter, or merge its files and images into version ``merge_into``."""
+    row = session.execute(_full_query().where(Adapter.id == adapter_id)).scalar_one_or_none()
+    if row is None:
+        raise NotFoundError(f"no adapter with id {adapter_id}")
+    if merge_into is None:
+        row.versions.insert(0, _version_row(spec, row, 0))
+        for i, version in enumerate(row.versions):
+            version.position = i
+    else:
+        version = next(v for v in row.versions if v.id == merge_into)
+        version.files.extend(_file_row(f) for f in spec.files)
+        start = len(version.images)
+        version.images.extend(_image_row(im, row, start + i) for i, im in enumerate(spec.images))
+    row.extra = {**(row.extra or {}), "fingerprint": None}
+    session.flush()
+    _write_search_document(session, row)
+    bump_revision(session)
+    session.flush()
+    return row.id

@@ -1,0 +1,664 @@
+"""Hybrid retrieval: prompt → adapters. Lexical, trigger-word, full-text and dense channels, fused by a
+learned scorer, filtered, explained.
+
+Channels (each a per-adapter feature, see :data:`FEATURES`):
+
+- prompts people used with each adapter (preview images, training captions): BM25 per prompt,
+  aggregated per adapter as max (``p_max``) and soft count (``p_kde``), and BM25 over the adapter's
+  prompts as one document (``p_doc``); the query's own image can be left out (evaluation);
+- metadata fields, BM25 each: name, trigger words, tags, file names, description (``m_*``);
+- trigger phrases found verbatim in the prompt, weighted by rarity (``t_max``, ``t_frac``);
+- the database's full-text index (SQLite FTS5 / PostgreSQL tsvector) on the query's rarest words:
+  match feature ``fts`` (the match set only, so both backends rank alike);
+- dense cosine similarity of the embedder's query vector to metadata, prompt and image vectors
+  (``d_meta``, ``d_prompt``, ``d_image``);
+- priors: log downloads (``pop``), log prompt count (``n_prompts``), has prompts (``has_prompts``).
+
+Reciprocal-rank versions of the main channels (``r_*``) and creator-level prompt evidence
+(``c_max``, ``c_doc``: creators reuse their prompt templates) complete the feature set. A learned
+:class:`~adapters_db.fusion.Fusion` turns features into one score (see ``adapters_db.fusion``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adapters_db import fulltext, lexical
+from adapters_db.dto import SearchHit
+from adapters_db.families import normalize_family
+from adapters_db.fusion import Fusion, FusionRegistry, LinearScorer, Scorer
+from adapters_db.lexical import Query
+from adapters_db.models import Adapter, PreviewImage
+from adapters_db.repository import SORTS, adapter_ids_matching, filter_conditions, get_adapters
+from adapters_db.search_index import FAMILY_CODES, META_FIELDS, SearchIndex
+from adapters_db.text import clean_prompt, words
+
+if TYPE_CHECKING:
+    from adapters_db.catalog import Catalog
+
+CHANNELS = ("prompts", "meta", "triggers", "fts", "dense")
+BASE_FEATURES = (
+    "p_max",
+    "p_kde",
+    "p_doc",
+    "c_max",
+    "c_doc",
+    "m_all",
+    "m_name",
+    "m_triggers",
+    "m_tags",
+    "m_files",
+    "m_description",
+    "t_max",
+    "t_frac",
+    "fts",
+    "d_meta",
+    "d_prompt",
+    "d_image",
+    "pop",
+    "n_prompts",
+    "has_prompts",
+)
+RANKED = ("p_max", "p_doc", "m_all", "m_name", "m_files", "t_max", "d_meta", "d_prompt")
+RANK_DEPTH = 200
+FEATURES = BASE_FEATURES + tuple(f"r_{name}" for name in RANKED)
+KDE_TAU = 0.1
+DENSE_K = 256
+FTS_LIMIT = 1000
+FTS_WORDS = 8
+DENSE_FEATURES = {"d_meta", "d_prompt", "d_image", "r_d_meta", "r_d_prompt"}
+
+
+@dataclass
+class QueryContext:
+    """Everything computed once per query."""
+
+    text: str
+    columns: np.ndarray
+    use_prompts: bool
+    exclude_rows: np.ndarray
+    vector: np.ndarray | None = None
+    fts_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    trigger_hits: dict[int, list[str]] = field(default_factory=dict)
+    prompt_scores: np.ndarray | None = None
+    best_dense_prompt: dict[int, tuple[float, int]] = field(default_factory=dict)
+
+
+def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
+    weights = idf[columns] if len(columns) else np.zeros(0, np.float32)
+    keep = weights > 0
+    return Query(columns[keep], weights[keep].astype(np.float32))
+
+
+class FeatureBuilder:
+    """Per-adapter feature arrays of one query over a :class:`SearchIndex`."""
+
+    def __init__(self, index: SearchIndex) -> None:
+        self.index = index
+        lex = index.lexical
+        assert lex is not None, "search index not built"
+        self.lex = lex
+        owner = index.prompt_owner
+        self.perm = np.argsort(owner, kind="stable")
+        counts = np.bincount(owner, minlength=index.size)
+        self.owners_with = np.nonzero(counts)[0]
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[self.owners_with]
+        self._dense_sorted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.doc_lengths = np.asarray(lex.doc_counts.sum(axis=1)).ravel()
+        self.n_creators = int(index.creator.max()) + 1 if len(index.creator) else 0
+        self.prompt_lengths = np.asarray(lex.prompt_counts.sum(axis=1)).ravel()
+
+    def features(self, ctx: QueryContext) -> dict[str, np.ndarray]:
+        """Every feature of :data:`FEATURES` as an array over adapter rows."""
+        n = self.index.size
+        out = {name: np.zeros(n, np.float32) for name in FEATURES}
+        self._meta(ctx, out)
+        self._triggers(ctx, out)
+        self._fts(ctx, out)
+        out["pop"] = self.index.log_downloads.astype(np.float32)
+        if ctx.use_prompts:
+            self._prompts(ctx, out)
+        if ctx.vector is not None:
+            self.dense_features(ctx, out)
+        return out
+
+    @staticmethod
+    def add_ranks(out: dict[str, np.ndarray]) -> None:
+        """Reciprocal-rank features 1 / (1 + rank / 10) of the top ``RANK_DEPTH`` of some channels
+        (scale-free evidence, as in reciprocal rank fusion); 0 below that depth or without a score."""
+        for name in RANKED:
+            values = out[name]
+            target = out[f"r_{name}"]
+            depth = min(RANK_DEPTH, len(values) - 1)
+            if depth <= 0:
+                continue
+            top = np.argpartition(-values, depth)[:depth]
+            top = top[np.argsort(-values[top], kind="stable")]
+            top = top[values[top] > values.min()]
+            target[top] = 1.0 / (1.0 + np.arange(len(top)) / 10.0)
+
+    def _meta(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+        params = self.index.config.meta_bm25
+        for name in META_FIELDS:
+            query = _query(ctx.columns, self.lex.field_idf[name])
+            out[f"m_{name}"] = lexical.score(self.lex.fields[name], query, params)
+        out["m_all"] = lexical.score(self.lex.meta_all, _query(ctx.columns, self.lex.meta_idf), params)
+
+    def _triggers(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+        table = self.index.triggers
+        if table is None:
+            return
+        ctx.trigger_hits = table.match(ctx.text)
+        for row, phrases in ctx.trigger_hits.items():
+            out["t_max"][row] = max(table.weight.get(p, 0.0) for p in phrases)
+            out["t_frac"][row] = len(phrases) / max(1, int(table.phrase_count[row]))
+
+    def _fts(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+        if len(ctx.fts_rows):
+            rows = ctx.fts_rows[ctx.fts_rows >= 0]
+            out["fts"][rows] = 1.0
+
+    def _prompts(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+        index, lex = self.index, self.lex
+        params = index.config.prompt_bm25
+        counts = np.bincount(index.prompt_owner, minlength=index.size).astype(np.float32)
+        if len(index.prompt_owner) == 0:
+            out["p_kde"][:] = -1.0 / KDE_TAU
+            return
+        scores = lexical.score(lex.prompts, _query(ctx.columns, lex.prompt_idf), params)
+        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
+        kde_terms = np.exp((scores - 1.0) / KDE_TAU)
+        if len(excluded):
+            scores[excluded] = 0.0
+            kde_terms[excluded] = 0.0
+            np.subtract.at(counts, index.prompt_owner[excluded], 1.0)
+        ctx.prompt_scores = scores
+        ordered = scores[self.perm]
+        out["p_max"][self.owners_with] = np.maximum.reduceat(ordered, self.starts)
+        kde = np.add.reduceat(kde_terms[self.perm], self.starts)
+        out["p_kde"][:] = -1.0 / KDE_TAU
+        out["p_kde"][self.owners_with] = np.log(np.maximum(kde, math.exp(-1.0 / KDE_TAU)))
+        out["p_doc"] = self._doc_scores(ctx, excluded)
+        out["c_max"] = self._creator_max(out["p_max"])
+        out["c_doc"] = self._creator_max(out["p_doc"])
+        out["n_prompts"] = np.log1p(np.maximum(counts, 0.0))
+        out["has_prompts"] = (counts > 0).astype(np.float32)
+
+    def _creator_max(self, values: np.ndarray) -> np.ndarray:
+        """Per adapter, the best value among all adapters of its creator (creators reuse prompt styles)."""
+        best = np.full(self.n_creators, -np.inf, np.float32)
+        np.maximum.at(best, self.index.creator, values)
+        return best[self.index.creator]
+
+    def best_prompt_row(self, ctx: QueryContext, row: int) -> int:
+        """The prompt row of adapter ``row`` with the best lexical score for the query (−1: none)."""
+        if ctx.prompt_scores is None:
+            return -1
+        mine = np.nonzero(self.index.prompt_owner == row)[0]
+        if len(mine) == 0:
+            return -1
+        best = int(mine[np.argmax(ctx.prompt_scores[mine])])
+        return best if ctx.prompt_scores[best] > 0 else -1
+
+    def _doc_scores(self, ctx: QueryContext, excluded: np.ndarray) -> np.ndarray:
+        """BM25 of each adapter's prompts as one document; adapters owning excluded prompts are
+        re-scored with those prompts' term counts and lengths taken out."""
+        lex, params = self.lex, self.index.config.prompt_bm25
+        query = _query(ctx.columns, lex.doc_idf)
+        scores = lexical.score(lex.docs, query, params)
+        if len(excluded) == 0 or len(query.terms) == 0:
+            return scores
+        owners = self.index.prompt_owner[excluded]
+        for row in np.unique(owners):
+            mine = excluded[owners == row]
+            tf = lex.doc_counts[row, query.terms].toarray().ravel()
+            tf = np.maximum(tf - np.asarray(lex.prompt_counts[mine][:, query.terms].sum(axis=0)).ravel(), 0.0)
+            length = float(self.doc_lengths[row] - self.prompt_lengths[mine].sum())
+            if length <= 0:
+                scores[row] = 0.0
+                continue
+            sat = lexical.saturated_tf(tf, length, lex.doc_avg_len, params)
+            scores[row] = float((sat * query.weights).sum() / ((params.k1 + 1.0) * query.ideal))
+        return scores
+
+    def dense_features(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+        """``d_meta``, ``d_prompt`` (warm only) and ``d_image`` from the query vector."""
+        vec = ctx.vector
+        assert vec is not None
+        meta = self.index.dense.get("meta")
+        if meta is not None and meta.size:
+            sims, ids = meta.search(vec, min(meta.size, max(DENSE_K, 1024)))
+            rows = self.index.rows_of(ids[0][ids[0] >= 0])
+            vals = sims[0][ids[0] >= 0]
+            out["d_meta"][:] = float(vals.min()) if len(vals) else 0.0
+            out["d_meta"][rows[rows >= 0]] = vals[rows >= 0]
+        for channel, feature in (("prompt", "d_prompt"), ("image", "d_image")):
+            if channel == "prompt" and not ctx.use_prompts:
+                continue
+            self._dense_owned(ctx, channel, out[feature])
+
+    def _owner_rows(self, channel: str, ids: np.ndarray) -> np.ndarray:
+        """Adapter rows owning the given dense-index ids (image ids of the prompt/image channels)."""
+        if channel not in self._dense_sorted:
+            index = self.index.dense[channel]
+            order = np.argsort(index.ids, kind="stable")
+            self._dense_sorted[channel] = (index.ids[order], self.index.dense_owner[channel][order])
+        sorted_ids, owners = self._dense_sorted[channel]
+        return owners[np.searchsorted(sorted_ids, ids)]
+
+    def _dense_owned(self, ctx: QueryContext, channel: str, target: np.ndarray) -> None:
+        index = self.index.dense.get(channel)
+        if index is None or index.size == 0 or ctx.vector is None:
+            return
+        sims, ids = index.search(ctx.vector, min(index.size, DENSE_K))
+        sims, ids = sims[0], ids[0]
+        keep = ids >= 0
+        excluded = self.index.prompt_image_ids[ctx.exclude_rows[ctx.exclude_rows >= 0]]
+        if len(excluded):
+            keep &= ~np.isin(ids, excluded)
+        sims, ids = sims[keep], ids[keep]
+        if len(sims) == 0:
+            return
+        rows = self._owner_rows(channel, ids)
+        target[:] = float(sims.min())
+        np.maximum.at(target, rows, sims.astype(np.float32))
+        if channel == "prompt":
+            for sim, image_id, row in zip(sims.tolist(), ids.tolist(), rows.tolist(), strict=True):
+                if row not in ctx.best_dense_prompt or sim > ctx.best_dense_prompt[row][0]:
+                    ctx.best_dense_prompt[row] = (sim, image_id)
+
+
+def feature_builder(index: SearchIndex) -> FeatureBuilder:
+    """The (cached) feature builder of an index, rebuilt when the index was rebuilt or reloaded."""
+    key = id(index.manifest)
+    cached = getattr(index, "_feature_builder", None)
+    if cached is None or cached[0] != key:
+        cached = (key, FeatureBuilder(index))
+        index._feature_builder = cached  # type: ignore[attr-defined]
+    return cached[1]
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def _allowed_mask(
+    session: Session,
+    index: SearchIndex,
+    *,
+    base_family: str | None,
+    include_nsfw: bool,
+    tags: Iterable[str] | None,
+    licence: str | Iterable[str] | None,
+    local_only: bool | None,
+) -> np.ndarray:
+    mask = np.ones(index.size, bool)
+    family = normalize_family(base_family)
+    if family is not None:
+        mask &= index.family == FAMILY_CODES[family]
+    if not include_nsfw:
+        mask &= index.nsfw == 0
+    if local_only is not None:
+        mask &= index.has_local if local_only else ~index.has_local
+    tag_list = [t for t in (tags or ()) if t and t.strip()]
+    if tag_list or licence:
+        conds = filter_conditions(tags=tag_list, licence=licence, include_nsfw=True)
+        allowed = np.array(sorted(adapter_ids_matching(session, conds)), np.int64)
+        rows = index.rows_of(allowed)
+        keep = np.zeros(index.size, bool)
+        keep[rows[rows >= 0]] = True
+        mask &= keep
+    return mask
+
+
+def informative_words(index: SearchIndex, query: str, n: int = FTS_WORDS) -> list[str]:
+    """The query's ``n`` rarest words in the catalog's metadata (words no adapter has are dropped)."""
+    assert index.lexical is not None
+    scored = []
+    for word in fulltext.query_words(query, max_terms=10_000):
+        cols = index.lexical.vocab.columns(lexical.term_ids(word)[:1])
+        if len(cols):
+            scored.append((float(index.lexical.meta_idf[cols[0]]), word))
+    keep = {w for _, w in sorted(scored, reverse=True)[:n]}
+    return [w for _, w in scored if w in keep]
+
+
+def _fts_rows(session: Session, index: SearchIndex, query: str) -> np.ndarray:
+    """Rows the database's full-text index matches on the query's rarest words. Only the match set
+    is used (not the backend's own rank function), so SQLite and PostgreSQL rank alike."""
+    terms = informative_words(index, query)
+    ids = fulltext.matching_ids(session, terms, FTS_LIMIT) if terms else []
+    return index.rows_of(np.array(ids, np.int64)) if ids else np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a search runs: channels, the fusion (default: the packaged one for the catalog's embedder),
+    preview images to leave out, and ``all_features`` (compute every channel even if the scorer does
+    not read it: for fitting)."""
+
+    channels: tuple[str, ...] = CHANNELS
+    fusion: Fusion | None = None
+    exclude_image_ids: tuple[int, ...] = ()
+    all_features: bool = False
+
+
+_REGISTRY: FusionRegistry | None = None
+
+
+def packaged_fusion(embedder_name: str, dense: bool) -> Fusion:
+    """The packaged fusion model for an embedder (the lexical one when ``dense`` is off or none fits)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = FusionRegistry.load()
+    return _REGISTRY.pick(embedder_name, dense)
+
+
+def resolve_fusion(catalog: Catalog, options: SearchOptions) -> Fusion:
+    """The fusion a search uses."""
+    if options.fusion is not None:
+        return options.fusion
+    return packaged_fusion(catalog.embedder.name, "dense" in options.channels)
+
+
+def prepare(
+    session: Session, catalog: Catalog, query: str, options: SearchOptions
+) -> tuple[SearchIndex, QueryContext]:
+    """Bring the index up to date and compute the per-query context (terms, vector, FTS ranks)."""
+    unknown = set(options.channels) - set(CHANNELS)
+    if unknown:
+        raise ValueError(f"unknown channel(s) {sorted(unknown)}: use {', '.join(CHANNELS)}")
+    index = catalog.search_index(session)
+    assert index.lexical is not None
+    use_prompts = "prompts" in options.channels
+    columns = index.lexical.vocab.columns(np.unique(lexical.term_ids(query)))
+    ctx = QueryContext(
+        text=query,
+        columns=np.unique(columns),
+        use_prompts=use_prompts,
+        exclude_rows=index.prompt_rows_of(np.array(options.exclude_image_ids, np.int64)),
+    )
+    scorer = resolve_fusion(catalog, options).for_mode(use_prompts)
+    wants = set(scorer.features)
+    if "dense" in options.channels and (options.all_features or wants & DENSE_FEATURES):
+        ctx.vector = catalog.embedder.embed_texts([query])
+    if "fts" in options.channels and (options.all_features or "fts" in wants):
+        ctx.fts_rows = _fts_rows(session, index, query)
+    return index, ctx
+
+
+def score_all(
+    session: Session, catalog: Catalog, query: str, options: SearchOptions = SearchOptions()
+) -> tuple[SearchIndex, QueryContext, dict[str, np.ndarray], np.ndarray]:
+    """Features and fused scores of every adapter for one query (for search and for tuning)."""
+    index, ctx = prepare(session, catalog, query, options)
+    feats = feature_builder(index).features(ctx)
+    if "meta" not in options.channels:
+        for name in (*META_FIELDS, "all"):
+            feats[f"m_{name}"][:] = 0.0
+    if "triggers" not in options.channels:
+        feats["t_max"][:] = 0.0
+        feats["t_frac"][:] = 0.0
+    FeatureBuilder.add_ranks(feats)
+    scores = resolve_fusion(catalog, options).for_mode(ctx.use_prompts).score(feats)
+    return index, ctx, feats, scores
+
+
+def search(
+    session: Session,
+    catalog: Catalog,
+    query: str,
+    k: int = 10,
+    *,
+    base_family: str | None = None,
+    include_nsfw: bool = False,
+    tags: Iterable[str] | None = None,
+    licence: str | Iterable[str] | None = None,
+    local_only: bool | None = None,
+    sort: str = "relevance",
+    offset: int = 0,
+    exclude_image_ids: Collection[int] = (),
+    channels: Sequence[str] | None = None,
+    fusion: Fusion | None = None,
+) -> list[SearchHit]:
+    """The ``k`` best adapters for a prompt (after ``offset``), filtered, each with why it matched.
+
+    ``sort`` other than ``relevance`` re-orders the 200 most relevant hits by downloads, rating or
+    date. ``exclude_image_ids`` leaves those preview images out of every channel (evaluation);
+    ``channels`` limits the channels (without ``prompts``: the metadata-only "cold" mode).
+    """
+    if sort not in SORTS:
+        raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
+    if k <= 0:
+        return []
+    options = SearchOptions(
+        tuple(channels) if channels is not None else CHANNELS,
+        fusion,
+        tuple(int(i) for i in exclude_image_ids),
+    )
+    if not query.strip():
+        raise ValueError("empty query: type a prompt")
+    index, ctx, feats, scores = score_all(session, catalog, query, options)
+    if index.size == 0:
+        return []
+    mask = _allowed_mask(
+        session,
+        index,
+        base_family=base_family,
+        include_nsfw=include_nsfw,
+        tags=tags,
+        licence=licence,
+        local_only=local_only,
+    )
+    scores = np.where(mask, scores, -np.inf)
+    rows = _ranked_rows(scores, offset + k if sort == "relevance" else max(200, offset + k))
+    if sort != "relevance":
+        rows = _resort(session, index, rows, sort)
+    rows = rows[offset : offset + k]
+    return _hits(session, catalog, index, ctx, feats, scores, rows, include_nsfw)
+
+
+def _ranked_rows(scores: np.ndarray, n: int) -> np.ndarray:
+    finite = np.isfinite(scores)
+    n = min(n, int(finite.sum()))
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    top = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
+    top = top[np.isfinite(scores[top])]
+    return top[np.lexsort((top, -scores[top]))]
+
+
+def _resort(session: Session, index: SearchIndex, rows: np.ndarray, sort: str) -> np.ndarray:
+    ids = index.adapter_ids[rows].tolist()
+    column = {
+        "downloads": Adapter.download_count,
+        "rating": Adapter.rating,
+        "newest": Adapter.created_at,
+        "name": Adapter.name,
+    }[sort]
+    order = column.asc() if sort == "name" else column.desc()
+    ordered = session.execute(
+        select(Adapter.id).where(Adapter.id.in_(ids)).order_by(order, Adapter.id)
+    ).scalars()
+    return index.rows_of(np.array(list(ordered), np.int64))
+
+
+# ------------------------------------------------------------------------------------------ why
+
+
+def _prompt_texts(session: Session, image_ids: list[int]) -> dict[int, str]:
+    if not image_ids:
+        return {}
+    rows = session.execute(select(PreviewImage.id, PreviewImage.prompt).where(PreviewImage.id.in_(image_ids)))
+    return {i: clean_prompt(p or "") for i, p in rows}
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return f'"{flat[:limit]}…"' if len(flat) > limit else f'"{flat}"'
+
+
+def _matching(values: Iterable[str], query_words: set[str]) -> list[str]:
+    out = []
+    for value in values:
+        toks = words(value)
+        if toks and all(t in query_words for t in toks):
+            out.append(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one hit matched on (feature values and the matched strings), for :func:`explain`."""
+
+    trigger_phrases: tuple[tuple[str, float], ...]
+    prompt: str | None
+    prompt_similarity: float
+    name: str
+    tags: tuple[str, ...]
+    description_match: float
+    dense_meta: float
+
+
+def explain(evidence: Evidence, query: str) -> str:
+    """A short reason, strongest first: trigger words, a similar prompt, name words, tags, description.
+
+    Trigger phrases count when specific: rarity at least 40% of the rarest possible ("pixel art" yes,
+    "1girl" no, in the real catalog).
+    """
+    query_words = set(words(query))
+    reasons: list[tuple[float, str]] = []
+    specific = [p for p, w in evidence.trigger_phrases if w >= 0.4]
+    if specific:
+        shown = ", ".join(f'"{p}"' for p in specific[:3])
+        reasons.append((3.0, f"trigger word {shown}" if len(specific) == 1 else f"trigger words {shown}"))
+    if evidence.prompt and evidence.prompt_similarity > 0.05:
+        reasons.append((1.0 + evidence.prompt_similarity, f"similar prompt: {_quote(evidence.prompt)}"))
+    name_hits = [w for w in dict.fromkeys(words(evidence.name)) if w in query_words and len(w) > 2]
+    if name_hits:
+        reasons.append((1.2, "name: " + ", ".join(name_hits[:4])))
+    tag_hits = _matching(evidence.tags, query_words)
+    if tag_hits:
+        reasons.append((1.1, "tag: " + ", ".join(tag_hits[:3])))
+    if evidence.description_match > 0.05:
+        reasons.append((0.5 + evidence.description_match, "description matches"))
+    if evidence.dense_meta > 0.3:
+        reasons.append((evidence.dense_meta, "similar description (embedding)"))
+    if not reasons and evidence.trigger_phrases:
+        reasons.append((0.1, f'trigger word "{evidence.trigger_phrases[0][0]}"'))
+    reasons.sort(key=lambda r: -r[0])
+    return "; ".join(text for _, text in reasons[:2]) or "popular adapter"
+
+
+def _best_prompts(
+    session: Session, index: SearchIndex, ctx: QueryContext, rows: np.ndarray
+) -> dict[int, str]:
+    builder = feature_builder(index)
+    chosen: dict[int, int] = {}
+    for row in rows.tolist():
+        best = builder.best_prompt_row(ctx, row)
+        if best >= 0:
+            chosen[row] = int(index.prompt_image_ids[best])
+        elif row in ctx.best_dense_prompt:
+            chosen[row] = ctx.best_dense_prompt[row][1]
+    texts = _prompt_texts(session, list(chosen.values()))
+    return {row: texts[i] for row, i in chosen.items() if i in texts}
+
+
+def _hits(
+    session: Session,
+    catalog: Catalog,
+    index: SearchIndex,
+    ctx: QueryContext,
+    feats: dict[str, np.ndarray],
+    scores: np.ndarray,
+    rows: np.ndarray,
+    include_nsfw: bool,
+) -> list[SearchHit]:
+    ids = index.adapter_ids[rows].tolist()
+    records = get_adapters(session, catalog, ids, full=False, max_nsfw=3 if include_nsfw else 0)
+    prompts = _best_prompts(session, index, ctx, rows)
+    weight = index.triggers.weight if index.triggers is not None else {}
+    rarest = math.log1p((index.size - 0.5) / 1.5) or 1.0
+    hits = []
+    for rank, (row, adapter_id) in enumerate(zip(rows.tolist(), ids, strict=True)):
+        record = records.get(adapter_id)
+        if record is None:
+            continue
+        phrases = sorted(
+            ((p, weight.get(p, 0.0) / rarest) for p in ctx.trigger_hits.get(row, [])), key=lambda x: -x[1]
+        )
+        evidence = Evidence(
+            trigger_phrases=tuple(phrases),
+            prompt=prompts.get(row),
+            prompt_similarity=float(max(feats["p_max"][row], feats["d_prompt"][row] - 0.5)),
+            name=record.name,
+            tags=record.tags,
+            description_match=float(feats["m_description"][row]),
+            dense_meta=float(feats["d_meta"][row]),
+        )
+        channels = {name: round(float(feats[name][row]), 4) for name in FEATURES}
+        hits.append(
+            SearchHit(
+                adapter=record,
+                score=float(scores[row]),
+                why=explain(evidence, ctx.text),
+                channels=channels,
+                rank=rank + 1,
+            )
+        )
+    return hits
+
+
+IMAGE_SCORER = LinearScorer({"d_image": 2.0, "d_prompt": 1.0, "d_meta": 1.0, "pop": 0.02})
+
+
+def search_by_image(
+    session: Session,
+    catalog: Catalog,
+    image: object,
+    k: int = 10,
+    *,
+    base_family: str | None = None,
+    include_nsfw: bool = False,
+    tags: Iterable[str] | None = None,
+    licence: str | Iterable[str] | None = None,
+    local_only: bool | None = None,
+    scorer: Scorer = IMAGE_SCORER,
+) -> list[SearchHit]:
+    """Adapters whose preview images, prompts or descriptions are closest to a picture (open_clip's
+    image tower, in the same space as its text tower; raises ``ValueError`` with a text-only embedder)."""
+    embedder = catalog.embedder
+    if not embedder.supports_images:
+        raise ValueError(
+            f"the catalog's embedder {embedder.name} cannot embed images; use an open_clip embedder"
+        )
+    index = catalog.search_index(session)
+    ctx = QueryContext(
+        text="",
+        columns=np.zeros(0, np.int64),
+        use_prompts=True,
+        exclude_rows=np.zeros(0, np.int64),
+        vector=embedder.embed_images([image]),
+    )
+    feats = {name: np.zeros(index.size, np.float32) for name in FEATURES}
+    feats["pop"] = index.log_downloads.astype(np.float32)
+    feature_builder(index).dense_features(ctx, feats)
+    scores = scorer.score(feats)
+    mask = _allowed_mask(
+        session,
+        index,
+        base_family=base_family,
+        include_nsfw=include_nsfw,
+        tags=tags,
+        licence=licence,
+        local_only=local_only,
+    )
+    rows = _ranked_rows(np.where(mask, scores, -np.inf), k)
+    return _hits(session, catalog, index, ctx, feats, scores, rows, include_nsfw)

@@ -1,0 +1,336 @@
+"""Catalog commands: ``import``, ``import-civitai``, ``import-hf``, ``search`` and ``catalog`` (stats, repair,
+reindex, show, delete)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from studio.config import StudioConfig
+
+
+def _catalog(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import adapters_db
+
+    config = StudioConfig(data_dir=Path(args.data_dir).expanduser())
+    url = args.db_url or config.catalog_url
+    embedder = args.embedder or os.environ.get("STUDIO_EMBEDDER") or None
+    return adapters_db.open_catalog(url, config.data_dir, embedder=embedder)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db-url",
+        default=None,
+        help="SQLAlchemy URL of the catalog (default: $STUDIO_DB_URL, else "
+        "catalog.sqlite in the data dir); e.g. postgresql+psycopg2://user@host/db",
+    )
+    p.add_argument("--embedder", default=None, help="auto (default), minilm, hashing, open_clip:MODEL[:TAG]")
+
+
+def _print_summary(summary: Any, verbose: bool) -> int:
+    for result in summary.results:
+        if result.status == "failed" or verbose:
+            where = result.source or result.name or ""
+            detail = f" — {result.message}" if result.message else ""
+            print(f"{result.status:9} {where}{detail}", file=sys.stderr)
+    print(f"summary: {summary.describe()}")
+    return 1 if summary.count("failed") and not any(r.ok for r in summary.results) else 0
+
+
+def _embed(catalog: Any, args: argparse.Namespace) -> None:
+    if args.no_embed:
+        return
+    from adapters_db import embed_missing
+
+    made = embed_missing(catalog, show_progress=True)
+    if made:
+        print(f"embedded {made} text(s)/image(s) with {catalog.embedder.name}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- import
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import .safetensors files and A1111/ComfyUI LoRA folders."""
+    from adapters_db import import_paths
+
+    extra: dict[str, Any] = {}
+    if args.name:
+        extra["name"] = args.name
+    if args.tag:
+        extra["tags"] = args.tag
+    if args.trigger:
+        extra["trigger_words"] = args.trigger
+    if args.base:
+        extra["base_family"] = args.base
+    catalog = _catalog(args)
+    with catalog.session() as s:
+        summary = import_paths(s, catalog, [Path(p) for p in args.paths], show_progress=True, **extra)
+    _embed(catalog, args)
+    return _print_summary(summary, args.verbose)
+
+
+def cmd_import_civitai(args: argparse.Namespace) -> int:
+    """Import Civitai API dumps (.jsonl, .jsonl.gz, .json) or query the live API."""
+    from adapters_db import import_civitai_jsonl
+    from adapters_db.dto import ImportSummary
+
+    catalog = _catalog(args)
+    results = []
+    if args.api:
+        from adapters_db.importers.civitai_api import CivitaiClient, import_from_api
+
+        client = CivitaiClient(base_url=args.base_url, api_key=os.environ.get("CIVITAI_API_KEY"))
+        with catalog.session() as s:
+            summary = import_from_api(
+                s,
+                catalog,
+                client,
+                query=args.query,
+                limit=args.limit or 100,
+                download=args.download,
+                show_progress=True,
+            )
+        results.extend(summary.results)
+    for path in args.files:
+        with catalog.session() as s:
+            summary = import_civitai_jsonl(s, catalog, Path(path), limit=args.limit, show_progress=True)
+        results.extend(summary.results)
+    if not args.api and not args.files:
+        raise ValueError("give one or more dump files, or --api")
+    _embed(catalog, args)
+    return _print_summary(ImportSummary(tuple(results)), args.verbose)
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    """Import the LoRA files of Hugging Face model repos."""
+    from adapters_db.dto import ImportSummary
+    from adapters_db.importers.huggingface import HuggingFaceClient, import_hf_repo
+
+    catalog = _catalog(args)
+    client = HuggingFaceClient(base_url=args.base_url, token=os.environ.get("HF_TOKEN"))
+    results = []
+    for repo in args.repos:
+        with catalog.session() as s:
+            results.extend(import_hf_repo(s, catalog, client, repo, revision=args.revision).results)
+    _embed(catalog, args)
+    return _print_summary(ImportSummary(tuple(results)), args.verbose)
+
+
+# ---------------------------------------------------------------------------------------- search
+def _prompts(args: argparse.Namespace) -> Iterator[str]:
+    if args.queries:
+        handle = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8")  # noqa: SIM115
+        with handle:
+            for line in handle:
+                if line.strip():
+                    yield line.rstrip("\n")
+    elif args.prompt:
+        yield args.prompt
+    else:
+        raise ValueError("give a PROMPT or --queries FILE")
+
+
+def hit_json(hit: Any) -> dict[str, Any]:
+    """One hit as the batch JSON format has it."""
+    a = hit.adapter
+    return {
+        "id": a.id,
+        "name": a.name,
+        "score": round(hit.score, 4),
+        "civitai_model_id": a.civitai_model_id,
+        "base_family": a.base_family,
+        "why": hit.why,
+    }
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Find adapters for prompts."""
+    from adapters_db import search
+
+    catalog = _catalog(args)
+    licence = args.licence or None
+    with catalog.session() as s:
+        catalog.search_index(s, show_progress=sys.stderr.isatty())
+        for prompt in _prompts(args):
+            hits = search(
+                s,
+                catalog,
+                prompt,
+                k=args.k,
+                base_family=args.base,
+                include_nsfw=args.nsfw,
+                tags=args.tag or None,
+                licence=licence,
+                local_only=True if args.local else None,
+                sort=args.sort,
+                offset=args.offset,
+            )
+            if args.json:
+                print(
+                    json.dumps({"query": prompt, "hits": [hit_json(h) for h in hits]}, ensure_ascii=False),
+                    flush=True,
+                )
+            else:
+                _print_hits(prompt, hits)
+    return 0
+
+
+def _print_hits(prompt: str, hits: list[Any]) -> None:
+    print(f"query: {prompt}")
+    if not hits:
+        print("  (no matching adapters)")
+    for h in hits:
+        a = h.adapter
+        where = (
+            f"civitai {a.civitai_model_id}"
+            if a.civitai_model_id
+            else ("local" if a.has_local_file else a.source)
+        )
+        print(
+            f"  {h.rank:>2}. {h.score:7.3f}  {a.name[:60]:60}  [{a.base_family or '?'}; id {a.id}; {where}]"
+        )
+        print(f"      {h.why}")
+
+
+# ---------------------------------------------------------------------------------------- catalog
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """Catalog maintenance and inspection."""
+    import adapters_db
+    from adapters_db.repository import catalog_counts
+
+    catalog = _catalog(args)
+    with catalog.session() as s:
+        if args.action == "stats":
+            print(
+                json.dumps(
+                    {**catalog_counts(s), "revision": catalog.revision(s), "url": catalog.url}, indent=1
+                )
+            )
+        elif args.action == "repair":
+            report = adapters_db.repair(s, catalog, grace_s=args.grace, verify=args.verify)
+            print(report.describe())
+        elif args.action == "reindex":
+            adapters_db.embed_missing(catalog, session=s, show_progress=True)
+            index = catalog.search_index(s, show_progress=True)
+            index.rebuild(s, show_progress=True)
+            print(f"rebuilt the search index of {index.size} adapters in {index.directory}")
+        elif args.action in ("show", "delete"):
+            if args.id is None:
+                raise ValueError(f"catalog {args.action} needs --id")
+            return _show_or_delete(s, catalog, args)
+    return 0
+
+
+def _show_or_delete(s: Any, catalog: Any, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import adapters_db
+
+    if args.action == "delete":
+        ok = adapters_db.delete_adapter(s, catalog, args.id)
+        print(f"deleted adapter {args.id}" if ok else f"no adapter {args.id}")
+        return 0 if ok else 1
+    record = adapters_db.get_adapter(s, catalog, args.id)
+    if record is None:
+        print(f"no adapter {args.id}")
+        return 1
+    print(json.dumps(dataclasses.asdict(record), default=str, indent=1, ensure_ascii=False))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    """Add the catalog commands."""
+    p = sub.add_parser(
+        "import",
+        parents=[parent],
+        help="import .safetensors LoRAs or A1111/ComfyUI LoRA folders",
+        description=cmd_import.__doc__,
+    )
+    p.add_argument("paths", nargs="+", help="files (.safetensors) and folders (models/Lora trees)")
+    p.add_argument("--name", default=None, help="adapter name (single file)")
+    p.add_argument("--tag", action="append", default=[], help="tag (repeatable)")
+    p.add_argument("--trigger", action="append", default=[], help="trigger word (repeatable)")
+    p.add_argument(
+        "--base", default=None, help="base family: sd1/sd15, sd2, sdxl, pocket (default: from the file)"
+    )
+    p.add_argument("--no-embed", action="store_true", help="do not compute vectors now (search will)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per item, not only failures")
+    _add_common(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "import-civitai",
+        parents=[parent],
+        help="import Civitai API records (dump or live API)",
+        description=cmd_import_civitai.__doc__,
+    )
+    p.add_argument("files", nargs="*", help="FILE.jsonl[.gz] or an API page .json")
+    p.add_argument("--limit", type=int, default=None, help="at most this many records per source")
+    p.add_argument(
+        "--api", action="store_true", help="query the live Civitai API (/api/v1/models?types=LORA)"
+    )
+    p.add_argument("--query", default=None, help="search text for --api")
+    p.add_argument("--download", action="store_true", help="with --api: download and verify the files too")
+    p.add_argument("--base-url", default="https://civitai.com", help="Civitai base URL")
+    p.add_argument("--no-embed", action="store_true", help="do not compute vectors now (search will)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_import_civitai)
+
+    p = sub.add_parser(
+        "import-hf",
+        parents=[parent],
+        help="import LoRA files of Hugging Face repos",
+        description=cmd_import_hf.__doc__,
+    )
+    p.add_argument("repos", nargs="+", help="repo ids, e.g. user/my-lora")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--base-url", default="https://huggingface.co")
+    p.add_argument("--no-embed", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser(
+        "search", parents=[parent], help="find LoRAs for a prompt", description=cmd_search.__doc__
+    )
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--queries", default=None, help="batch: a file with one prompt per line ('-': stdin)")
+    p.add_argument("-k", type=int, default=10, help="hits per prompt")
+    p.add_argument("--base", default=None, help="base family filter: sd15/sd1, sd2, sdxl, pocket")
+    p.add_argument("--tag", action="append", default=[], help="require a tag (repeatable)")
+    p.add_argument(
+        "--licence",
+        action="append",
+        default=[],
+        help="require a permission: commercial, derivatives, no_credit, different_license",
+    )
+    p.add_argument("--nsfw", action="store_true", help="include NSFW adapters")
+    p.add_argument("--local", action="store_true", help="only adapters whose file is stored locally")
+    p.add_argument(
+        "--sort", default="relevance", choices=("relevance", "downloads", "rating", "newest", "name")
+    )
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    _add_common(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "catalog",
+        parents=[parent],
+        help="catalog stats, repair, reindex, show, delete",
+        description=cmd_catalog.__doc__,
+    )
+    p.add_argument("action", choices=("stats", "repair", "reindex", "show", "delete"))
+    p.add_argument("--id", type=int, default=None, help="adapter id (show, delete)")
+    p.add_argument(
+        "--grace", type=float, default=3600.0, help="repair: keep orphan files younger than this (s)"
+    )
+    p.add_argument("--verify", action="store_true", help="repair: re-hash every stored file")
+    _add_common(p)
+    p.set_defaults(func=cmd_catalog)

@@ -1,0 +1,249 @@
+"""Network importers against a real HTTP server on 127.0.0.1: a fake Civitai API and a fake Hugging Face
+repo layout; downloads are resumed, verified by SHA-256 and only then registered."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+import adapters_db
+from adapters_db import Catalog
+from adapters_db.importers.civitai_api import CivitaiClient, identify_file, import_from_api
+from adapters_db.importers.download import DownloadError, HttpConfig, download_to_store, partial_path
+from adapters_db.importers.huggingface import HuggingFaceClient, import_hf_repo
+from adapters_db.models import Adapter
+from adapters_db.store import HashMismatchError
+from tests.adapters_db.conftest import civitai_record
+
+FAST = HttpConfig(timeout_s=5, retries=1, backoff_s=0.01)
+
+
+class FakeHub:
+    """Routes → bytes or JSON; records requests; can cut one response short to test resuming."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.json: dict[str, Any] = {}
+        self.cut_once: dict[str, int] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.models: list[dict[str, Any]] = []
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                hub.requests.append((self.path, self.headers.get("Range")))
+                url = urllib.parse.urlsplit(self.path)
+                if url.path == "/api/v1/models":
+                    return self._json(hub.models_page(urllib.parse.parse_qs(url.query), self.server))
+                if url.path in hub.json:
+                    return self._json(hub.json[url.path])
+                if url.path in hub.files:
+                    return self._file(url.path)
+                self.send_error(404, "not found")
+                return None
+
+            def _json(self, data: Any) -> None:
+                body = json.dumps(data).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _file(self, path: str) -> None:
+                data = hub.files[path]
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                cut = hub.cut_once.pop(path, None)
+                self.wfile.write(data[start:cut] if cut is not None else data[start:])
+                if cut is not None:
+                    self.wfile.flush()
+                    self.close_connection = True
+
+        return Handler
+
+    def models_page(self, query: dict[str, list[str]], server: Any) -> dict[str, Any]:
+        assert query.get("types") == ["LORA"]
+        limit = int(query.get("limit", ["100"])[0])
+        page = int(query.get("page", ["1"])[0])
+        text = query.get("query", [""])[0].lower()
+        items = [m for m in self.models if text in m["name"].lower()]
+        chunk = items[(page - 1) * limit : page * limit]
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        more = page * limit < len(items)
+        next_page = (
+            f"{base}/api/v1/models?types=LORA&limit={limit}&page={page + 1}&query={text}" if more else None
+        )
+        return {"items": chunk, "metadata": {"currentPage": page, "nextPage": next_page}}
+
+
+@pytest.fixture
+def hub() -> Iterator[tuple[FakeHub, str]]:
+    fake = FakeHub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield fake, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_resumes_and_verifies(sqlite_catalog: Catalog, hub: tuple[FakeHub, str]) -> None:
+    fake, base = hub
+    data = bytes(range(256)) * 4000
+    sha = hashlib.sha256(data).hexdigest()
+    fake.files["/big.bin"] = data
+    fake.cut_once["/big.bin"] = 300_000
+    store = sqlite_catalog.store
+    stored = download_to_store(f"{base}/big.bin", store, expected_sha256=sha, config=FAST)
+    assert stored.sha256 == sha and stored.path.read_bytes() == data
+    ranges = [r for p, r in fake.requests if p == "/big.bin"]
+    assert ranges == [None, "bytes=300000-"]  # the second request resumed where the first broke
+    assert not partial_path(store, f"{base}/big.bin").exists()
+    fake.files["/evil.bin"] = b"not what was promised"
+    with pytest.raises(HashMismatchError, match="SHA-256 mismatch"):
+        download_to_store(f"{base}/evil.bin", store, expected_sha256=sha[::-1], config=FAST)
+    assert not partial_path(store, f"{base}/evil.bin").exists()
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_to_store(f"{base}/missing.bin", store, config=FAST)
+    assert [s for s, _ in store.iter_blobs()] == [sha]
+
+
+def _civitai_setup(fake: FakeHub, lora_file: Callable[..., Path]) -> tuple[Path, Path]:
+    good = lora_file("good.safetensors", seed=21)
+    other = lora_file("other.safetensors", seed=22)
+    fake.models = [
+        civitai_record(
+            101, "Good Remote", trained=["goodrmt"], sha256=hashlib.sha256(good.read_bytes()).hexdigest()
+        ),
+        civitai_record(102, "Tampered Remote", trained=["tmprd"], sha256="ab" * 32),
+        civitai_record(103, "Good Second", trained=["second"]),
+    ]
+    fake.models[2]["modelVersions"][0]["files"] = []
+    for m in fake.models[:2]:
+        vid = m["modelVersions"][0]["id"]
+        m["modelVersions"][0]["files"][0]["downloadUrl"] = f"/api/download/models/{vid}"
+    fake.files["/api/download/models/1010"] = good.read_bytes()
+    fake.files["/api/download/models/1020"] = other.read_bytes()  # bytes that do not match the record's hash
+    return good, other
+
+
+def test_civitai_api_import_with_verified_downloads(
+    sqlite_catalog: Catalog, hub: tuple[FakeHub, str], lora_file: Callable[..., Path]
+) -> None:
+    fake, base = hub
+    good, _ = _civitai_setup(fake, lora_file)
+    for m in fake.models[:2]:
+        f = m["modelVersions"][0]["files"][0]
+        f["downloadUrl"] = base + f["downloadUrl"]
+    client = CivitaiClient(base_url=base, config=FAST)
+    assert [m["id"] for m in client.models(limit=10, page_size=2)] == [101, 102, 103]  # follows nextPage
+    cat = sqlite_catalog
+    with cat.session() as s:
+        summary = import_from_api(s, cat, client, limit=10, download=True)
+    statuses = [(r.status, r.message) for r in summary.results]
+    assert summary.count("imported") == 3 and summary.count("updated") == 1, statuses
+    (failure,) = summary.failed
+    assert "SHA-256 mismatch" in failure.message and "/api/download/models/1020" in failure.source
+    with cat.session() as s:
+        good_rec = adapters_db.find_by_civitai_id(s, cat, 101)
+        assert (
+            good_rec.has_local_file
+            and adapters_db.local_file_path(good_rec).read_bytes() == good.read_bytes()
+        )
+        tampered = adapters_db.find_by_civitai_id(s, cat, 102)
+        assert not tampered.has_local_file and tampered.files[0].remote_url.endswith("/1020")
+    assert len(list(cat.store.iter_blobs())) == 1  # the tampered bytes never entered the store
+
+
+def test_civitai_query_and_lookup_by_hash(
+    sqlite_catalog: Catalog, hub: tuple[FakeHub, str], lora_file: Callable[..., Path]
+) -> None:
+    fake, base = hub
+    good, _ = _civitai_setup(fake, lora_file)
+    sha = hashlib.sha256(good.read_bytes()).hexdigest()
+    fake.json[f"/api/v1/model-versions/by-hash/{sha}"] = fake.models[0]["modelVersions"][0]
+    client = CivitaiClient(base_url=base, config=FAST)
+    assert identify_file(client, good)["modelId"] == 101
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        client.version_by_hash("0" * 64)
+    with sqlite_catalog.session() as s:
+        summary = import_from_api(s, sqlite_catalog, client, query="second", limit=5)
+    assert [r.name for r in summary.results] == ["Good Second"]
+
+
+def test_hugging_face_repo_import(
+    catalog: Catalog, hub: tuple[FakeHub, str], lora_file: Callable[..., Path]
+) -> None:
+    fake, base = hub
+    lora = lora_file("pytorch_lora_weights.safetensors", seed=31).read_bytes()
+    extra = lora_file("alt.safetensors", seed=32).read_bytes()
+    fake.json["/api/models/someone/watercolor-lora"] = {
+        "id": "someone/watercolor-lora",
+        "author": "someone",
+        "tags": ["lora", "text-to-image", "license:mit"],
+        "cardData": {
+            "license": "mit",
+            "base_model": "runwayml/stable-diffusion-v1-5",
+            "instance_prompt": "wtrclr painting",
+            "tags": ["watercolor", "style"],
+        },
+        "siblings": [
+            {"rfilename": "README.md"},
+            {
+                "rfilename": "pytorch_lora_weights.safetensors",
+                "lfs": {"sha256": hashlib.sha256(lora).hexdigest(), "size": len(lora)},
+            },
+            {"rfilename": "corrupt.safetensors", "lfs": {"sha256": hashlib.sha256(extra).hexdigest()}},
+        ],
+    }
+    fake.files["/someone/watercolor-lora/resolve/main/pytorch_lora_weights.safetensors"] = lora
+    fake.files["/someone/watercolor-lora/resolve/main/corrupt.safetensors"] = extra[:-10] + b"0123456789"
+    fake.files["/someone/watercolor-lora/resolve/main/README.md"] = (
+        b"---\nlicense: mit\n---\n# Watercolor\nSoft <script>x</script> washes.\n"
+    )
+    client = HuggingFaceClient(base_url=base, config=FAST)
+    with catalog.session() as s:
+        summary = import_hf_repo(s, catalog, client, "someone/watercolor-lora")
+        assert summary.count("imported") == 1 and summary.count("failed") == 1, summary.results
+        assert "SHA-256 mismatch" in summary.failed[0].message
+        rec = adapters_db.get_adapter(s, catalog, summary.results[0].adapter_id)
+        assert rec.name == "watercolor-lora" and rec.hf_repo == "someone/watercolor-lora"
+        assert rec.trigger_words == ("wtrclr painting",) and rec.base_family == "sd1"
+        assert rec.licence.license == "mit" and set(rec.tags) == {"watercolor", "style"}
+        assert "<script" not in rec.description_html and "Soft" in rec.description_text
+        assert rec.files[0].file_name == "pytorch_lora_weights.safetensors"
+        assert adapters_db.local_file_path(rec).read_bytes() == lora
+    with catalog.session() as s:
+        again = import_hf_repo(s, catalog, client, "someone/watercolor-lora")
+        assert again.count("duplicate") == 1
+        assert import_hf_repo(s, catalog, client, "someone/absent").count("failed") == 1
+        assert (
+            "not a Hugging Face repo id" in import_hf_repo(s, catalog, client, "../../etc").results[0].message
+        )
+        assert s.execute(select(func.count(Adapter.id))).scalar() == 1
