@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from pipelines.sd_parts import build_scheduler  # noqa: F401  (the pocket model's scheduler)
 
 
 @dataclass(frozen=True)
@@ -75,17 +77,4 @@ def build_text_encoder(cfg: PocketConfig) -> CLIPTextModel:
             pad_token_id=49407,
             projection_dim=cfg.text_hidden,
         )
-    )
-
-
-def build_scheduler() -> DDIMScheduler:
-    """DDIM with Stable Diffusion 1.5's betas and settings."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
     )

@@ -316,8 +316,7 @@ def train_unet(cfg: PocketTrainConfig, run: Path) -> None:
 
 def assemble_pipeline(cfg: PocketTrainConfig, run: Path, use_ema: bool = True):  # -> StableDiffusionPipeline
     """A StableDiffusionPipeline from the latest checkpoints of a run."""
-    from diffusers import StableDiffusionPipeline
-
+    from pipelines.sd_parts import sd_pipeline
     from pipelines.tokenizer import clip_tokenizer
 
     data = torch.load(run / "latents.pt", map_location="cpu", weights_only=True)
@@ -334,18 +333,7 @@ def assemble_pipeline(cfg: PocketTrainConfig, run: Path, use_ema: bool = True): 
     else:
         unet.load_state_dict(ck["unet"])
         te.load_state_dict(ck["te"])
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=te.eval(),
-        tokenizer=clip_tokenizer(),
-        unet=unet.eval(),
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd_pipeline(vae.eval(), te.eval(), unet.eval(), clip_tokenizer())
 
 
 def export(cfg: PocketTrainConfig, run: Path, out: Path, classifier_src: Path, classifier_dst: Path) -> None:
