@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from studio.handlers import create
+from studio.handlers import generate
 from studio.handlers.state import SessionState
 from studio.history import HistoryEntry
 from studio.services import Services
@@ -65,7 +65,7 @@ def replay(
     *,
     on_step: Any = None,
     cancel: Any = None,
-) -> tuple[create.GenerateResult, bool | None]:
+) -> tuple[generate.GenerateResult, bool | None]:
     """Run an entry's recipe again; returns the result and whether its first image is bit-identical
     (``None`` when the original is gone or the model differs)."""
     entry = services.history.get(entry_id, owner=owner)
@@ -76,7 +76,7 @@ def replay(
             f"recorded with model {recipe.model!r}; replayed with the loaded {services.config.model!r}"
         )
         recipe = recipe.with_(model=services.config.model)
-    gen, new, heat = create.run_recipe(services, recipe, owner=owner, on_step=on_step, cancel=cancel)
+    gen, new, heat = generate.run_recipe(services, recipe, owner=owner, on_step=on_step, cancel=cancel)
     same = None
     if not notes and entry.images and entry.images[0].is_file():
         same = same_pixels(str(entry.images[0]), str(new.images[0]))
@@ -85,19 +85,19 @@ def replay(
             if same
             else "the replay differs from the original (another device, precision or library version?)"
         )
-    images = [(str(p), create.caption(new.recipe)) for p in new.images]
+    images = [(str(p), generate.caption(new.recipe)) for p in new.images]
     recipe_json = json.dumps(json.loads(new.recipe.to_json()), indent=1)
     state = replace(state, images=tuple(p for p, _ in images), history_id=new.id)
-    result = create.GenerateResult(
-        images, recipe_json, heat, create.report_text(gen, [new]), state, [new.id], notes
+    result = generate.GenerateResult(
+        images, recipe_json, heat, generate.report_text(gen, [new]), state, [new.id], notes
     )
     return result, same
 
 
 def send_to_create(
     services: Services, state: SessionState, owner: str, entry_id: str
-) -> tuple[SessionState, create.GenerateRequest, list[str]]:
+) -> tuple[SessionState, generate.GenerateRequest, list[str]]:
     """The Create settings and mix of an entry (adapters found in the catalog by hash)."""
     entry = services.history.get(entry_id, owner=owner)
-    items, notes = create.mix_from_recipe(services, entry.recipe)
-    return state.with_mix(items), create.request_from_recipe(entry.recipe), notes
+    items, notes = generate.mix_from_recipe(services, entry.recipe)
+    return state.with_mix(items), generate.request_from_recipe(entry.recipe), notes

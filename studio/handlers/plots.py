@@ -87,6 +87,7 @@ def gate_heatmap(gates: torch.Tensor, blocks: Sequence[str], columns: Sequence[s
         ax.set_yticks(range(len(ids)), ids if ci == 0 else [""] * len(ids), fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="gate")
+    fig.suptitle("gates applied: mean over the layers of each block, per step", fontsize=9)
     return _figure_image(fig)
 
 
@@ -125,10 +126,12 @@ def schedule_curves(curves: Sequence[tuple[str, Sequence[float]]]) -> Image.Imag
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.0, 2.2))
     for name, values in curves:
-        ax.plot(range(len(values)), values, marker="o", ms=2.5, lw=1.2, label=name[:24])
+        ax.plot(range(1, len(values) + 1), values, marker="o", ms=2.5, lw=1.2, label=name[:24])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("weight")
     ax.grid(alpha=0.3)
@@ -137,12 +140,16 @@ def schedule_curves(curves: Sequence[tuple[str, Sequence[float]]]) -> Image.Imag
 
 
 def labelled_grid(
-    images: Sequence[Image.Image], labels: Sequence[str], columns: int | None = None
+    images: Sequence[Image.Image], labels: Sequence[str], columns: int | None = None, min_side: int = 128
 ) -> Image.Image:
-    """Images side by side (``columns`` per row) with a caption strip under each."""
+    """Images side by side (``columns`` per row) with a caption strip under each; small images are
+    enlarged by an integer factor (nearest neighbour) to at least ``min_side`` pixels."""
     if not images:
         raise ValueError("nothing to put in the grid")
     cols = columns or len(images)
+    side = max(max(im.width, im.height) for im in images)
+    scale = max(1, -(-min_side // side))
+    images = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in images]
     w = max(im.width for im in images)
     h = max(im.height for im in images)
     strip = 18

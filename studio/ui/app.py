@@ -93,7 +93,7 @@ def launch(
     *,
     host: str = "127.0.0.1",
     port: int | None = 7860,
-    auth: tuple[str, str] | None = None,
+    auth: tuple[str, str] | list[tuple[str, str]] | None = None,
     prevent_thread_lock: bool = False,
     quiet: bool = False,
 ) -> Any:

@@ -14,7 +14,7 @@ from studio.handlers import create
 from studio.handlers import html as H
 from studio.handlers.state import SessionState
 from studio.ui.assets import CARD_JS
-from studio.ui.common import Ui, user_errors, warn
+from studio.ui.common import Ui, info, user_errors, warn
 
 ANY = "any"
 
@@ -320,7 +320,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
                 raise ValueError("open an adapter's details first")
             new, text = C.delete(services, state, state.detail_id)
             listing = show(_query(query, base_family, tags, include_nsfw, licence, location, sort, page), new)
-        gr.Info(text)
+        info([text])
         return (new, gr.Row(visible=False), H.message(text), *listing)
 
     confirm_btn.click(

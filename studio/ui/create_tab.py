@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -11,7 +12,7 @@ import gradio as gr
 
 from pipelines.engine import GenerationCancelled
 from pipelines.models import SAMPLERS
-from studio.handlers import create
+from studio.handlers import create, generate, policies
 from studio.handlers import html as H
 from studio.handlers.state import MAX_MIX, SessionState
 from studio.services import ModelInfo
@@ -45,7 +46,7 @@ POLICY_HELP = {
 
 
 def _sampler(value: str | None) -> str | None:
-    return None if not value or value == create.MODEL_SAMPLER else value
+    return None if not value or value == generate.MODEL_SAMPLER else value
 
 
 def _request(
@@ -61,13 +62,13 @@ def _request(
     sampler: str,
     batch_size: float,
     batch_count: float,
-) -> create.GenerateRequest:
+) -> generate.GenerateRequest:
     """The handler's request from the form's values."""
-    return create.GenerateRequest(
+    return generate.GenerateRequest(
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",
         fusion=fusion or "linear",
-        fusion_params=create.parse_params(fusion_params),
+        fusion_params=policies.parse_params(fusion_params),
         seed=int(seed if seed is not None else -1),
         steps=int(steps),
         guidance=float(guidance),
@@ -164,7 +165,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 clear_btn = gr.Button("Clear mix", scale=1, size="sm")
             gr.Markdown("### Fusion policy")
             fusion = gr.Dropdown(
-                create.policy_names(), value="linear", label="Fusion policy", elem_id="fusion"
+                policies.policy_names(), value="linear", label="Fusion policy", elem_id="fusion"
             )
             policy_help = gr.Markdown(POLICY_HELP["linear"])
             widgets = {
@@ -195,7 +196,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
             with gr.Row():
                 seed = gr.Number(-1, precision=0, label="seed (-1: random)", elem_id="seed")
                 sampler = gr.Dropdown(
-                    [create.MODEL_SAMPLER, *SAMPLERS], value=create.MODEL_SAMPLER, label="sampler"
+                    [generate.MODEL_SAMPLER, *SAMPLERS], value=generate.MODEL_SAMPLER, label="sampler"
                 )
             with gr.Row():
                 steps = gr.Slider(1, 100, 20, step=1, label="steps", elem_id="steps")
@@ -213,6 +214,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 label="Images", columns=2, height=320, elem_id="gallery", object_fit="contain"
             )
             heatmap = gr.Image(
+                show_label=False,
                 label="Gates applied (adapters × blocks × steps)",
                 interactive=False,
                 format="png",
@@ -223,7 +225,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 recipe = gr.Code(language="json", label="recipe of the last image", elem_id="recipe")
             with gr.Accordion("A/B compare", open=False):
                 ab_policies = gr.CheckboxGroup(
-                    create.policy_names(), value=["orthogonal"], label="also render with"
+                    policies.comparable_policies(), value=["orthogonal"], label="also render with"
                 )
                 ab_loo = gr.Checkbox(True, label="leave one adapter out (each in turn)")
                 ab_btn = gr.Button("Render A/B grid", elem_id="ab-grid")
@@ -385,7 +387,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
     names = list(widgets)
 
     def policy_updates(policy: str) -> list[Any]:
-        defaults = create.policy_defaults(policy)
+        defaults = policies.policy_defaults(policy)
         shown = {n for n, (key, owners) in PARAM_WIDGETS.items() if policy in owners and key in defaults}
         ups: list[Any] = [
             json.dumps({k: v for k, v in defaults.items()}),
@@ -415,7 +417,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
 
     def on_param(key: str, params_json: str, value: Any) -> str:
         with user_errors(f"Parameter {key}"):
-            return create.set_param(params_json, key, value)
+            return policies.set_param(params_json, key, value)
 
     for n, widget in widgets.items():
         key = PARAM_WIDGETS[n][0]
@@ -432,7 +434,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
         if policy != "schedule":
             return gr.skip()
         with user_errors("Schedule"):
-            return create.schedule_preview(state, int(steps))
+            return policies.schedule_preview(state, int(steps))
 
     gr.on(
         [state.change, fusion.change, steps.release],
@@ -479,7 +481,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
             )
             cancel = services.cancels.begin(key)
             try:
-                res = create.generate(
+                res = generate.generate(
                     services,
                     state,
                     req,
@@ -514,7 +516,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
         with user_errors("Recipe"):
             if evt.index is None or not 0 <= int(evt.index) < len(state.images):
                 return gr.skip()
-            return create.image_recipe(state.images[int(evt.index)])
+            return generate.image_recipe(state.images[int(evt.index)])
 
     gallery.select(on_select_image, state, recipe, api_name="image_recipe")
 
@@ -532,7 +534,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
         sampler: str,
         batch_size: float,
         batch_count: float,
-        policies: list[str],
+        compare_with: list[str],
         leave_one_out: bool,
         request: gr.Request,
         progress=gr.Progress(),
@@ -554,14 +556,14 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 1,
             )
             if req.seed < 0:
-                req = replace(req, seed=int(create.secrets.randbelow(2**32)))
+                req = replace(req, seed=secrets.randbelow(2**32))
             cancel = services.cancels.begin(key)
             try:
-                res = create.ab_compare(
+                res = generate.ab_compare(
                     services,
                     state,
                     req,
-                    policies or [],
+                    compare_with or [],
                     bool(leave_one_out),
                     owner=owner(request),
                     cancel=cancel,

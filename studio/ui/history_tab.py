@@ -42,7 +42,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
                 file_count="multiple",
                 elem_id="history-files",
             )
-            heatmap = gr.Image(label="gates applied", interactive=False, format="png")
+            heatmap = gr.Image(label="gates applied", show_label=False, interactive=False, format="png")
         with gr.Column(scale=1):
             recipe = gr.Code(language="json", label="recipe", elem_id="history-recipe")
             replayed = gr.Gallery(label="replay", columns=2, height=220)

@@ -4,6 +4,7 @@ catalog, and pictures to train on."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,10 @@ from pipelines.pocket import world
 
 
 def base_model_dir(tiny_dir: Path) -> str:
-    """The pocket model when its weights exist, else the tiny test pipeline folder."""
+    """``$STUDIO_TEST_MODEL`` if set, else the pocket model when its weights exist, else the tiny test
+    pipeline folder."""
+    if os.environ.get("STUDIO_TEST_MODEL"):
+        return os.environ["STUDIO_TEST_MODEL"]
     return "pocket" if (POCKET_DIR / "model_index.json").is_file() else str(tiny_dir)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 from studio.config import StudioConfig
 from studio.services import build_engine_services, catalog_resolver, seed_catalog
@@ -117,6 +119,34 @@ def test_errors_come_back_as_messages_and_the_server_stays_up(served):
     )
 
 
+def test_logins_keep_their_own_history(tmp_path, studio_model, lora_files):
+    services, _ = make_services(tmp_path / "data", studio_model, lora_files)
+    demo = build_app(services)
+    _, url, _ = launch(
+        demo,
+        services,
+        port=None,
+        auth=[("ana", "a-pass"), ("bo", "b-pass")],
+        prevent_thread_lock=True,
+        quiet=True,
+    )
+    try:
+        with pytest.raises(ValueError, match="credentials were not provided"):
+            Client(url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("ana", "wrong"), verbose=False)
+        ana = Client(url, auth=("ana", "a-pass"), verbose=False)
+        bo = Client(url, auth=("bo", "b-pass"), verbose=False)
+        ana.predict(**GEN, api_name="/generate")
+        ana_cards, ana_label, _ = ana.predict(query="", api_name="/history_search")
+        bo_cards, bo_label, _ = bo.predict(query="", api_name="/history_search")
+        assert ana_label.endswith("(1 generation)") and ana_cards.count('data-action="open"') == 1
+        assert bo_label.endswith("(0 generations)") and 'data-action="open"' not in bo_cards
+    finally:
+        demo.close()
+        services.close()
+
+
 def test_app_launcher_defaults():
     import app
 
@@ -156,3 +186,48 @@ def test_missing_model_and_missing_files_say_why(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not stored locally"):
         catalog_resolver(Catalog())("ab" * 32)
+
+
+def test_the_studio_only_talks_to_loopback(tmp_path, studio_model, lora_files, monkeypatch):
+    """Building, launching and using the studio opens no connection beyond 127.0.0.1 (no analytics, no
+    version check, no Hub)."""
+    import socket
+
+    seen: list[object] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):  # type: ignore[no-untyped-def]
+        seen.append(address)
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((host,))  # a name lookup counts too: offline, a lookup fails before any connect
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    services, _ = make_services(tmp_path / "data", studio_model, lora_files)
+    demo = build_app(services)
+    _, url, _ = launch(demo, services, port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        client.predict(prompt="a zq star", api_name="/search")
+        client.predict(**GEN, api_name="/generate")
+    finally:
+        demo.close()
+        services.close()
+    hosts = {str(a[0]) for a in seen if isinstance(a, tuple)}
+    assert hosts and hosts <= {"127.0.0.1", "::1", "localhost"}, hosts
+
+
+def test_policy_and_compare_endpoints(served):
+    url, _ = served
+    client = Client(url, verbose=False)
+    params, help_text, *_ = client.predict(policy="switch", api_name="/set_policy")
+    assert json.loads(params) == {"period": 5, "order": None} and "LoRA Switch" in help_text
+    client.predict(ref="Alpha Stars", api_name="/add_adapter")
+    client.predict(ref="Beta Waves", api_name="/add_adapter")
+    grid, text = client.predict(**GEN, compare_with=["ties"], leave_one_out=True, api_name="/compare")
+    with Image.open(grid) as im:
+        assert im.size == (4 * 128, 128 + 18)  # current, ties, without each adapter
+    assert "4 variants" in text and "without Beta Waves" in text

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.engine import GenerationCancelled
 from pipelines.pngmeta import read_recipe, read_text_chunks
-from studio.handlers import create
+from studio.handlers import create, generate, policies
 from studio.handlers.plots import block_gates
 from studio.handlers.state import MAX_MIX, MixItem, SessionState
 from tests.ui.fixtures import pixels
@@ -102,10 +102,10 @@ def test_recipe_merges_prompt_tags_and_per_adapter_settings(studio):
     services, _ = studio
     state = with_mix(services, "Alpha Stars")
     state = create.update_adapter(state, 0, weight=0.9, te=1, unet=1, blocks="OUTD", schedule="1@0,0.5@1")
-    req = create.GenerateRequest(
+    req = generate.GenerateRequest(
         "a star <lora:Beta Waves:0.4:0.8> <lora:alpha_stars:0.6>", fusion="blocks", seed=5
     )
-    recipe, notes = create.build_recipe(services, state, req)
+    recipe, notes = generate.build_recipe(services, state, req)
     assert recipe.prompt == "a star" and recipe.seed == 5
     assert [(a.label, a.weight, a.te, a.unet) for a in recipe.adapters] == [
         ("Alpha Stars", 1.0, 0.6, 0.6),
@@ -113,14 +113,14 @@ def test_recipe_merges_prompt_tags_and_per_adapter_settings(studio):
     ]
     assert recipe.fusion_args == {"blocks": ["OUTD", "ALL"]}
     assert len(notes) == 2
-    keyed, notes = create.build_recipe(
+    keyed, notes = generate.build_recipe(
         services, SessionState(), replace(req, prompt="x <lora:Beta Waves:1@0,0@1>", fusion="linear")
     )
     assert keyed.fusion == "schedule" and keyed.fusion_args["schedule"] == ["1@0,0@1"]
     assert any("schedule" in n for n in notes)
     with pytest.raises(LookupError, match="no adapter 'Missing One'"):
-        create.build_recipe(services, state, replace(req, prompt="<lora:Missing One:1>"))
-    rnd, _ = create.build_recipe(services, state, replace(req, seed=-1))
+        generate.build_recipe(services, state, replace(req, prompt="<lora:Missing One:1>"))
+    rnd, _ = generate.build_recipe(services, state, replace(req, seed=-1))
     assert 0 <= rnd.seed < 2**32
 
 
@@ -137,28 +137,29 @@ def test_recipe_merges_prompt_tags_and_per_adapter_settings(studio):
 )
 def test_generate_request_validation(bad, match):
     with pytest.raises(ValueError, match=match):
-        create.GenerateRequest("p", **bad)
+        generate.GenerateRequest("p", **bad)
 
 
 def test_policy_parameters():
-    assert create.policy_names()[0] == "linear"
-    assert create.policy_defaults("switch") == {"period": 5, "order": None}
-    assert "blocks" not in create.policy_defaults("blocks")
-    assert json.loads(create.set_param("{}", "order", "1, 0")) == {"order": [1, 0]}
+    assert policies.policy_names()[0] == "linear"
+    assert "gate" not in policies.comparable_policies() and "ties" in policies.comparable_policies()
+    assert policies.policy_defaults("switch") == {"period": 5, "order": None}
+    assert "blocks" not in policies.policy_defaults("blocks")
+    assert json.loads(policies.set_param("{}", "order", "1, 0")) == {"order": [1, 0]}
     with pytest.raises(ValueError, match="not valid JSON"):
-        create.parse_params("{period: 2")
+        policies.parse_params("{period: 2")
     with pytest.raises(ValueError, match="must be a JSON object"):
-        create.parse_params("[1, 2]")
+        policies.parse_params("[1, 2]")
     with pytest.raises(ValueError, match="unknown fusion policy"):
-        create.policy_defaults("mystery")
+        policies.policy_defaults("mystery")
 
 
 def test_generate_records_history_and_gates_equal_the_weights(studio):
     services, _ = studio
     state = with_mix(services, "Alpha Stars", "Beta Waves", **{"Alpha Stars": 0.7, "Beta Waves": 0.4})
     steps = []
-    req = create.GenerateRequest("a zq star", seed=11, **SIZE)
-    res = create.generate(services, state, req, owner="ana", on_step=lambda i, n: steps.append((i, n)))
+    req = generate.GenerateRequest("a zq star", seed=11, **SIZE)
+    res = generate.generate(services, state, req, owner="ana", on_step=lambda i, n: steps.append((i, n)))
     assert steps == [(1, 2), (2, 2)]
     ((path, caption),) = res.images
     assert "seed 11" in caption and res.state.images == (path,) and res.heatmap is not None
@@ -174,14 +175,14 @@ def test_generate_records_history_and_gates_equal_the_weights(studio):
     assert table.shape == (2, len(ids), 2)
     assert np.allclose(table[0], 0.7) and np.allclose(table[1], 0.4)  # linear: every gate is the weight
     assert np.array_equal(pixels(path), np.asarray(gen.images[0]))  # same recipe, same pixels
-    plain = create.generate(services, SessionState(), req)
+    plain = generate.generate(services, SessionState(), req)
     assert not np.array_equal(pixels(plain.images[0][0]), pixels(path))  # the mix changes the picture
 
 
 def test_batch_count_runs_consecutive_seeds(studio):
     services, _ = studio
-    res = create.generate(
-        services, SessionState(), create.GenerateRequest("x", seed=3, batch_count=2, **SIZE)
+    res = generate.generate(
+        services, SessionState(), generate.GenerateRequest("x", seed=3, batch_count=2, **SIZE)
     )
     seeds = [services.history.get(e).recipe.seed for e in res.entries]
     assert seeds == [3, 4] and len(res.images) == 2
@@ -191,25 +192,25 @@ def test_cancel_stops_between_steps_and_records_nothing(studio):
     services, _ = studio
     before = services.history.search()[1]
     flag = threading.Event()
-    req = create.GenerateRequest("x", seed=1, width=32, height=32, steps=4)
+    req = generate.GenerateRequest("x", seed=1, width=32, height=32, steps=4)
     with pytest.raises(GenerationCancelled):
-        create.generate(services, SessionState(), req, cancel=flag, on_step=lambda i, n: flag.set())
+        generate.generate(services, SessionState(), req, cancel=flag, on_step=lambda i, n: flag.set())
     assert services.history.search()[1] == before
 
 
 def test_ab_grid_renders_every_variant_with_one_seed(studio):
     services, _ = studio
     state = with_mix(services, "Alpha Stars", "Beta Waves")
-    req = create.GenerateRequest("a zq star", seed=4, **SIZE)
-    res = create.ab_compare(services, state, req, ["orthogonal", "linear"], leave_one_out=True)
+    req = generate.GenerateRequest("a zq star", seed=4, **SIZE)
+    res = generate.ab_compare(services, state, req, ["orthogonal", "linear"], leave_one_out=True)
     labels = [label for _, label in res.cells]
     assert labels == ["linear (current)", "orthogonal", "without Alpha Stars", "without Beta Waves"]
-    assert res.grid.size == (4 * 32, 32 + 18)
+    assert res.grid.size == (4 * 128, 128 + 18)  # 32-pixel cells enlarged 4×
     recipes = [read_recipe(p) for p, _ in res.cells]
     assert {r.seed for r in recipes} == {4}
     assert [len(r.adapters) for r in recipes] == [2, 2, 1, 1]
     with pytest.raises(ValueError, match="add adapters"):
-        create.ab_compare(services, SessionState(), req, ["ties"], True)
+        generate.ab_compare(services, SessionState(), req, ["ties"], True)
 
 
 def test_auto_mix_composes_from_retrieval(studio):
@@ -225,10 +226,10 @@ def test_mix_round_trips_through_a_recipe(studio):
     services, _ = studio
     state = with_mix(services, "Alpha Stars", "Beta Waves")
     state = create.update_adapter(state, 1, weight=0.25, te=0.5, unet=1, blocks="INS", schedule="1")
-    recipe, _ = create.build_recipe(services, state, create.GenerateRequest("p", fusion="blocks", seed=1))
-    items, notes = create.mix_from_recipe(services, recipe)
+    recipe, _ = generate.build_recipe(services, state, generate.GenerateRequest("p", fusion="blocks", seed=1))
+    items, notes = generate.mix_from_recipe(services, recipe)
     assert items == state.mix and notes == []
-    req = create.request_from_recipe(recipe)
+    req = generate.request_from_recipe(recipe)
     assert (req.fusion, req.fusion_params, req.seed) == ("blocks", {}, 1)
 
 
@@ -239,10 +240,10 @@ def test_history_replay_is_bit_identical_and_sends_back_to_create(studio):
     services, _ = studio
     state = with_mix(services, "Alpha Stars", "Beta Waves", **{"Beta Waves": 0.5})
     state = create.update_adapter(state, 0, weight=0.8, te=1, unet=1, blocks="OUTD")
-    req = create.GenerateRequest(
+    req = generate.GenerateRequest(
         "a zq star, outdoors", negative_prompt="blurry", fusion="blocks", seed=21, **SIZE
     )
-    first = create.generate(services, state, req, owner="ana")
+    first = generate.generate(services, state, req, owner="ana")
     entries, total = Hh.history_page(services, "ana", "outdoors blurry")
     assert total >= 1 and entries[0].id == first.entries[0]
     cards = html.history_cards(entries)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from pipelines.training import PRESETS
-from studio.handlers import create
+from studio.handlers import create, generate
 from studio.handlers import train as T
 from studio.handlers.state import SessionState
 from tests.ui.fixtures import training_pictures
@@ -98,8 +98,8 @@ def test_training_job_lands_in_the_catalog_and_the_mix(fresh_studio, tmp_path):
     assert record.name == "my circle" and "qx" in record.trigger_words and "trained" in record.tags
     assert any(i.prompt == "a qx circle" for i in record.images)  # captions feed retrieval
     state, _ = create.add_adapter(services, state, record.id)
-    res = create.generate(
-        services, state, create.GenerateRequest("a qx circle", seed=1, steps=2, width=32, height=32)
+    res = generate.generate(
+        services, state, generate.GenerateRequest("a qx circle", seed=1, steps=2, width=32, height=32)
     )
     assert len(res.images) == 1
     assert T.cancel_job(services, job) == "done"

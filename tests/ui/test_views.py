@@ -132,7 +132,9 @@ def test_heatmap_has_a_panel_per_adapter():
     assert plots.gate_heatmap(torch.zeros(0, 6, 0), blocks, []) is None
     assert plots.loss_curve([]) is None and plots.loss_curve([(1, 0.5), (2, 0.4)]).width > 100
     grid = plots.labelled_grid([Image.new("RGB", (10, 8)), Image.new("RGB", (10, 8))], ["a", "b"], columns=1)
-    assert grid.size == (10, 2 * (8 + 18))
+    assert grid.size == (130, 2 * (104 + 18))  # enlarged 13× to reach 128 pixels
+    big = plots.labelled_grid([Image.new("RGB", (200, 100))], ["x"])
+    assert big.size == (200, 118)
 
 
 def lora(seed: int, shape=(6, 5), rank=3, conv=False) -> LoraLayer:
