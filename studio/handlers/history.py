@@ -26,6 +26,24 @@ def history_page(
     return services.history.search(text or "", owner=owner, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
 
 
+def entry_data(entries: list[HistoryEntry]) -> list[dict[str, Any]]:
+    """Plain data of history entries (the API's view of the cards)."""
+    return [
+        {
+            "id": e.id,
+            "created_at": e.created_at.isoformat(),
+            "kind": e.kind,
+            "prompt": e.prompt,
+            "adapters": list(e.adapter_names),
+            "fusion": e.recipe.fusion,
+            "seed": e.recipe.seed,
+            "images": [str(p) for p in e.images],
+            "recipe": json.loads(e.recipe.to_json()),
+        }
+        for e in entries
+    ]
+
+
 @dataclass
 class EntryView:
     """One generation opened in the History tab."""

@@ -232,7 +232,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 ab_grid = gr.Image(
                     label="same seed, side by side", interactive=False, format="png", elem_id="ab-image"
                 )
-                ab_info = gr.Markdown()
+                ab_info = gr.Markdown(label="A/B report")
 
     slot_outputs = [c for s in slots for c in s[:7]]
     panel_outputs = [*slot_outputs, summary, warnings, cards]

@@ -48,15 +48,16 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             replayed = gr.Gallery(label="replay", columns=2, height=220)
             replay_info = gr.Markdown(label="replay report")
     entry_id = gr.Textbox("", visible=False, label="entry id")
+    entries_json = gr.JSON(visible=False, label="entries")
 
     def listing(request: gr.Request, text: str, page: int) -> tuple[Any, ...]:
         entries, total = Hh.history_page(services, owner(request), text, page)
         pages = max(1, -(-total // Hh.PAGE_SIZE))
         label = f"page {page} of {pages} ({total} generation{'s' if total != 1 else ''})"
         empty = "No generations match." if text else "No generations yet: make some on the Create tab."
-        return H.history_cards(entries, empty), label, page
+        return H.history_cards(entries, empty), label, page, Hh.entry_data(entries)
 
-    list_outputs = [cards, page_label, page]
+    list_outputs = [cards, page_label, page, entries_json]
 
     def on_history(query: str, page: float, request: gr.Request) -> tuple[Any, ...]:
         with user_errors("History"):

@@ -138,10 +138,13 @@ def test_logins_keep_their_own_history(tmp_path, studio_model, lora_files):
         ana = Client(url, auth=("ana", "a-pass"), verbose=False)
         bo = Client(url, auth=("bo", "b-pass"), verbose=False)
         ana.predict(**GEN, api_name="/generate")
-        ana_cards, ana_label, _ = ana.predict(query="", api_name="/history_search")
-        bo_cards, bo_label, _ = bo.predict(query="", api_name="/history_search")
+        ana_cards, ana_label, _, ana_entries = ana.predict(query="", api_name="/history_search")
+        bo_cards, bo_label, _, bo_entries = bo.predict(query="", api_name="/history_search")
         assert ana_label.endswith("(1 generation)") and ana_cards.count('data-action="open"') == 1
-        assert bo_label.endswith("(0 generations)") and 'data-action="open"' not in bo_cards
+        assert [e["prompt"] for e in ana_entries] == ["a zq star"] and ana_entries[0]["recipe"]["seed"] == 5
+        assert (
+            bo_label.endswith("(0 generations)") and 'data-action="open"' not in bo_cards and bo_entries == []
+        )
     finally:
         demo.close()
         services.close()

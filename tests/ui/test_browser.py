@@ -113,6 +113,8 @@ def studio_url(
 def page(studio_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Page]:
     """A Chromium page on the studio."""
     if not Path(CHROMIUM).is_file():
+        if os.environ.get("STUDIO_CHROMIUM"):  # CI names the browser: its absence is a failure there
+            pytest.fail(f"STUDIO_CHROMIUM={CHROMIUM} does not exist")
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
     from playwright.sync_api import sync_playwright
 
