@@ -332,3 +332,22 @@ class EmbeddingCache:
     def close(self) -> None:
         """Close the cache file."""
         self._db.close()
+
+
+class CachedEmbedder:
+    """An embedder whose text vectors go through an :class:`EmbeddingCache` (same name, same vectors)."""
+
+    def __init__(self, inner: Embedder, cache: EmbeddingCache) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.name = inner.name
+        self.dim = inner.dim
+        self.supports_images = inner.supports_images
+
+    def embed_texts(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
+        """Cached text vectors."""
+        return self.cache.embed(self.inner, texts, show_progress=show_progress)
+
+    def embed_images(self, images: Sequence[ImageInput], *, show_progress: bool = False) -> np.ndarray:
+        """Images are not cached."""
+        return self.inner.embed_images(images, show_progress=show_progress)

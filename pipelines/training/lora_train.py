@@ -526,7 +526,8 @@ class LoraTrainer:
             steps=self.total, started_at=started, finished_at=time.time(),
             final_loss=self.losses[-1] if self.losses else float("nan"),
             captions=tuple(e.caption for e in self.examples),
-            basis=self.basis if self.spec.orthogonal else None)
+            basis=self.basis if self.spec.orthogonal else None,
+            mixed_precision={None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp])
 
     def finish(self, out: Path, model_name: str, started: float) -> TrainResult:
         """Final samples, metadata, the kohya + diffusers files, the loss curve, ``result.json``."""

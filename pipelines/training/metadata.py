@@ -39,6 +39,7 @@ class RunInfo:
     captions: tuple[str, ...]
     dataset_name: str = "images"
     basis: BasisSlot | None = None
+    mixed_precision: str = "no"  # what ran: no, fp16 or bf16
 
 
 def thumbnail_data_url(path: Path, max_side: int = 256) -> str:
@@ -111,7 +112,7 @@ def kohya_metadata(spec: TrainSpec, info: RunInfo) -> dict[str, str]:
         "ss_enable_bucket": str(spec.bucketing),
         "ss_cache_latents": str(spec.cache_latents),
         "ss_gradient_checkpointing": str(spec.gradient_checkpointing),
-        "ss_mixed_precision": spec.mixed_precision,
+        "ss_mixed_precision": info.mixed_precision,
         "ss_max_grad_norm": str(spec.max_grad_norm),
         "ss_seed": str(spec.seed),
         "ss_noise_offset": str(spec.noise_offset),

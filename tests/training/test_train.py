@@ -89,6 +89,7 @@ def test_outputs_files_metadata_and_samples(reference: Reference) -> None:
     assert sum(tags.values()) == 7 and any(TRIGGER in t for t in tags)
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_max_train_steps"]) == ("4", "4", "6")
     assert meta["ss_num_train_images"] == "7" and meta["ss_resolution"] == "(32, 32)"
+    assert meta["ss_mixed_precision"] == "no"  # what ran on the CPU, not the spec's "auto"
     assert TRIGGER in info.trigger_words
     losses = [json.loads(line)["loss"] for line in (r.work_dir / "loss.jsonl").read_text().splitlines()]
     assert losses == pytest.approx(list(r.losses))
