@@ -14,6 +14,11 @@ Channels (each a per-adapter feature, see :data:`FEATURES`):
   (``d_meta``, ``d_prompt``, ``d_image``);
 - priors: log downloads (``pop``), log prompt count (``n_prompts``), has prompts (``has_prompts``).
 
+- TF-IDF cosine (sublinear tf, smooth idf, L2-normalised rows, as scikit-learn's ``TfidfVectorizer``)
+  over the word 1–2-grams of each adapter's metadata plus its prompts as one document (``tf_doc``,
+  warm; the query's own image taken out), over metadata alone (``tf_meta``) and, max per adapter,
+  over single prompts (``tf_pmax``, warm).
+
 Reciprocal-rank versions of the main channels (``r_*``) and creator-level prompt evidence
 (``c_max``, ``c_doc``: creators reuse their prompt templates) complete the feature set. A learned
 :class:`~adapters_db.fusion.Fusion` turns features into one score (see ``adapters_db.fusion``).
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.sparse as sp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -65,8 +71,23 @@ BASE_FEATURES = (
     "pop",
     "n_prompts",
     "has_prompts",
+    "tf_doc",
+    "tf_meta",
+    "tf_pmax",
 )
-RANKED = ("p_max", "p_doc", "m_all", "m_name", "m_files", "t_max", "d_meta", "d_prompt")
+RANKED = (
+    "p_max",
+    "p_doc",
+    "m_all",
+    "m_name",
+    "m_files",
+    "t_max",
+    "d_meta",
+    "d_prompt",
+    "tf_doc",
+    "tf_meta",
+    "tf_pmax",
+)
 RANK_DEPTH = 200
 FEATURES = BASE_FEATURES + tuple(f"r_{name}" for name in RANKED)
 KDE_TAU = 0.1
@@ -97,6 +118,64 @@ def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
     return Query(columns[keep], weights[keep].astype(np.float32))
 
 
+def _column_dot(matrix: sp.csc_matrix, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``matrix[:, columns] @ weights`` by walking the CSC posting lists (fast for a few columns)."""
+    n = matrix.shape[0]
+    if len(columns) == 0:
+        return np.zeros(n, np.float32)
+    starts, ends = matrix.indptr[columns], matrix.indptr[columns + 1]
+    lengths = ends - starts
+    if lengths.sum() == 0:
+        return np.zeros(n, np.float32)
+    picks = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+    vals = np.repeat(weights, lengths) * matrix.data[picks]
+    return np.bincount(matrix.indices[picks], weights=vals, minlength=n).astype(np.float32)
+
+
+class TfidfChannel:
+    """TF-IDF cosine over one count matrix (one document per adapter): sublinear tf 1 + ln tf, smooth
+    idf ln((1 + n) / (1 + df)) + 1 (0 for terms no document has), L2-normalised rows."""
+
+    def __init__(self, counts: sp.csr_matrix) -> None:
+        counts = sp.csr_matrix(counts, dtype=np.float32)
+        counts.eliminate_zeros()
+        n = counts.shape[0]
+        df = np.bincount(counts.indices, minlength=counts.shape[1]).astype(np.float32)
+        self.idf = np.where(df > 0, np.log((1.0 + n) / (1.0 + df)) + 1.0, 0.0).astype(np.float32)
+        self.counts = counts
+        self.matrix = self._normalised(counts).tocsc()
+
+    def _normalised(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        out = counts.copy()
+        out.data = (1.0 + np.log(np.maximum(out.data, 1.0))) * self.idf[out.indices]
+        norms = np.sqrt(np.asarray(out.multiply(out).sum(axis=1)).ravel())
+        rows = np.repeat(np.arange(out.shape[0]), np.diff(out.indptr))
+        out.data = (out.data / np.maximum(norms[rows], 1e-12)).astype(np.float32)
+        return out
+
+    def query(self, columns: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Columns and normalised weights of a query (terms no document has are dropped)."""
+        w = (1.0 + np.log(np.maximum(counts, 1.0))) * self.idf[columns]
+        keep = w > 0
+        columns, w = columns[keep], w[keep]
+        norm = float(np.sqrt((w * w).sum()))
+        return columns, (w / norm if norm > 0 else w).astype(np.float32)
+
+    def score(self, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Cosine of every document with the query."""
+        return _column_dot(self.matrix, columns, weights)
+
+    def rescore(self, row: int, minus: sp.csr_matrix, columns: np.ndarray, weights: np.ndarray) -> float:
+        """Cosine of document ``row`` with some counts taken out of it (leaving an image out)."""
+        counts = self.counts[row] - minus
+        counts.data = np.maximum(counts.data, 0.0)
+        counts.eliminate_zeros()
+        if counts.nnz == 0 or len(columns) == 0:
+            return 0.0
+        vec = self._normalised(sp.csr_matrix(counts))
+        return float((vec[:, columns] @ weights)[0])
+
+
 class FeatureBuilder:
     """Per-adapter feature arrays of one query over a :class:`SearchIndex`."""
 
@@ -114,6 +193,17 @@ class FeatureBuilder:
         self.doc_lengths = np.asarray(lex.doc_counts.sum(axis=1)).ravel()
         self.n_creators = int(index.creator.max()) + 1 if len(index.creator) else 0
         self.prompt_lengths = np.asarray(lex.prompt_counts.sum(axis=1)).ravel()
+        self._tfidf: dict[str, TfidfChannel] = {}
+
+    def tfidf(self, name: str) -> TfidfChannel:
+        """The TF-IDF channel ``doc`` (metadata + prompts), ``meta`` or ``prompt`` (one document per
+        prompt), built on first use."""
+        if name not in self._tfidf:
+            lex = self.lex
+            counts = {"doc": lex.meta_counts + lex.doc_counts, "meta": lex.meta_counts}.get(name)
+            counts = lex.prompt_counts if counts is None else counts
+            self._tfidf[name] = TfidfChannel(counts)
+        return self._tfidf[name]
 
     def features(self, ctx: QueryContext) -> dict[str, np.ndarray]:
         """Every feature of :data:`FEATURES` as an array over adapter rows."""
@@ -123,6 +213,7 @@ class FeatureBuilder:
         self._triggers(ctx, out)
         self._fts(ctx, out)
         out["pop"] = self.index.log_downloads.astype(np.float32)
+        self._tfidf_features(ctx, out)
         if ctx.use_prompts:
             self._prompts(ctx, out)
         if ctx.vector is not None:
@@ -150,6 +241,30 @@ class FeatureBuilder:
             query = _query(ctx.columns, self.lex.field_idf[name])
             out[f"m_{name}"] = lexical.score(self.lex.fields[name], query, params)
         out["m_all"] = lexical.score(self.lex.meta_all, _query(ctx.columns, self.lex.meta_idf), params)
+
+    def _tfidf_features(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+        """``tf_meta`` and (warm) ``tf_doc``, the query's own image's counts taken out of its owner."""
+        cols, counts = np.unique(self.lex.vocab.columns(lexical.term_ids(ctx.text)), return_counts=True)
+        if len(cols) == 0:
+            return
+        meta = self.tfidf("meta")
+        out["tf_meta"] = meta.score(*meta.query(cols, counts.astype(np.float32)))
+        if not ctx.use_prompts:
+            return
+        doc = self.tfidf("doc")
+        q_cols, q_w = doc.query(cols, counts.astype(np.float32))
+        scores = doc.score(q_cols, q_w)
+        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
+        owners = self.index.prompt_owner[excluded]
+        for row in np.unique(owners).tolist():
+            minus = sp.csr_matrix(self.lex.prompt_counts[excluded[owners == row]].sum(axis=0))
+            scores[row] = doc.rescore(row, minus, q_cols, q_w)
+        out["tf_doc"] = scores
+        if len(self.owners_with):
+            prompt = self.tfidf("prompt")
+            per_prompt = prompt.score(*prompt.query(cols, counts.astype(np.float32)))
+            per_prompt[excluded] = 0.0
+            out["tf_pmax"][self.owners_with] = np.maximum.reduceat(per_prompt[self.perm], self.starts)
 
     def _triggers(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
         table = self.index.triggers

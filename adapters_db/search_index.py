@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from adapters_db.embedders import Embedder
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 META_FIELDS = ("name", "triggers", "tags", "files", "description")
 FAMILY_CODES = {None: 0, "sd1": 1, "sd2": 2, "sdxl": 3, "pocket": 4}
 MAX_DESCRIPTION_CHARS = 4000
@@ -184,6 +184,7 @@ class LexicalIndex:
         doc_avg_len: float,
         meta_idf: np.ndarray,
         meta_all: sp.csc_matrix,
+        meta_counts: sp.csr_matrix | None = None,
     ) -> None:
         self.vocab = vocab
         self.fields = fields
@@ -197,6 +198,8 @@ class LexicalIndex:
         self.doc_avg_len = doc_avg_len
         self.meta_idf = meta_idf
         self.meta_all = meta_all
+        n = meta_all.shape[0]
+        self.meta_counts = meta_counts if meta_counts is not None else sp.csr_matrix((n, len(vocab)))
 
     @classmethod
     def build(cls, rows: CatalogRows, config: IndexConfig) -> LexicalIndex:
@@ -227,6 +230,7 @@ class LexicalIndex:
             doc_avg_len=doc_avg,
             meta_idf=lexical.idf_from_counts(sp.csr_matrix(meta_all)),
             meta_all=lexical.saturate(sp.csr_matrix(meta_all), config.meta_bm25),
+            meta_counts=sp.csr_matrix(meta_all, dtype=np.float32),
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -242,6 +246,7 @@ class LexicalIndex:
             out.update(lexical.save_sparse(f"field_{f}", self.fields[f]))
             out[f"idf_{f}"] = self.field_idf[f]
         out.update(lexical.save_sparse("meta_all", self.meta_all))
+        out.update(lexical.save_sparse("meta_counts", self.meta_counts))
         out.update(lexical.save_sparse("prompts", self.prompts))
         out.update(lexical.save_sparse("prompt_counts", self.prompt_counts))
         out.update(lexical.save_sparse("docs", self.docs))
@@ -264,6 +269,7 @@ class LexicalIndex:
             doc_avg_len=float(a["doc_avg_len"][0]),
             meta_idf=a["meta_idf"],
             meta_all=lexical.load_sparse(a, "meta_all"),
+            meta_counts=lexical.load_sparse(a, "meta_counts", "csr"),
         )
 
 

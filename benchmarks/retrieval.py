@@ -348,7 +348,19 @@ def candidate_metrics(
     return metrics(ranks)
 
 
-COLD_EXCLUDED = ("p_", "r_p_", "c_", "d_prompt", "r_d_prompt", "n_prompts", "has_prompts")
+COLD_EXCLUDED = (
+    "p_",
+    "r_p_",
+    "c_",
+    "d_prompt",
+    "r_d_prompt",
+    "n_prompts",
+    "has_prompts",
+    "tf_doc",
+    "r_tf_doc",
+    "tf_pmax",
+    "r_tf_pmax",
+)
 
 
 def fit_report(dump: Path, features: Sequence[str], hidden: int, embedder: str | None) -> dict:
