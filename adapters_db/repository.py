@@ -239,8 +239,9 @@ def filter_conditions(
     licence: str | Iterable[str] | None = None,
     local_only: bool | None = None,
     source: str | None = None,
+    kind: str | None = None,
 ) -> list[Any]:
-    """SQL conditions on ``Adapter`` shared by browsing and search filters."""
+    """SQL conditions on ``Adapter`` shared by browsing and search filters (``kind``: e.g. ``gate``)."""
     conds: list[Any] = []
     family = normalize_family(base_family)
     if family is not None:
@@ -260,6 +261,8 @@ def filter_conditions(
         conds.append(has_local if local_only else ~has_local)
     if source is not None:
         conds.append(Adapter.source == source)
+    if kind is not None:
+        conds.append(Adapter.kind == kind)
     return conds
 
 
@@ -286,6 +289,7 @@ def list_adapters(
     licence: str | Iterable[str] | None = None,
     local_only: bool | None = None,
     source: str | None = None,
+    kind: str | None = None,
     sort: str = "downloads",
     offset: int = 0,
     limit: int = 50,
@@ -300,6 +304,7 @@ def list_adapters(
         licence=licence,
         local_only=local_only,
         source=source,
+        kind=kind,
     )
     if text and text.strip():
         conds.append(Adapter.id.in_(match_all_ids(session, text)))

@@ -49,6 +49,7 @@ FORMAT_VERSION = 6
 META_FIELDS = ("name", "triggers", "tags", "files", "description")
 FAMILY_CODES = {None: 0, "sd1": 1, "sd2": 2, "sdxl": 3, "pocket": 4}
 MAX_DESCRIPTION_CHARS = 4000
+UNSEARCHABLE_KINDS = ("gate",)  # catalogued, but not adapters a prompt retrieves (gate checkpoints)
 
 
 @dataclass(frozen=True)
@@ -93,21 +94,25 @@ def read_catalog(session: Session) -> CatalogRows:
             Adapter.nsfw_level,
             Adapter.download_count,
             Adapter.creator,
-        ).order_by(Adapter.id)
+        )
+        .where(Adapter.kind.not_in(UNSEARCHABLE_KINDS))
+        .order_by(Adapter.id)
     ).all()
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     pos = {int(a): i for i, a in enumerate(ids)}
     n = len(ids)
     tags: list[list[str]] = [[] for _ in range(n)]
     for aid, name in session.execute(select(adapter_tags.c.adapter_id, Tag.name).join(Tag)):
-        tags[pos[aid]].append(name)
+        if aid in pos:
+            tags[pos[aid]].append(name)
     triggers: list[list[str]] = [[] for _ in range(n)]
     for aid, word in session.execute(
         select(TriggerWord.adapter_id, TriggerWord.word).order_by(
             TriggerWord.adapter_id, TriggerWord.position
         )
     ):
-        triggers[pos[aid]].append(word)
+        if aid in pos:
+            triggers[pos[aid]].append(word)
     files: list[list[str]] = [[] for _ in range(n)]
     local = np.zeros(n, bool)
     for aid, vname, fname, stored in session.execute(
@@ -115,6 +120,8 @@ def read_catalog(session: Session) -> CatalogRows:
             AdapterVersion.adapter_id, AdapterVersion.name, AdapterFile.file_name, AdapterFile.stored
         ).join(AdapterFile, isouter=True)
     ):
+        if aid not in pos:
+            continue
         files[pos[aid]].extend(x for x in (Path(fname).stem if fname else None, vname) if x)
         local[pos[aid]] |= bool(stored)
     image_ids, owners, prompts = [], [], []
@@ -124,7 +131,7 @@ def read_catalog(session: Session) -> CatalogRows:
         .order_by(PreviewImage.id)
     ):
         text = clean_prompt(prompt).strip()
-        if text:
+        if text and aid in pos:
             image_ids.append(iid)
             owners.append(pos[aid])
             prompts.append(text)
@@ -478,8 +485,8 @@ class SearchIndex:
             row_of = np.searchsorted(rows.adapter_ids, stored.adapter_ids)
             valid = (
                 (row_of < len(rows.adapter_ids))
-                & (rows.adapter_ids[np.clip(row_of, 0, None)] == stored.adapter_ids)
-                if len(row_of)
+                & (rows.adapter_ids[np.clip(row_of, 0, len(rows.adapter_ids) - 1)] == stored.adapter_ids)
+                if len(row_of) and len(rows.adapter_ids)
                 else row_of > 0
             )
             ids = stored.adapter_ids if channel == "meta" else stored.image_ids

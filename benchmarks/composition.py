@@ -94,13 +94,14 @@ def run_pair(
     n: int,
     seed: int,
     cfg: SampleConfig,
+    family: str | None = "pocket",
 ) -> tuple[dict, np.ndarray]:
-    """Sample and judge one pair under one policy."""
+    """Sample and judge one pair under one policy (``params`` may hold objects, e.g. a gate ``network``)."""
     first, second = pair
     scenes = pair_scenes(first, second, n, seed)
     adapters = [(AdapterInfo(first), loras[first]), (AdapterInfo(second), loras[second])]
     t0 = time.perf_counter()
-    with attach(pipe, adapters, make_policy(policy, params), family="pocket", num_steps=cfg.steps):
+    with attach(pipe, adapters, make_policy(policy, params), family=family, num_steps=cfg.steps):
         images = sample(pipe, [s.caption() for s in scenes], [seed * 1000 + i for i in range(n)], cfg)
     seconds = (time.perf_counter() - t0) / n
     return {**judge_pair(judge.predict(model, images), scenes, first, second), "s_per_image": seconds}, images

@@ -3,12 +3,19 @@
 Methods (all measured in the same run, same inputs): ``base`` (no LoRA), ``peft_unfused``
 (diffusers/PEFT ``set_adapters``), ``peft_fused`` (diffusers ``fuse_lora``), ``ours_static``
 (the engine with a static policy: fused once), ``ours_per_step`` (the engine with gates that
-change at every step: a keyframe schedule), plus ``switch_ms``: detaching a 4-adapter mix and
+change at every step: a keyframe schedule), ``ours_gate`` (the learned ``gate`` policy: a
+randomly initialised GateNetwork with timestep and prompt inputs over the same adapters, on the
+unfused path, since its gates depend on the activations), plus ``switch_ms``: detaching a 4-adapter mix and
 attaching another (adapters already in the cache). Random weights: speed does not depend on them.
 
     python benchmarks/fusion_speed.py            # full SD-1.5 shapes, latent 32 (64 on a GPU)
     python benchmarks/fusion_speed.py --quick    # SD-1.5 layout at widths 128/256/512, minutes on a CPU
     python benchmarks/fusion_speed.py --json
+    python benchmarks/fusion_speed.py --quick --adapters 2 --ranks 16 --repeats 1 --latent 16   # smoke
+
+``--json`` prints ``{"rows": [{"method", "adapters", "rank", "ms_per_step", "ratio_vs_base"}, …],
+"switch_ms", "switch_first_step_extra_ms", "device", "latent", "unet"}`` with methods ``base``,
+``ours_static``, ``ours_per_step``, ``ours_gate``, ``peft_unfused``, ``peft_fused``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from peft import LoraConfig
 from pipelines.blocks import UnetLayout
 from pipelines.engine import attach
 from pipelines.fusion import AdapterInfo, make_policy
+from pipelines.fusion.gate import Gate
+from pipelines.gate.network import GateConfig, GateNetwork
 from pipelines.lora_weights import LoraLayer, LoraWeights
 from pipelines.path_plan import PathPlanner
 
@@ -83,6 +92,19 @@ def random_lora(modules: dict[str, torch.nn.Module], rank: int, seed: int, dtype
             down, up = down.view(rank, *w.shape[1:]), up[:, :, None, None]
         layers[f"unet.{name}"] = LoraLayer(down.to(dtype), up.to(dtype), alpha=float(rank))
     return LoraWeights(layers, family=None)
+
+
+def random_gate(modules: dict[str, torch.nn.Module], device: torch.device, seed: int) -> GateNetwork:
+    """A GateNetwork over ``modules`` (timestep + prompt inputs) with random parameters, float32 as the
+    engine runs a loaded checkpoint: speed does not depend on the values."""
+    torch.manual_seed(seed)
+    net = GateNetwork(
+        {f"unet.{n}": int(m.weight.shape[0]) for n, m in modules.items()}, GateConfig(prompt_dim=768)
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return net.to(device)
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
@@ -197,6 +219,22 @@ def main() -> int:
                     step(i)
 
                 results["ours_per_step"] = median_step(dyn_step, args.steps, args.repeats, clock)
+            with attach(
+                pipe,
+                mix,
+                Gate(network=random_gate(modules, device, rank + n)),
+                layout=layout,
+                dtype=dtype,
+                num_steps=args.steps,
+                planner=PathPlanner(static=False, mode="unfused"),
+            ) as m:
+
+                def gate_step(i: int, m=m) -> None:
+                    m.step = i % args.steps
+                    m.update(timesteps[i % 50], ehs)
+                    step(i)
+
+                results["ours_gate"] = median_step(gate_step, args.steps, args.repeats, clock)
             names = peft_setup(unet, loras, rank)
             unet.set_adapters(names, [1.0 / n] * n)
             results["peft_unfused"] = median_step(step, args.steps, args.repeats, clock)
@@ -221,10 +259,12 @@ def main() -> int:
                     file=sys.stderr,
                 )
 
-    switch_ms = measure_switch(pipe, modules, layout, dtype, device)
+    switch_ms, first_extra_ms = measure_switch(pipe, modules, layout, dtype, device, step)
     out = {
         "rows": rows,
         "switch_ms": switch_ms,
+        "switch_first_step_extra_ms": first_extra_ms,
+        "gate_ratios": gate_ratios(rows),
         "device": str(device),
         "latent": latent,
         "unet": "sd15-quick" if args.quick else "sd15",
@@ -285,6 +325,21 @@ def measure_switch(
     return statistics.median(switch), statistics.median(first)
 
 
+def gate_ratios(rows: list[dict]) -> list[dict]:
+    """Per (rank, adapters): ``ours_gate`` ms/step divided by each reference method's ms/step."""
+    ms = {(r["method"], r["rank"], r["adapters"]): r["ms_per_step"] for r in rows}
+    out = []
+    for (method, rank, n), gate_ms in ms.items():
+        if method != "ours_gate":
+            continue
+        refs = ("peft_unfused", "peft_fused", "ours_static", "ours_per_step")
+        out.append(
+            {"rank": rank, "adapters": n}
+            | {f"vs_{ref}": gate_ms / ms[(ref, rank, n)] for ref in refs if (ref, rank, n) in ms}
+        )
+    return out
+
+
 def print_table(out: dict) -> None:
     """The rows as a table of ms/step and ratios to the bare UNet."""
     print(f"UNet {out['unet']} on {out['device']}, latent {out['latent']}, batch 2 (CFG), 1 thread on CPU")
@@ -293,6 +348,17 @@ def print_table(out: dict) -> None:
         print(
             f"{r['method']:<15}{r['adapters']:>9}{r['rank']:>6}{r['ms_per_step']:>11.1f}{r['ratio_vs_base']:>9.3f}"
         )
+    if out.get("gate_ratios"):
+        print("learned gate (ours_gate) per-step time ÷ each method's")
+        print(
+            f"{'rank':>6}{'adapters':>9}{'÷peft_unf':>11}{'÷peft_fused':>13}{'÷ours_static':>14}{'÷ours_step':>12}"
+        )
+        for r in out["gate_ratios"]:
+            print(
+                f"{r['rank']:>6}{r['adapters']:>9}{r.get('vs_peft_unfused', float('nan')):>11.3f}"
+                f"{r.get('vs_peft_fused', float('nan')):>13.3f}{r.get('vs_ours_static', float('nan')):>14.3f}"
+                f"{r.get('vs_ours_per_step', float('nan')):>12.3f}"
+            )
     print(
         f"switch 4-adapter mix → another (warm cache): {out['switch_ms']:.1f} ms "
         f"(+{out['switch_first_step_extra_ms']:.0f} ms in the next step, which fuses the new mix)"

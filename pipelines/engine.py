@@ -186,6 +186,7 @@ def attach(
     """
     modules = model_modules(pipe)
     check_mix(adapters, family, modules)
+    policy.check_model(family, {path: mod.weight.shape for path, mod in modules.items()})
     layout = layout or UnetLayout.from_config(pipe.unet.config)
     paths = [p for p in modules if any(p in w.layers for _, w in adapters)]
     layers = tuple(LayerInfo(p, block_id(p, layout)) for p in paths)
@@ -291,10 +292,12 @@ class Engine:
         resolve: Callable[[str], Path] | None = None,
         path_mode: str = "cost",
         plan_cache: Path | None = None,
+        resolve_gate: Callable[[str, str | None], Path] | None = None,
     ) -> None:
         self.models = models
         self.cache = cache
         self.resolve = resolve
+        self.resolve_gate = resolve_gate
         self.path_mode = path_mode
         self.plan_cache = plan_cache
 
@@ -310,6 +313,26 @@ class Engine:
                 return self.resolve(spec.sha256)
             raise FileNotFoundError(f"adapter file not found: {path}")
         return path
+
+    def gate_path(self, ref: str, family: str | None) -> Path:
+        """Local file of a gate checkpoint: a path, else a catalog name / hash through ``resolve_gate``
+        (which refuses a gate that does not fit ``family``)."""
+        path = Path(ref).expanduser()
+        if path.is_file():
+            return path
+        if self.resolve_gate is None:
+            raise FileNotFoundError(
+                f"gate checkpoint {ref!r} is not a file, and there is no catalog to look it up in"
+            )
+        return self.resolve_gate(ref, family)
+
+    def policy_args(self, recipe: MixRecipe, family: str | None) -> dict[str, Any]:
+        """The recipe's policy parameters with a ``gate`` checkpoint reference resolved to a file."""
+        args = dict(recipe.fusion_args)
+        ref = args.get("checkpoint")
+        if recipe.fusion == "gate" and isinstance(ref, str) and ref.strip():
+            args["checkpoint"] = str(self.gate_path(ref.strip(), family))
+        return args
 
     def load_adapters(
         self, recipe: MixRecipe, device: torch.device, dtype: torch.dtype
@@ -342,7 +365,7 @@ class Engine:
         with model.lock:
             device, dtype = pipe.unet.device, pipe.unet.dtype
             loaded = self.load_adapters(recipe, device, dtype)
-            policy = make_policy(recipe.fusion, recipe.fusion_args)
+            policy = make_policy(recipe.fusion, self.policy_args(recipe, model.family))
             original_scheduler = pipe.scheduler
             if recipe.sampler:
                 pipe.scheduler = make_scheduler(recipe.sampler, original_scheduler.config)

@@ -12,6 +12,7 @@ from studio.config import default_data_dir
 # ``func(args) -> int`` on their parser.
 COMMAND_MODULES: tuple[str, ...] = (
     "studio.commands.catalog",
+    "studio.commands.gate",
     "studio.commands.generate",
     "studio.commands.pocket",
     "studio.commands.train",

@@ -134,14 +134,16 @@ def load_model_info(models: ModelStore, model: str) -> ModelInfo:
     return ModelInfo(model, loaded.family, size, size, loaded.layout.all_ids())
 
 
-def build_engine_services(config: StudioConfig, resolve: Any = None) -> Services:
+def build_engine_services(config: StudioConfig, resolve: Any = None, resolve_gate: Any = None) -> Services:
     """Models, adapter cache and engine for a configuration (no catalog)."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     models = ModelStore(device, dtype)
     cache = AdapterCache()
     plan = config.cache_dir / "fusion_paths.json"
-    engine = Engine(models, cache, resolve=resolve, path_mode="cost", plan_cache=plan)
+    engine = Engine(
+        models, cache, resolve=resolve, path_mode="cost", plan_cache=plan, resolve_gate=resolve_gate
+    )
     return Services(config=config, models=models, cache=cache, engine=engine)
 
 
@@ -159,6 +161,31 @@ def catalog_resolver(catalog: Any) -> Callable[[str], Path]:
     return resolve
 
 
+def catalog_gate_resolver(catalog: Any) -> Callable[[str, str | None], Path]:
+    """``gate name / hash / id, model family → local gate file`` through the catalog; a gate that does
+    not fit the model's family is refused."""
+    from adapters_db.gates import find_gate
+    from pipelines.fusion.gate import GateMismatchError
+
+    def resolve(ref: str, family: str | None) -> Path:
+        with catalog.session() as session:
+            gate = find_gate(session, catalog, ref)
+        if gate is None:
+            raise FileNotFoundError(
+                f"gate checkpoint {ref!r} is neither a file nor a gate in the catalog "
+                "(list them with `python -m studio gate list`)"
+            )
+        if not gate.fits(family):
+            raise GateMismatchError(
+                f"gate {gate.name!r} fits {', '.join(gate.families)} models; this model is {family!r}"
+            )
+        if gate.path is None or not gate.path.is_file():
+            raise FileNotFoundError(f"gate {gate.name!r} sha256:{gate.sha256[:12]}… is not stored locally")
+        return gate.path
+
+    return resolve
+
+
 def build_services(
     config: StudioConfig, *, embedder: Any = None, start_jobs: bool = True, seed: bool = True
 ) -> Services:
@@ -170,7 +197,9 @@ def build_services(
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
     catalog = adapters_db.open_catalog(config.catalog_url, config.data_dir, embedder=embedder)
-    services = build_engine_services(config, resolve=catalog_resolver(catalog))
+    services = build_engine_services(
+        config, resolve=catalog_resolver(catalog), resolve_gate=catalog_gate_resolver(catalog)
+    )
     services.catalog = catalog
     services.history = HistoryStore(config.catalog_url, config.history_dir)
     services.jobs = JobRunner(config, registrar=catalog_registrar(catalog))

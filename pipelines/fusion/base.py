@@ -92,6 +92,12 @@ class FusionPolicy:
         """The (layers × columns) gate table for one step."""
         raise NotImplementedError
 
+    def check_model(self, family: str | None, shapes: Mapping[str, torch.Size]) -> None:
+        """Refuse a model the policy cannot run on, before anything is attached (no check by default).
+
+        ``family`` is the model's base family (``None``: unknown); ``shapes`` its module weight shapes.
+        """
+
     def install(self, wrappers: list[Any]) -> None:
         """Called once the layers are wrapped; activation-dependent policies hook in here."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,28 @@ import torch
 
 from pipelines.fusion.base import FusionPolicy, register
 from pipelines.gate.network import GateNetwork, LayerGate, timestep_features
+
+
+class GateMismatchError(ValueError):
+    """A gate checkpoint trained for another base model (family or layer shapes)."""
+
+
+def check_gate_fits(network: GateNetwork, family: str | None, shapes: Mapping[str, torch.Size]) -> None:
+    """Refuse a gate whose family differs from the model's, or whose layers the model lacks or sizes
+    differently (the message says which)."""
+    if network.family and family and network.family != family:
+        raise GateMismatchError(
+            f"the gate checkpoint was trained for {network.family!r} models; this model is {family!r} "
+            "(train a gate for this model with `python -m studio gate train`)"
+        )
+    for path, channels in network.channels.items():
+        shape = shapes.get(path)
+        if shape is None or int(shape[0]) != channels:
+            found = "has no such layer" if shape is None else f"has {int(shape[0])} channels there"
+            raise GateMismatchError(
+                f"the gate checkpoint (family {network.family or 'unknown'}) gates {path} with {channels} "
+                f"channels; this model {found}"
+            )
 
 
 @register
@@ -40,8 +63,14 @@ class Gate(FusionPolicy):
         self._applied = {}
         return ctx.factors
 
+    def check_model(self, family: str | None, shapes: Mapping[str, torch.Size]) -> None:
+        if self.network is not None:
+            check_gate_fits(self.network, family, shapes)
+
     def install(self, wrappers: list[Any]) -> None:
         assert self.ctx is not None
+        if self.network is not None and wrappers:  # a loaded checkpoint starts on the CPU
+            self.network.to(wrappers[0].slot_scale.device)
         for w in wrappers:
             path = self.ctx.layers[w.row].path
             if not path.startswith("unet."):

@@ -144,6 +144,10 @@ def resolve_adapter(services: Services, ref: str | int) -> AdapterRecord:
 
 def mix_item(record: AdapterRecord, weight: float = 1.0) -> MixItem:
     """A mix entry for a catalog adapter with a local file."""
+    if record.kind == "gate":
+        raise ValueError(
+            f"{record.name!r} is a gate checkpoint, not a LoRA: choose it under the fusion policy `gate`"
+        )
     local = [f for f in record.files if f.is_local and f.sha256]
     if not local:
         raise ValueError(

@@ -14,6 +14,7 @@ from pipelines.fusion import REGISTRY
 from pipelines.fusion.schedule import keyframe_value, parse_keyframes
 from studio.handlers import plots
 from studio.handlers.state import SessionState
+from studio.services import Services
 
 MIX_OWNED_PARAMS = ("blocks", "schedule")  # per-adapter settings that live in the mix panel
 
@@ -88,3 +89,15 @@ def schedule_preview(state: SessionState, steps: int) -> Image.Image | None:
             (item.name, [item.weight * keyframe_value(frames, s, steps) for s in range(max(1, steps))])
         )
     return plots.schedule_curves(curves)
+
+
+def gate_choices(services: Services) -> list[tuple[str, str]]:
+    """(label, ``sha256:<hex>``) of the catalog's gate checkpoints that fit the loaded model."""
+    from adapters_db.gates import list_gates
+    from studio.handlers.create import model_family
+
+    if services.catalog is None:
+        return []
+    with services.catalog.session() as session:
+        gates = list_gates(session, services.catalog, base_family=model_family(services))
+    return [(g.label, f"sha256:{g.sha256}") for g in gates if g.path is not None]

@@ -31,6 +31,7 @@ PARAM_WIDGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dare_seed": ("seed", ("dare",)),
     "dare_ties": ("ties", ("dare",)),
     "checkpoint": ("checkpoint", ("gate",)),
+    "gate_catalog": ("checkpoint", ("gate",)),
 }
 POLICY_HELP = {
     "linear": "Weighted sum of the adapters (A1111's `<lora:name:w>`).",
@@ -41,7 +42,8 @@ POLICY_HELP = {
     "orthogonal": "Deltas made mutually orthogonal per layer before summing (less interference).",
     "ties": "TIES merging: trim small deltas, elect signs, average the agreeing ones.",
     "dare": "DARE: drop and rescale delta entries at random (optionally TIES afterwards).",
-    "gate": "Learned gate (AutoLoRA-style) from a trained gate checkpoint.",
+    "gate": "Learned gate (AutoLoRA-style): pick a catalogued gate checkpoint, or give a file path "
+    "(train one with `python -m studio gate train`).",
 }
 
 
@@ -186,6 +188,9 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 "dare_seed": gr.Number(0, precision=0, label="DARE seed", visible=False),
                 "dare_ties": gr.Checkbox(False, label="TIES after DARE", visible=False),
                 "checkpoint": gr.Textbox("", label="gate checkpoint file", visible=False),
+                "gate_catalog": gr.Dropdown(
+                    [], value=None, label="gate checkpoint (catalog)", visible=False, elem_id="gate-catalog"
+                ),
             }
             with gr.Accordion("Policy parameters (JSON)", open=False):
                 params = gr.Code("{}", language="json", label="parameters", elem_id="fusion-params")
@@ -398,6 +403,10 @@ def build(ui: Ui, model: ModelInfo) -> None:
             value = defaults.get(key)
             if n == "order":
                 value = ",".join(str(v) for v in value) if isinstance(value, list) else ""
+            if n == "gate_catalog":
+                choices = policies.gate_choices(services) if n in shown else []
+                ups.append(gr.update(visible=n in shown, choices=choices, value=None))
+                continue
             ups.append(
                 gr.update(visible=n in shown, value=value)
                 if n in shown and value is not None

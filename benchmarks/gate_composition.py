@@ -1,0 +1,259 @@
+"""Does each addition to the learned gate help? An ablation on the pocket world's object×style pairs.
+
+Three gates are trained for the concept LoRAs star, heart, striped and outline on the TRAINING pairs
+(star, striped) and (heart, outline): ``full`` (timestep + prompt inputs), ``no_time`` and
+``no_prompt``. Each is judged, next to ``linear``, with the composition benchmark's machinery on the
+training pairs and on the HELD-OUT pairs (star, outline) and (heart, striped): both concepts present
+(``both_rate``) and the prompt's own colour and background kept (``prompt_rate``).
+
+Resumable: the LoRAs' own pictures, each gate and each judged (policy, pair) row are cached under
+``--work`` (default runs/gate/<model>); delete a file to redo that part.
+
+    python benchmarks/gate_composition.py                  # pocket model (needs its weights)
+    python benchmarks/gate_composition.py --quick          # tiny pipeline, random LoRAs: a smoke test
+    python benchmarks/gate_composition.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.composition import lora_path, run_pair
+from pipelines.gate.network import GateNetwork
+from pipelines.gate.prompts import concept_prompts
+from pipelines.gate.train import GateLora, GateTrainConfig, lora_latents, train_gate
+from pipelines.pocket import classifier as judge
+from pipelines.pocket.evaluate import CLASSIFIER_PATH, LORA_DIR, SampleConfig
+
+CONCEPT_ORDER = ("star", "heart", "striped", "outline")
+TRAIN_PAIRS = [("star", "striped"), ("heart", "outline")]
+HELD_OUT_PAIRS = [("star", "outline"), ("heart", "striped")]
+VARIANTS: dict[str, dict[str, bool]] = {
+    "full": {"use_time": True, "use_prompt": True},
+    "no_time": {"use_time": False, "use_prompt": True},
+    "no_prompt": {"use_time": True, "use_prompt": False},
+}
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """One ablation run: the model, sampling of the judged pictures and the gates' training."""
+
+    model: str = "pocket"
+    n: int = 24
+    seed: int = 31
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(steps=25, guidance=5.0, batch_size=24))
+    train: GateTrainConfig = field(default_factory=GateTrainConfig)
+    family: str | None = "pocket"
+
+
+def quick_config() -> AblationConfig:
+    """Tiny pipeline, random LoRAs, a handful of steps: checks the machinery in a couple of minutes."""
+    train = GateTrainConfig(steps=6, batch_size=2, images_per_lora=2, sample_steps=2)
+    return AblationConfig("tiny", 2, 31, SampleConfig(steps=3, guidance=5.0, batch_size=2), train, None)
+
+
+def gate_pairs() -> list[tuple[int, int]]:
+    """The training pairs as ordered index pairs into CONCEPT_ORDER, both directions."""
+    idx = {c: i for i, c in enumerate(CONCEPT_ORDER)}
+    return [p for a, b in TRAIN_PAIRS for p in ((idx[a], idx[b]), (idx[b], idx[a]))]
+
+
+def tiny_setup(seed: int = 0) -> tuple[Any, dict[str, Any], judge.ConceptClassifier]:
+    """The tiny pipeline with one random attention LoRA per concept, and the judge (an untrained one
+    when the pocket classifier is not there: its rates then mean nothing)."""
+    from pipelines.lora_weights import LoraLayer, LoraWeights
+    from pipelines.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
+    loras = {}
+    for k, concept in enumerate(CONCEPT_ORDER):
+        g = torch.Generator().manual_seed(100 + k)
+        layers = {}
+        for name, mod in pipe.unet.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+                down = torch.randn(4, mod.in_features, generator=g) * 0.3
+                layers[f"unet.{name}"] = LoraLayer(
+                    down, torch.randn(mod.out_features, 4, generator=g) * 0.3, 4
+                )
+        loras[concept] = LoraWeights(layers, "unknown")
+    if CLASSIFIER_PATH.is_file():
+        model = judge.load(CLASSIFIER_PATH)
+    else:
+        print("note: no pocket classifier yet; an untrained judge scores the --quick run", file=sys.stderr)
+        torch.manual_seed(seed)
+        model = judge.ConceptClassifier().eval()
+    return pipe, loras, model
+
+
+def pocket_setup(lora_dir: Path) -> tuple[Any, dict[str, Any], judge.ConceptClassifier]:
+    """The pocket pipeline, its concept LoRAs and the trained judge."""
+    from pipelines import lora_formats
+    from pipelines.models import load_pipeline
+
+    pipe = load_pipeline("pocket", torch.device("cpu"), torch.float32)
+    loras = {c: lora_formats.load(lora_path(c, lora_dir)) for c in CONCEPT_ORDER}
+    return pipe, loras, judge.load(CLASSIFIER_PATH)
+
+
+def lora_data(
+    pipe: Any, loras: list[GateLora], cfg: GateTrainConfig, work: Path
+) -> dict[int, tuple[torch.Tensor, list[str]]]:
+    """Each LoRA's own pictures (latents + prompts), shared by every gate variant; cached in ``work``."""
+    out = {}
+    for i, lora in enumerate(loras):
+        path = work / f"data-{lora.name}.safetensors"
+        if path.is_file():
+            meta = json.loads((work / f"data-{lora.name}.json").read_text())
+            out[i] = (load_file(str(path))["latents"], meta["prompts"])
+            continue
+        lat, prompts = lora_latents(pipe, lora, cfg.images_per_lora, cfg, cfg.seed + i)
+        save_file({"latents": lat.contiguous()}, str(path))
+        (work / f"data-{lora.name}.json").write_text(json.dumps({"prompts": prompts}))
+        out[i] = (lat, prompts)
+    return out
+
+
+def trained_gate(
+    pipe: Any, loras: list[GateLora], variant: str, cfg: AblationConfig, work: Path, data: dict
+) -> GateNetwork:
+    """Gate ``variant`` (trained now, or loaded from ``work``)."""
+    path = work / f"gate-{variant}.safetensors"
+    if path.is_file():
+        return GateNetwork.load(path)
+    train = replace(cfg.train, **VARIANTS[variant])
+    t0 = time.perf_counter()
+    net, losses = train_gate(pipe, loras, gate_pairs(), train, family=cfg.family, data=data)
+    net.save(path)
+    log = {"losses": losses, "seconds": time.perf_counter() - t0, "config": asdict(train)}
+    (work / f"gate-{variant}.json").write_text(json.dumps(log))
+    print(f"trained gate {variant}: final loss {losses[-1]:.4f}", file=sys.stderr)
+    return net
+
+
+def run(cfg: AblationConfig, variants: list[str], work: Path, setup: tuple, quiet: bool) -> list[dict]:
+    """Train (or load) the gates, then judge every (policy, pair); rows are cached in rows.jsonl."""
+    pipe, lora_weights, model = setup
+    work.mkdir(parents=True, exist_ok=True)
+    loras = [GateLora(c, lora_weights[c], concept_prompts(c, 64, cfg.train.seed)) for c in CONCEPT_ORDER]
+    data = lora_data(pipe, loras, cfg.train, work)
+    gates = {v: trained_gate(pipe, loras, v, cfg, work, data) for v in variants}
+    policies: dict[str, tuple[str, dict[str, Any]]] = {"linear": ("linear", {})}
+    policies |= {f"gate-{v}": ("gate", {"network": net}) for v, net in gates.items()}
+    cache = work / "rows.jsonl"
+    done = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["policy"], row["pair"], row["n"], row["steps"])] = row
+    rows = []
+    for name, (policy, params) in policies.items():
+        for split, pairs in (("train", TRAIN_PAIRS), ("held-out", HELD_OUT_PAIRS)):
+            for pair in pairs:
+                key = (name, f"{pair[0]}×{pair[1]}", cfg.n, cfg.sample.steps)
+                if key not in done:
+                    row, _ = run_pair(
+                        pipe,
+                        model,
+                        policy,
+                        params,
+                        pair,
+                        lora_weights,
+                        cfg.n,
+                        cfg.seed,
+                        cfg.sample,
+                        cfg.family,
+                    )
+                    done[key] = {"policy": name, "pair": key[1], "n": cfg.n, "steps": cfg.sample.steps, **row}
+                    with cache.open("a") as fh:
+                        fh.write(json.dumps(done[key]) + "\n")
+                rows.append({**done[key], "split": split})
+                if not quiet:
+                    print(f"{name:<15} {key[1]:<16} both {done[key]['both_rate']:.2f}", file=sys.stderr)
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean rates per policy on the training pairs, the held-out pairs and all four."""
+    out = []
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        for split in ("train", "held-out", "all"):
+            sel = [r for r in rows if r["policy"] == policy and split in ("all", r["split"])]
+            keys = ("both_rate", "first_rate", "second_rate", "prompt_rate", "s_per_image")
+            out.append(
+                {"policy": policy, "split": split, **{k: float(np.mean([r[k] for r in sel])) for k in keys}}
+            )
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    """Per-pair rows, then means per policy and split, with the change against linear."""
+    print(f"{'policy':<15}{'split':<10}{'pair':<16}{'both':>7}{'first':>7}", end="")
+    print(f"{'second':>8}{'prompt':>8}{'s/img':>8}")
+    for r in rows:
+        print(
+            f"{r['policy']:<15}{r['split']:<10}{r['pair']:<16}{r['both_rate']:>7.2f}{r['first_rate']:>7.2f}"
+            f"{r['second_rate']:>8.2f}{r['prompt_rate']:>8.2f}{r['s_per_image']:>8.3f}"
+        )
+    print()
+    means = summary(rows)
+    linear = {m["split"]: m for m in means if m["policy"] == "linear"}
+    print(f"{'policy':<15}{'split':<10}{'both':>7}{'Δboth':>8}{'prompt':>8}{'Δprompt':>9}")
+    for m in means:
+        ref = linear.get(m["split"], m)
+        d_both, d_prompt = m["both_rate"] - ref["both_rate"], m["prompt_rate"] - ref["prompt_rate"]
+        print(
+            f"{m['policy']:<15}{m['split']:<10}{m['both_rate']:>7.2f}{d_both:>+8.2f}"
+            f"{m['prompt_rate']:>8.2f}{d_prompt:>+9.2f}"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny pipeline and random LoRAs (smoke test)")
+    ap.add_argument("--work", type=Path, default=None, help="cache folder (default runs/gate/<model>)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="gate variants to train and judge")
+    ap.add_argument("--n", type=int, default=None, help="pictures per pair and policy (default 24)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps of judged pictures (default 25)")
+    ap.add_argument("--gate-steps", type=int, default=None, help="gate optimiser steps (default 600)")
+    ap.add_argument("--lora-dir", type=Path, default=LORA_DIR)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = quick_config() if args.quick else AblationConfig()
+    if args.n is not None:
+        cfg = replace(cfg, n=args.n, sample=replace(cfg.sample, batch_size=args.n))
+    if args.steps is not None:
+        cfg = replace(cfg, sample=replace(cfg.sample, steps=args.steps))
+    if args.gate_steps is not None:
+        cfg = replace(cfg, train=replace(cfg.train, steps=args.gate_steps))
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}: use {', '.join(VARIANTS)}")
+    work = args.work or Path("runs/gate") / ("tiny-quick" if args.quick else cfg.model)
+    setup = tiny_setup() if args.quick else pocket_setup(args.lora_dir)
+    rows = run(cfg, variants, work, setup, quiet=args.json)
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary(rows), "config": asdict(cfg), "work": str(work)}))
+    else:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
