@@ -27,6 +27,7 @@ Reciprocal-rank versions of the main channels (``r_*``) and creator-level prompt
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adapters_db import fulltext, lexical
-from adapters_db.dto import SearchHit
+from adapters_db.dto import AdapterRecord, SearchHit
 from adapters_db.families import normalize_family
 from adapters_db.fusion import Fusion, FusionRegistry, LinearScorer, Scorer
 from adapters_db.lexical import Query
@@ -89,6 +90,7 @@ RANKED = (
     "tf_pmax",
 )
 RANK_DEPTH = 200
+CANDIDATE_DEPTH = 50  # candidates per feature for the fusion (fitting used the top 40 of each)
 FEATURES = BASE_FEATURES + tuple(f"r_{name}" for name in RANKED)
 KDE_TAU = 0.1
 DENSE_K = 256
@@ -316,9 +318,12 @@ class FeatureBuilder:
         """The prompt row of adapter ``row`` with the best lexical score for the query (−1: none)."""
         if ctx.prompt_scores is None:
             return -1
-        mine = np.nonzero(self.index.prompt_owner == row)[0]
-        if len(mine) == 0:
+        at = int(np.searchsorted(self.owners_with, row))
+        if at >= len(self.owners_with) or self.owners_with[at] != row:
             return -1
+        start = int(self.starts[at])
+        end = int(self.starts[at + 1]) if at + 1 < len(self.starts) else len(self.perm)
+        mine = self.perm[start:end]
         best = int(mine[np.argmax(ctx.prompt_scores[mine])])
         return best if ctx.prompt_scores[best] > 0 else -1
 
@@ -509,9 +514,16 @@ def prepare(
 
 
 def score_all(
-    session: Session, catalog: Catalog, query: str, options: SearchOptions = SearchOptions()
+    session: Session,
+    catalog: Catalog,
+    query: str,
+    options: SearchOptions = SearchOptions(),
+    allowed: np.ndarray | None = None,
 ) -> tuple[SearchIndex, QueryContext, dict[str, np.ndarray], np.ndarray]:
-    """Features and fused scores of every adapter for one query (for search and for tuning)."""
+    """Features of every adapter for one query and fused scores (for search and for tuning).
+
+    The fusion scores only candidates (:func:`candidate_rows`, among the ``allowed`` rows if given);
+    the others score below every candidate, all alike."""
     index, ctx = prepare(session, catalog, query, options)
     feats = feature_builder(index).features(ctx)
     if "meta" not in options.channels:
@@ -521,8 +533,52 @@ def score_all(
         feats["t_max"][:] = 0.0
         feats["t_frac"][:] = 0.0
     FeatureBuilder.add_ranks(feats)
-    scores = resolve_fusion(catalog, options).for_mode(ctx.use_prompts).score(feats)
+    scorer = resolve_fusion(catalog, options).for_mode(ctx.use_prompts)
+    wanted = set(scorer.features) - {"pop", "n_prompts", "has_prompts"}
+    scores = fused_scores(scorer, feats, candidate_rows(feats, allowed, wanted=wanted))
     return index, ctx, feats, scores
+
+
+def candidate_rows(
+    feats: dict[str, np.ndarray],
+    allowed: np.ndarray | None = None,
+    depth: int = CANDIDATE_DEPTH,
+    wanted: Collection[str] | None = None,
+) -> np.ndarray:
+    """Rows worth fusing: the top ``depth`` of every base feature (of those in ``wanted`` if given;
+    features outside :data:`FEATURES` always count), with a value above the feature's minimum, among
+    ``allowed`` rows if given: a few hundred of the catalog, as in fitting."""
+    n = len(next(iter(feats.values())))
+    if n <= depth:
+        rows = np.arange(n)
+        return rows if allowed is None else rows[allowed]
+    chosen = np.zeros(n, bool)
+    for name, values in feats.items():
+        if name.startswith("r_") or (wanted is not None and name in FEATURES and name not in wanted):
+            continue
+        if allowed is not None:
+            values = np.where(allowed, values, -np.inf)
+        top = np.argpartition(-values, depth)[:depth]
+        floor = values[allowed].min() if allowed is not None and allowed.any() else values.min()
+        chosen[top[values[top] > floor]] = True
+    if allowed is not None:
+        chosen &= allowed
+    return np.nonzero(chosen)[0]
+
+
+def fused_scores(scorer: Scorer, feats: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The scorer's scores of ``rows``; every other row gets one score below all of them."""
+    n = len(next(iter(feats.values())))
+    out = np.full(n, -1e9, np.float64)
+    if len(rows) == 0:
+        return out
+    n_feats = {name: feats[name][rows] for name in scorer.features if name in feats}
+    if not n_feats:
+        n_feats = {"_": np.zeros(len(rows), np.float32)}
+    fused = scorer.score(n_feats)
+    out[:] = float(fused.min()) - 1.0
+    out[rows] = fused
+    return out
 
 
 def search(
@@ -559,7 +615,7 @@ def search(
     )
     if not query.strip():
         raise ValueError("empty query: type a prompt")
-    index, ctx, feats, scores = score_all(session, catalog, query, options)
+    index = catalog.search_index(session)
     if index.size == 0:
         return []
     mask = _allowed_mask(
@@ -571,6 +627,7 @@ def search(
         licence=licence,
         local_only=local_only,
     )
+    index, ctx, feats, scores = score_all(session, catalog, query, options, allowed=mask)
     scores = np.where(mask, scores, -np.inf)
     rows = _ranked_rows(scores, offset + k if sort == "relevance" else max(200, offset + k))
     if sort != "relevance":
@@ -686,6 +743,36 @@ def _best_prompts(
     return {row: texts[i] for row, i in chosen.items() if i in texts}
 
 
+RECORD_CACHE_SIZE = 4096
+
+
+def _summaries(
+    session: Session, catalog: Catalog, index: SearchIndex, ids: list[int], max_nsfw: int
+) -> dict[int, AdapterRecord]:
+    """Summary records of hits, cached per index build (a catalog change makes a new index, so a
+    stale record is never served); the cache keeps the ``RECORD_CACHE_SIZE`` most recently used."""
+    manifest = index.manifest
+    key = (manifest.revision, manifest.built_at) if manifest is not None else None
+    cached = getattr(index, "_record_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, OrderedDict())
+        index._record_cache = cached  # type: ignore[attr-defined]
+    cache: OrderedDict[tuple[int, int], AdapterRecord] = cached[1]
+    missing = [i for i in ids if (i, max_nsfw) not in cache]
+    if missing:
+        for adapter_id, record in get_adapters(session, catalog, missing, max_nsfw=max_nsfw).items():
+            cache[(adapter_id, max_nsfw)] = record
+    out = {}
+    for i in ids:
+        record = cache.get((i, max_nsfw))
+        if record is not None:
+            cache.move_to_end((i, max_nsfw))
+            out[i] = record
+    while len(cache) > RECORD_CACHE_SIZE:
+        cache.popitem(last=False)
+    return out
+
+
 def _hits(
     session: Session,
     catalog: Catalog,
@@ -697,7 +784,7 @@ def _hits(
     include_nsfw: bool,
 ) -> list[SearchHit]:
     ids = index.adapter_ids[rows].tolist()
-    records = get_adapters(session, catalog, ids, full=False, max_nsfw=3 if include_nsfw else 0)
+    records = _summaries(session, catalog, index, ids, max_nsfw=3 if include_nsfw else 0)
     prompts = _best_prompts(session, index, ctx, rows)
     weight = index.triggers.weight if index.triggers is not None else {}
     rarest = math.log1p((index.size - 0.5) / 1.5) or 1.0
