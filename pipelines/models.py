@@ -98,14 +98,14 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
             f"{path.name}: pickled checkpoints are refused (they can run code); use .safetensors"
         )
     if path.is_dir():
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
     elif path.suffix.lower() == ".safetensors":
         pipe = _from_single_file(path, dtype)
     elif path.exists():
         raise ValueError(f"{path}: not a diffusers folder or a .safetensors checkpoint")
     else:
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         except OSError as exc:
             raise FileNotFoundError(
                 f"model {model!r} is not a local folder or file and could not be fetched from the "

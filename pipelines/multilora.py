@@ -96,7 +96,7 @@ class MultiLoraLayer(nn.Module):
         self.table = table
         self.row = row
         device = base.weight.device
-        downs, ups, slot_adapter, slot_scale = [], [], [], []
+        downs, ups, slot_adapter, slot_scale, factor_adapter = [], [], [], [], []
         dense, dense_adapter = [], []
         for adapter, layer in layers:
             if isinstance(layer, torch.Tensor):  # a dense ΔW (DoRA, merges), already scaled
@@ -107,6 +107,7 @@ class MultiLoraLayer(nn.Module):
             down, up = conform(base, down, layer.up)
             downs.append(down)
             ups.append(up)
+            factor_adapter.append(adapter)
             slot_adapter += [adapter] * layer.rank
             slot_scale += [layer.scale] * layer.rank
         # Factors stay per adapter until a path needs them concatenated: attaching a mix copies
@@ -115,6 +116,8 @@ class MultiLoraLayer(nn.Module):
         self._ups = [u.to(device, dtype) for u in ups]
         self._ranks = [d.shape[0] for d in downs]
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._factor_adapter = torch.tensor(factor_adapter, dtype=torch.long, device=device)
+        self._stack: torch.Tensor | None = None
         self.register_buffer(
             "slot_adapter", torch.tensor(slot_adapter, dtype=torch.long, device=device), persistent=False
         )
@@ -173,6 +176,22 @@ class MultiLoraLayer(nn.Module):
                 w = fused_weight(w, up, down, g)
         return w
 
+    def stack_bytes(self) -> int:
+        """Memory the ``stacked`` path needs: one dense ΔW per low-rank adapter."""
+        w = self.base.weight
+        return len(self._downs) * w.numel() * w.element_size()
+
+    def _stacked(self) -> torch.Tensor:
+        """(adapters × W.shape): each adapter's ΔWᵢ = Bᵢ·(α/r)·Aᵢ, built once per mix (no gates)."""
+        if self._stack is None:
+            w, start, deltas = self.base.weight, 0, []
+            for down, up, r in zip(self._downs, self._ups, self._ranks, strict=True):
+                scale = self.slot_scale[start : start + r]
+                start += r
+                deltas.append(fused_weight(torch.zeros_like(w), up, down, scale))
+            self._stack = torch.stack(deltas) if deltas else w.new_zeros((0, *w.shape))
+        return self._stack
+
     def gate_ranks(self) -> torch.Tensor:
         """Current per-slot multipliers."""
         g = self.table.values[self.row].to(self.slot_scale.dtype)
@@ -192,15 +211,8 @@ class MultiLoraLayer(nn.Module):
             g = self.table.values[self.row].to(self.dense.dtype).index_select(0, self.dense_adapter)
             if bool((g != 0).any()):
                 c.dense = torch.tensordot(g, self.dense, dims=1)
-        if self.path == "fused":
-            if active.any():
-                one_off = self._cat is None and c.fuses == 0
-                c.weight = (
-                    self._fuse_per_adapter(g_rank)
-                    if one_off
-                    else fused_weight(self.base.weight, self.up, self.down, g_rank)
-                )
-                c.fuses += 1
+        if self.path in ("fused", "stacked"):
+            c.weight = self._fused(g_rank, active)
             if c.dense is not None:
                 c.weight = (self.base.weight if c.weight is None else c.weight) + c.dense
         elif active.any():
@@ -210,6 +222,19 @@ class MultiLoraLayer(nn.Module):
             shape = (1, -1) if up.dim() == 2 else (1, -1, 1, 1)
             c.up = up * g_rank.index_select(0, idx).view(shape)
         return c
+
+    def _fused(self, g_rank: torch.Tensor, active: torch.Tensor) -> torch.Tensor | None:
+        """W₀ + Σ gᵢΔWᵢ: from the stacked dense deltas (k·out·in per change) or from the factors
+        (out·in·R); ``None`` when no adapter is active."""
+        if not bool(active.any()):
+            return None
+        self._cache.fuses += 1
+        if self.path == "stacked":
+            g = self.table.values[self.row].to(self.slot_scale.dtype).index_select(0, self._factor_adapter)
+            return self.base.weight + torch.tensordot(g, self._stacked(), dims=1)
+        if self._cat is None and self._cache.fuses == 1:  # one-off: no need to concatenate the factors
+            return self._fuse_per_adapter(g_rank)
+        return fused_weight(self.base.weight, self.up, self.down, g_rank)
 
     def choose_path(self, x: torch.Tensor) -> None:
         """Let the planner pick this layer's path on its first call (it sees the real input)."""

@@ -1,10 +1,13 @@
 """Per-layer choice between the unfused multi-LoRA path and re-fusing W once per gate change.
 
 Unfused costs T·R·(in·k + out) multiply-adds per call (T input vectors, R total rank, k kernel
-taps); re-fusing costs out·in·k·R once per gate change, then the base op alone. Layers with many
-tokens (self-attention at high resolution) re-fuse; layers with few (cross-attention keys and
-values over 77 text tokens, deep 8×8 blocks) stay unfused. ``measure`` times both paths on the
-layer's first real input and caches the verdict per shape (so a replay takes the same path).
+taps); re-fusing from the factors costs out·in·k·R once per gate change, then the base op alone;
+re-fusing from ``stacked`` dense per-adapter deltas ΔWᵢ (built once per mix) costs out·in·k·(n+1)
+for n adapters — far less than R when ranks are high — at the price of n copies of W in memory
+(bounded by ``stack_budget`` bytes). Layers with many tokens (self-attention at high resolution)
+re-fuse; layers with few (cross-attention keys and values over 77 text tokens) stay unfused unless
+stacking is cheaper. ``measure`` times the paths on the layer's first real input and caches the
+verdict per shape (so a replay takes the same path).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ def flop_costs(
     return unfused, fused
 
 
+def stacked_cost(adapters: int, fan_in: int, fan_out: int) -> float:
+    """Extra multiply-adds per gate change of W₀ + Σᵢ gᵢ·ΔWᵢ over stacked dense deltas."""
+    return fan_out * fan_in * (adapters + 1)
+
+
 def _shape_key(layer: MultiLoraLayer, x: torch.Tensor) -> str:
     w = layer.base.weight
     return f"{x.device.type}|{x.dtype}|{tuple(x.shape)}|{tuple(w.shape)}|{layer.rank}"
@@ -39,33 +47,58 @@ class PathPlanner:
     """Chooses ``fused`` or ``unfused`` for each layer on its first call."""
 
     def __init__(
-        self, static: bool, mode: str = "cost", calls_per_change: float = 1.0, cache_file: Path | None = None
+        self,
+        static: bool,
+        mode: str = "cost",
+        calls_per_change: float = 1.0,
+        cache_file: Path | None = None,
+        stack_budget: int = 2 << 30,
     ) -> None:
-        if mode not in ("cost", "measure", "fused", "unfused"):
+        if mode not in ("cost", "measure", "fused", "unfused", "stacked"):
             raise ValueError(f"unknown path mode {mode!r}")
         self.static, self.mode, self.calls = static, mode, calls_per_change
         self.cache_file = cache_file
+        self.stack_budget = stack_budget
+        self.stacked_bytes = 0
         self._verdicts: dict[str, str] = {}
         self._lock = threading.Lock()
         if cache_file is not None and cache_file.exists():
             self._verdicts = json.loads(cache_file.read_text())
 
     def __call__(self, layer: MultiLoraLayer, x: torch.Tensor) -> str:
-        if self.mode in ("fused", "unfused"):
-            return self.mode
+        if self.mode in ("fused", "unfused", "stacked"):
+            return self._claim(layer, self.mode)
         if layer.dense is not None or self.static:
             return "fused"  # static gates: W is built once for the whole generation
         if self.mode == "measure":
-            return self._measured(layer, x)
+            return self._claim(layer, self._measured(layer, x))
         w = layer.base.weight
         unfused, fused = flop_costs(layer.tokens(x), layer.rank, w[0].numel(), w.shape[0], self.calls)
-        return "fused" if fused < unfused else "unfused"
+        costs = {"unfused": unfused, "fused": fused}
+        if self._fits(layer):
+            costs["stacked"] = stacked_cost(len(layer._downs), w[0].numel(), w.shape[0])
+        return self._claim(layer, min(costs, key=costs.get))
+
+    def _fits(self, layer: MultiLoraLayer) -> bool:
+        """Whether the layer's stacked deltas fit in what is left of the budget."""
+        return self.stacked_bytes + layer.stack_bytes() <= self.stack_budget
+
+    def _claim(self, layer: MultiLoraLayer, path: str) -> str:
+        """Book the memory of a stacked layer (falls back to ``fused`` past the budget)."""
+        if path == "stacked":
+            if not self._fits(layer) and self.mode != "stacked":
+                return "fused"
+            with self._lock:
+                self.stacked_bytes += layer.stack_bytes()
+        return path
 
     def _measured(self, layer: MultiLoraLayer, x: torch.Tensor) -> str:
         key = _shape_key(layer, x)
         if key not in self._verdicts:
-            self._verdicts[key] = _time_paths(layer, x, self.calls)
+            self._verdicts[key] = _time_paths(layer, x, self.calls, stacked=self._fits(layer))
             self._save()
+        if self._verdicts[key] != "stacked":
+            layer._stack = None  # built only to be timed
         return self._verdicts[key]
 
     def _save(self) -> None:
@@ -84,7 +117,9 @@ def _sync(x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _time_paths(layer: MultiLoraLayer, x: torch.Tensor, calls: float, repeats: int = 3) -> str:
+def _time_paths(
+    layer: MultiLoraLayer, x: torch.Tensor, calls: float, repeats: int = 3, stacked: bool = False
+) -> str:
     """Median wall time of one gate change + ``calls`` forwards on each path."""
     from pipelines.multilora import fused_weight
 
@@ -101,8 +136,15 @@ def _time_paths(layer: MultiLoraLayer, x: torch.Tensor, calls: float, repeats: i
         for _ in range(max(1, round(calls))):
             layer.base(x) + layer.lora_forward(x, layer.down, up)
 
+    def stacked_path() -> None:
+        gates = torch.ones(len(layer._downs), dtype=g.dtype, device=g.device)
+        w = layer.base.weight + torch.tensordot(gates, layer._stacked(), dims=1)
+        for _ in range(max(1, round(calls))):
+            layer.base_forward(x, w)
+
+    paths = [("fused", fused), ("unfused", unfused)] + ([("stacked", stacked_path)] if stacked else [])
     times = {}
-    for name, fn in (("fused", fused), ("unfused", unfused)):
+    for name, fn in paths:
         fn()
         _sync(x)
         runs = []

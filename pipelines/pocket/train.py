@@ -44,7 +44,8 @@ class VaeTrainConfig:
 class UnetTrainConfig:
     """UNet + text-encoder stage: epsilon prediction with min-SNR weighting and EMA."""
 
-    steps: int = 5000
+    steps: int = 5000  # length of the LR schedule
+    stop_at: int = 4000  # the bundled weights: EMA after this many steps of that schedule
     batch_size: int = 64
     lr: float = 6e-4
     text_lr: float = 3e-4
@@ -311,7 +312,7 @@ def train_unet(cfg: PocketTrainConfig, run: Path) -> None:
             },
         )
 
-    _run_loop(c.steps, start, step_fn, save_fn, c.checkpoint_every, "unet", run / "unet.log")
+    _run_loop(min(c.steps, c.stop_at), start, step_fn, save_fn, c.checkpoint_every, "unet", run / "unet.log")
 
 
 def assemble_pipeline(cfg: PocketTrainConfig, run: Path, use_ema: bool = True):  # -> StableDiffusionPipeline

@@ -49,6 +49,8 @@ def remove_lora(model: torch.nn.Module, adapter: str = "default") -> int:
         setattr(parent, child, getattr(parent, child).get_base_layer())
     if hasattr(model, "peft_config"):
         model.peft_config.pop(adapter, None)
+        if not model.peft_config:  # no adapter left: the model is plain again (PEFT warns otherwise)
+            del model.peft_config
     return len(names)
 
 

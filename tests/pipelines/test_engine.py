@@ -107,7 +107,21 @@ def test_fused_equals_unfused(policy, params, lora_files, pipe):
     adapters = loaded(lora_files, "kohya")
     fused = run(pipe, adapters, policy, params, PathPlanner(static=False, mode="fused"))
     unfused = run(pipe, adapters, policy, params, PathPlanner(static=False, mode="unfused"))
+    stacked = run(pipe, adapters, policy, params, PathPlanner(static=False, mode="stacked"))
     assert np.abs(fused - unfused).max() <= 1e-5
+    assert np.abs(stacked - unfused).max() <= 1e-5
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    assert np.abs(fused - base).max() > 1e-3  # the adapters did change the picture
+
+
+def test_planner_stacks_high_rank_deep_layers_within_its_budget(lora_files, pipe):
+    adapters = loaded(lora_files, "kohya")
+    roomy = PathPlanner(static=False)
+    run(pipe, adapters, "schedule", {"schedule": ["1@0,0@1", "0.2@0,1@1"]}, roomy)
+    assert roomy.stacked_bytes > 0  # 2 adapters: Σ gᵢΔWᵢ is cheaper than re-fusing rank-R factors
+    tight = PathPlanner(static=False, stack_budget=0)
+    run(pipe, adapters, "schedule", {"schedule": ["1@0,0@1", "0.2@0,1@1"]}, tight)
+    assert tight.stacked_bytes == 0
 
 
 @pytest.mark.parametrize("policy", sorted(REGISTRY))
