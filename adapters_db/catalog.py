@@ -80,6 +80,7 @@ class Catalog:
         self._embedder_spec = embedder
         self._embedder: Embedder | None = None
         self._search_index: SearchIndex | None = None
+        self.weight_encoder: Path | None = None  # WeightEncoder checkpoint (adapters_db.weightspace)
         self._lock = threading.RLock()
 
     @contextmanager
@@ -121,6 +122,7 @@ class Catalog:
         """
         from adapters_db.search_index import SearchIndex
         from adapters_db.vectors import embed_missing
+        from adapters_db.weightspace import embed_weight_channels
 
         with self._lock:
             if self._search_index is None:
@@ -128,6 +130,7 @@ class Catalog:
             index = self._search_index
             if not index.is_current(session) and not index.try_load(session):
                 embed_missing(self, self.embedder, session=session, show_progress=show_progress)
+                embed_weight_channels(self, session, self.embedder)
                 index.rebuild(session, show_progress=show_progress)
             return index
 

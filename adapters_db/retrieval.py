@@ -50,7 +50,7 @@ from adapters_db.text import clean_prompt, words
 if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
 
-CHANNELS = ("prompts", "meta", "triggers", "fts", "dense")
+CHANNELS = ("prompts", "meta", "triggers", "fts", "dense", "weightspace")
 BASE_FEATURES = (
     "p_max",
     "p_kde",
@@ -97,6 +97,9 @@ DENSE_K = 256
 FTS_LIMIT = 1000
 FTS_WORDS = 8
 DENSE_FEATURES = {"d_meta", "d_prompt", "d_image", "r_d_meta", "r_d_prompt"}
+# weight-space channels (adapters_db.weightspace): feature → stored channel; only textless adapters have them
+WEIGHT_FEATURES = {"d_weights": "weights", "d_wsvd": "wsvd"}
+TEXTLESS_WEIGHT = 4.0
 
 
 @dataclass
@@ -112,6 +115,7 @@ class QueryContext:
     trigger_hits: dict[int, list[str]] = field(default_factory=dict)
     prompt_scores: np.ndarray | None = None
     best_dense_prompt: dict[int, tuple[float, int]] = field(default_factory=dict)
+    weight_channels: bool = False
 
 
 def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
@@ -220,6 +224,8 @@ class FeatureBuilder:
             self._prompts(ctx, out)
         if ctx.vector is not None:
             self.dense_features(ctx, out)
+        if ctx.vector is not None and ctx.weight_channels:
+            self.weight_features(ctx, out)
         return out
 
     @staticmethod
@@ -363,6 +369,19 @@ class FeatureBuilder:
             if channel == "prompt" and not ctx.use_prompts:
                 continue
             self._dense_owned(ctx, channel, out[feature])
+
+    def weight_features(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+        """``d_weights``, ``d_wsvd``: cosine of the query vector to the weight-space vectors of textless
+        adapters (0 for every other adapter; see ``adapters_db.weightspace``)."""
+        for feature, channel in WEIGHT_FEATURES.items():
+            target = out.setdefault(feature, np.zeros(self.index.size, np.float32))
+            index = self.index.dense.get(channel)
+            if index is None or index.size == 0 or ctx.vector is None:
+                continue
+            sims, ids = index.search(ctx.vector, index.size)
+            rows = self.index.rows_of(ids[0][ids[0] >= 0])
+            vals = sims[0][ids[0] >= 0]
+            target[rows[rows >= 0]] = vals[rows >= 0]
 
     def _owner_rows(self, channel: str, ids: np.ndarray) -> np.ndarray:
         """Adapter rows owning the given dense-index ids (image ids of the prompt/image channels)."""
@@ -508,6 +527,12 @@ def prepare(
     wants = set(scorer.features)
     if "dense" in options.channels and (options.all_features or wants & DENSE_FEATURES):
         ctx.vector = catalog.embedder.embed_texts([query])
+    if "weightspace" in options.channels and any(
+        channel in index.dense and index.dense[channel].size for channel in WEIGHT_FEATURES.values()
+    ):
+        ctx.weight_channels = True
+        if ctx.vector is None:
+            ctx.vector = catalog.embedder.embed_texts([query])
     if "fts" in options.channels and (options.all_features or "fts" in wants):
         ctx.fts_rows = _fts_rows(session, index, query)
     return index, ctx
@@ -532,10 +557,15 @@ def score_all(
     if "triggers" not in options.channels:
         feats["t_max"][:] = 0.0
         feats["t_frac"][:] = 0.0
+    if "dense" not in options.channels:
+        for name in ("d_meta", "d_prompt", "d_image"):
+            feats[name][:] = 0.0
     FeatureBuilder.add_ranks(feats)
     scorer = resolve_fusion(catalog, options).for_mode(ctx.use_prompts)
     wanted = set(scorer.features) - {"pop", "n_prompts", "has_prompts"}
     scores = fused_scores(scorer, feats, candidate_rows(feats, allowed, wanted=wanted))
+    if ctx.weight_channels:
+        scores = scores + textless_evidence(feats)
     return index, ctx, feats, scores
 
 
@@ -579,6 +609,17 @@ def fused_scores(scorer: Scorer, feats: dict[str, np.ndarray], rows: np.ndarray)
     out[:] = float(fused.min()) - 1.0
     out[rows] = fused
     return out
+
+
+def textless_evidence(feats: dict[str, np.ndarray]) -> np.ndarray:
+    """``TEXTLESS_WEIGHT · max(0, d_weights, d_wsvd)``: the weight-space channels' score, added to the
+    fused one (the fitted fusion never saw these features; they are nonzero only for textless adapters)."""
+    n = len(next(iter(feats.values())))
+    best = np.zeros(n, np.float64)
+    for name in WEIGHT_FEATURES:
+        if name in feats:
+            best = np.maximum(best, feats[name])
+    return TEXTLESS_WEIGHT * best
 
 
 def search(
@@ -805,7 +846,8 @@ def _hits(
             description_match=float(feats["m_description"][row]),
             dense_meta=float(feats["d_meta"][row]),
         )
-        channels = {name: round(float(feats[name][row]), 4) for name in FEATURES}
+        shown = (*FEATURES, *(f for f in WEIGHT_FEATURES if f in feats))
+        channels = {name: round(float(feats[name][row]), 4) for name in shown}
         hits.append(
             SearchHit(
                 adapter=record,

@@ -40,6 +40,7 @@ from adapters_db.models import (
 from adapters_db.text import clean_prompt, trigger_phrases, words
 from adapters_db.vector_index import VectorIndex, VectorIndexConfig
 from adapters_db.vectors import load_vectors
+from adapters_db.weightspace import WEIGHT_CHANNELS
 
 if TYPE_CHECKING:
     from adapters_db.embedders import Embedder
@@ -480,8 +481,10 @@ class SearchIndex:
         dense: dict[str, VectorIndex] = {}
         owners: dict[str, np.ndarray] = {}
         channels = ("meta", "prompt", "image") if self.embedder.supports_images else ("meta", "prompt")
-        for channel in channels:
+        for channel in channels + WEIGHT_CHANNELS:
             stored = load_vectors(session, self.embedder.name, self.embedder.dim, channel)
+            if channel in WEIGHT_CHANNELS and len(stored.adapter_ids) == 0:
+                continue
             row_of = np.searchsorted(rows.adapter_ids, stored.adapter_ids)
             valid = (
                 (row_of < len(rows.adapter_ids))
@@ -489,7 +492,7 @@ class SearchIndex:
                 if len(row_of) and len(rows.adapter_ids)
                 else row_of > 0
             )
-            ids = stored.adapter_ids if channel == "meta" else stored.image_ids
+            ids = stored.adapter_ids if channel in ("meta", *WEIGHT_CHANNELS) else stored.image_ids
             dense[channel] = VectorIndex.build(stored.vectors[valid], ids[valid], self.config.vectors)
             owners[channel] = row_of[valid].astype(np.int64)
         return dense, owners
