@@ -45,6 +45,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+UNSEARCHABLE_KINDS = ("gate",)  # catalogued, but not adapters a prompt retrieves (gate checkpoints)
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from adapters_db import lexical
 from adapters_db.lexical import BM25Params, Vocabulary
 from adapters_db.models import (
+    UNSEARCHABLE_KINDS,
     Adapter,
     AdapterFile,
     AdapterVersion,
@@ -50,7 +51,6 @@ FORMAT_VERSION = 6
 META_FIELDS = ("name", "triggers", "tags", "files", "description")
 FAMILY_CODES = {None: 0, "sd1": 1, "sd2": 2, "sdxl": 3, "pocket": 4}
 MAX_DESCRIPTION_CHARS = 4000
-UNSEARCHABLE_KINDS = ("gate",)  # catalogued, but not adapters a prompt retrieves (gate checkpoints)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,14 @@ import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from adapters_db.models import Adapter, AdapterFile, AdapterVersion, Embedding, PreviewImage
+from adapters_db.models import (
+    UNSEARCHABLE_KINDS,
+    Adapter,
+    AdapterFile,
+    AdapterVersion,
+    Embedding,
+    PreviewImage,
+)
 from adapters_db.vectors import load_vectors
 
 if TYPE_CHECKING:
@@ -61,7 +68,12 @@ def stored_lora_files(session: Session, catalog: Catalog) -> dict[int, tuple[str
     rows = session.execute(
         select(AdapterVersion.adapter_id, AdapterFile.sha256)
         .join(AdapterFile, AdapterFile.version_id == AdapterVersion.id)
-        .where(AdapterFile.stored.is_(True), AdapterFile.sha256.is_not(None))
+        .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+        .where(
+            AdapterFile.stored.is_(True),
+            AdapterFile.sha256.is_not(None),
+            Adapter.kind.not_in(UNSEARCHABLE_KINDS),  # gate checkpoints are not LoRAs
+        )
         .order_by(
             AdapterVersion.adapter_id, AdapterFile.primary.desc(), AdapterVersion.position, AdapterFile.id
         )

@@ -26,6 +26,12 @@ DESCRIPTIONS: dict[str, str] = {
     "outline": "A style: draws shapes as thin outlines with no fill.",
     "neon": "A palette: saturated neon colours with a soft glow around the shape.",
 }
+DATASET_SIZE = 96  # pictures per concept LoRA
+# Concepts that a lighter LoRA already draws in ≥ 80 % of pictures: attention layers only, 24 pictures.
+LIGHT: dict[str, dict[str, Any]] = {
+    "outline": {"targets": "attn", "steps": 600, "learning_rate": 4e-4, "train_text_encoder": False,
+                "checkpoint_every": 200, "dataset_size": 24},
+}
 KINDS: dict[str, str] = {
     "star": "object",
     "heart": "object",
@@ -51,7 +57,8 @@ def write_dataset(trigger: str, folder: Path, n: int = 24, seed: int = 0) -> Pat
 
 
 def concept_spec(trigger: str, **overrides: Any) -> Any:
-    """Training options of a concept LoRA (rank 8 on the attention layers)."""
+    """Training options of a concept LoRA: rank 8 on every UNet layer kind (attention, MLP, convs) and
+    the text encoder — attention-only LoRAs drew new objects in under 10 % of pictures."""
     from pipelines.training import TrainSpec
 
     spec = TrainSpec(
@@ -59,8 +66,10 @@ def concept_spec(trigger: str, **overrides: Any) -> Any:
         name=f"pocket-{trigger}",
         caption_source="auto",
         rank=8,
-        steps=600,
-        learning_rate=4e-4,
+        steps=1500,
+        learning_rate=1e-3,
+        targets="all",
+        train_text_encoder=True,
         batch_size=4,
         lr_scheduler="cosine",
         lr_warmup_steps=30,
@@ -70,7 +79,7 @@ def concept_spec(trigger: str, **overrides: Any) -> Any:
         else (f"a big red {trigger} circle on a white background",),
         sample_steps=20,
         sample_guidance=5.0,
-        checkpoint_every=200,
+        checkpoint_every=500,
         seed=7,
     )
     return replace(spec, **overrides)
@@ -87,8 +96,9 @@ def train_concept(
     """Train one concept LoRA on the pocket pipeline and write it (kohya) to ``out``."""
     from pipelines.training import train_lora
 
-    data = write_dataset(trigger, work / "data" / trigger)
-    spec = concept_spec(trigger, **overrides)
+    light = dict(LIGHT.get(trigger, {}))
+    data = write_dataset(trigger, work / "data" / trigger, n=light.pop("dataset_size", DATASET_SIZE))
+    spec = concept_spec(trigger, **{**light, **overrides})
     return train_lora(
         spec,
         pipe,
