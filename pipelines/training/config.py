@@ -46,7 +46,7 @@ class TrainSpec:
     use_rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski 2023, arXiv 2312.03732)
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353)
     lora_dropout: float = 0.0
-    targets: str | None = None  # a key of UNET_TARGETS; None: the base family's default (FAMILY_DEFAULTS)
+    targets: str = "attn"  # a key of UNET_TARGETS
     target_modules: tuple[str, ...] = ()  # explicit UNet module names; overrides ``targets``
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # None: same as learning_rate
@@ -54,7 +54,7 @@ class TrainSpec:
     # optimisation
     steps: int = 800
     epochs: int | None = None  # when set, steps = epochs × batches per epoch
-    learning_rate: float | None = None  # None: the base family's default (FAMILY_DEFAULTS)
+    learning_rate: float = 1e-4
     lora_plus_ratio: float = 1.0  # LoRA+: lr(B) / lr(A) (Hayou et al. 2024, arXiv 2402.12354)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -114,12 +114,12 @@ class TrainSpec:
     @property
     def unet_targets(self) -> tuple[str, ...]:
         """UNet module names the adapter wraps."""
-        return self.target_modules or UNET_TARGETS[self.targets or GENERIC_DEFAULTS["targets"]]
+        return self.target_modules or UNET_TARGETS[self.targets]
 
     @property
     def text_targets(self) -> tuple[str, ...]:
         """Text-encoder module names the adapter wraps (when it trains the text encoder)."""
-        return TEXT_TARGETS["attn" if self.target_modules else self.targets or GENERIC_DEFAULTS["targets"]]
+        return TEXT_TARGETS["attn" if self.target_modules else self.targets]
 
     @property
     def output_name(self) -> str:
@@ -165,11 +165,10 @@ def _problems(s: TrainSpec) -> list[str]:
         (s.alpha is None or s.alpha > 0, f"alpha must be > 0, got {s.alpha}"),
         (0 <= s.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {s.caption_dropout}"),
         (0 <= s.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {s.lora_dropout}"),
-        (s.targets is None or s.targets in UNET_TARGETS,
-         f"targets must be one of {sorted(UNET_TARGETS)}, got {s.targets!r}"),
+        (s.targets in UNET_TARGETS, f"targets must be one of {sorted(UNET_TARGETS)}, got {s.targets!r}"),
         (s.steps >= 1, f"steps must be ≥ 1, got {s.steps}"),
         (s.epochs is None or s.epochs >= 1, f"epochs must be ≥ 1, got {s.epochs}"),
-        (s.learning_rate is None or s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
+        (s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
         (s.text_encoder_lr is None or s.text_encoder_lr >= 0, "text_encoder_lr must be ≥ 0"),
         (s.lora_plus_ratio >= 1, f"lora_plus_ratio must be ≥ 1, got {s.lora_plus_ratio}"),
         (s.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
@@ -192,19 +191,6 @@ def _problems(s: TrainSpec) -> list[str]:
 
 
 # Presets: "balanced" is the dataclass default; the others override a few options.
-# Options a spec may leave to the base family (None). kohya's defaults for real SD models; the pocket
-# model (small, trained from scratch) learns a new object only with every layer kind adapted
-# (LoCon-style) and a higher rate: attention-only LoRAs drew a new object in under 10 % of pictures.
-GENERIC_DEFAULTS: dict[str, Any] = {"targets": "attn", "learning_rate": 1e-4}
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"pocket": {"targets": "all", "learning_rate": 1e-3}}
-
-
-def for_family(spec: TrainSpec, family: str) -> TrainSpec:
-    """The spec with the options it left to the base family (``None``) filled in."""
-    defaults = {**GENERIC_DEFAULTS, **FAMILY_DEFAULTS.get(family, {})}
-    return replace(spec, **{k: v for k, v in defaults.items() if getattr(spec, k) is None})
-
-
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"rank": 8, "steps": 300, "learning_rate": 2e-4, "sample_every": 100},
     "balanced": {},

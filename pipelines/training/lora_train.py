@@ -32,7 +32,7 @@ from peft.optimizers import create_loraplus_optimizer
 from pipelines.images import ImageLimits
 from pipelines.lora_formats import UNKNOWN_FAMILY, pipeline_family
 from pipelines.training.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
-from pipelines.training.config import TrainSpec, for_family
+from pipelines.training.config import TrainSpec
 from pipelines.training.data import (
     BatchPlan,
     Example,
@@ -596,7 +596,6 @@ def train_lora(
     started, out = time.time(), Path(out)
     owned = not isinstance(model, DiffusionPipeline)
     pipe = load_base_pipeline(model)
-    spec = for_family(spec, detect_family(pipe))
     dev = resolve_device(device)
     weight_dtype, amp = resolve_precision(spec, dev)
     if owned:

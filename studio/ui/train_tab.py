@@ -78,11 +78,7 @@ def build(ui: Ui) -> None:
                 with gr.Row():
                     steps = gr.Number(first["steps"], precision=0, label="steps", elem_id="train-steps")
                     rank = gr.Number(first["rank"], precision=0, label="rank", elem_id="train-rank")
-                    lr = gr.Number(
-                        first["learning_rate"],
-                        label="learning rate (empty: the model's default)",
-                        elem_id="train-lr",
-                    )
+                    lr = gr.Number(first["learning_rate"], label="learning rate", elem_id="train-lr")
                 with gr.Row():
                     resolution = gr.Number(
                         first["resolution"],
