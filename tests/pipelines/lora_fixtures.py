@@ -18,6 +18,7 @@ from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from pipelines.lora_weights import LoraLayer, LoraWeights
 from pipelines.tiny import build_tiny_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_out.0", "proj_in", "conv1", "conv_shortcut", "ff.net.2", "time_emb_proj"]
@@ -141,3 +142,20 @@ def lokr_dense(w1, w2, scale, shape) -> torch.Tensor:
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
     return (torch.kron(w1.contiguous(), w2.contiguous()) * scale).reshape(shape)
+
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def random_lora(pipe, seed: int, rank: int = 4) -> LoraWeights:
+    """A LoRA of random factors on every UNet attention projection (family left undecided)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, mod in pipe.unet.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.endswith(ATTENTION):
+            layers[f"unet.{name}"] = LoraLayer(
+                torch.randn(rank, mod.in_features, generator=g) * 0.3,
+                torch.randn(mod.out_features, rank, generator=g) * 0.3,
+                alpha=rank,
+            )
+    return LoraWeights(layers, "unknown")

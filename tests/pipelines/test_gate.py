@@ -14,24 +14,11 @@ from pipelines.fusion.gate import Gate
 from pipelines.gate.distill import distill, record_gates
 from pipelines.gate.network import GateConfig, GateNetwork
 from pipelines.gate.train import GateLora, GateTrainConfig, gate_layers, train_gate
-from pipelines.lora_weights import LoraLayer, LoraWeights
 from pipelines.tiny import build_tiny_pipeline
+from tests.pipelines.lora_fixtures import random_lora
 
 KW = dict(num_inference_steps=3, height=64, width=64, output_type="np")
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
-
-def random_lora(pipe, seed: int, rank: int = 4) -> LoraWeights:
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, mod in pipe.unet.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.endswith(TARGETS):
-            layers[f"unet.{name}"] = LoraLayer(
-                torch.randn(rank, mod.in_features, generator=g) * 0.3,
-                torch.randn(mod.out_features, rank, generator=g) * 0.3,
-                alpha=rank,
-            )
-    return LoraWeights(layers, "unknown")
 
 
 @pytest.fixture(scope="module")

@@ -17,28 +17,14 @@ from pipelines.fusion.gate import GateMismatchError
 from pipelines.gate.network import GateConfig, GateNetwork
 from pipelines.gate.train import GateLora, gate_layers
 from pipelines.lora_formats import save_kohya
-from pipelines.lora_weights import LoraLayer, LoraWeights
+from pipelines.lora_weights import LoraWeights
 from pipelines.recipe import AdapterSpec, MixRecipe
 from studio.cli import main as cli
 from studio.config import StudioConfig
 from studio.handlers.create import mix_item
 from studio.handlers.policies import gate_choices
 from studio.services import Services, build_services
-
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def random_lora(pipe, seed: int, rank: int = 4) -> LoraWeights:
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, mod in pipe.unet.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.endswith(TARGETS):
-            layers[f"unet.{name}"] = LoraLayer(
-                torch.randn(rank, mod.in_features, generator=g) * 0.3,
-                torch.randn(mod.out_features, rank, generator=g) * 0.3,
-                alpha=rank,
-            )
-    return LoraWeights(layers, "unknown")
+from tests.pipelines.lora_fixtures import random_lora
 
 
 def random_gate(pipe, loras: list[LoraWeights], family: str | None, seed: int = 0) -> GateNetwork:
