@@ -231,7 +231,9 @@ class MultiLoraLayer(nn.Module):
         self._cache.fuses += 1
         if self.path == "stacked":
             g = self.table.values[self.row].to(self.slot_scale.dtype).index_select(0, self._factor_adapter)
-            return self.base.weight + torch.tensordot(g, self._stacked(), dims=1)
+            w0, stack = self.base.weight, self._stacked()
+            # one fused pass over the deltas: W₀ + Dᵀg with D the (adapters × out·in) stack
+            return torch.addmv(w0.reshape(-1), stack.reshape(len(stack), -1).t(), g).view_as(w0)
         if self._cat is None and self._cache.fuses == 1:  # one-off: no need to concatenate the factors
             return self._fuse_per_adapter(g_rank)
         return fused_weight(self.base.weight, self.up, self.down, g_rank)
