@@ -192,6 +192,11 @@ class MultiLoraLayer(nn.Module):
             self._stack = torch.stack(deltas) if deltas else w.new_zeros((0, *w.shape))
         return self._stack
 
+    def stacked_weight(self, gates: torch.Tensor) -> torch.Tensor:
+        """W₀ + Σᵢ gᵢΔWᵢ in one fused pass over the stacked deltas (``gates``: one per low-rank adapter)."""
+        w0, stack = self.base.weight, self._stacked()
+        return torch.addmv(w0.reshape(-1), stack.reshape(len(stack), -1).t(), gates).view_as(w0)
+
     def gate_ranks(self) -> torch.Tensor:
         """Current per-slot multipliers."""
         g = self.table.values[self.row].to(self.slot_scale.dtype)
@@ -231,9 +236,7 @@ class MultiLoraLayer(nn.Module):
         self._cache.fuses += 1
         if self.path == "stacked":
             g = self.table.values[self.row].to(self.slot_scale.dtype).index_select(0, self._factor_adapter)
-            w0, stack = self.base.weight, self._stacked()
-            # one fused pass over the deltas: W₀ + Dᵀg with D the (adapters × out·in) stack
-            return torch.addmv(w0.reshape(-1), stack.reshape(len(stack), -1).t(), g).view_as(w0)
+            return self.stacked_weight(g)
         if self._cat is None and self._cache.fuses == 1:  # one-off: no need to concatenate the factors
             return self._fuse_per_adapter(g_rank)
         return fused_weight(self.base.weight, self.up, self.down, g_rank)

@@ -137,8 +137,7 @@ def _time_paths(
             layer.base(x) + layer.lora_forward(x, layer.down, up)
 
     def stacked_path() -> None:
-        gates = torch.ones(len(layer._downs), dtype=g.dtype, device=g.device)
-        w = layer.base.weight + torch.tensordot(gates, layer._stacked(), dims=1)
+        w = layer.stacked_weight(torch.ones(len(layer._downs), dtype=g.dtype, device=g.device))
         for _ in range(max(1, round(calls))):
             layer.base_forward(x, w)
 
