@@ -191,7 +191,7 @@ def find_gate(session: Session, catalog: Catalog, ref: str) -> GateRecord | None
     record: AdapterRecord | None = None
     if text.isdigit():
         record = get_adapter(session, catalog, int(text))
-    elif _HASH.match(text):
+    if (record is None or record.kind != GATE_KIND) and _HASH.match(text):  # an AutoV2 may be all digits
         record = find_by_hash(session, catalog, _HASH.match(text)[2])  # type: ignore[index]
     if record is not None and record.kind == GATE_KIND:
         return gate_record(record)
