@@ -30,21 +30,33 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.composition import lora_path, run_pair
+from benchmarks.composition import judge_pair, lora_path, pair_scenes, run_pair
 from pipelines.gate.network import GateNetwork
 from pipelines.gate.prompts import concept_prompts
-from pipelines.gate.train import GateLora, GateTrainConfig, lora_latents, train_gate
+from pipelines.gate.train import (
+    GateLora,
+    GateTrainConfig,
+    decode_latents,
+    lora_latents,
+    mix_latents,
+    train_gate,
+)
 from pipelines.pocket import classifier as judge
 from pipelines.pocket.evaluate import CLASSIFIER_PATH, LORA_DIR, SampleConfig
 
 CONCEPT_ORDER = ("star", "heart", "striped", "outline")
 TRAIN_PAIRS = [("star", "striped"), ("heart", "outline")]
 HELD_OUT_PAIRS = [("star", "outline"), ("heart", "striped")]
-VARIANTS: dict[str, dict[str, bool]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "full": {"use_time": True, "use_prompt": True},
     "no_time": {"use_time": False, "use_prompt": True},
     "no_prompt": {"use_time": True, "use_prompt": False},
+    # full + the two-concept term: linear mixes of the training pairs the judge accepts
+    "mix": {"use_time": True, "use_prompt": True, "mixes": True},
+    # mix with the exclusion hinge at a tenth of its weight (the hinge alone closes both doors)
+    "mix_soft": {"use_time": True, "use_prompt": True, "mixes": True, "hinge_weight": 0.1},
 }
+MIX_PICTURES = 64  # linear-mix pictures made per training pair before the judge keeps the good ones
 
 
 @dataclass(frozen=True)
@@ -127,16 +139,49 @@ def lora_data(
     return out
 
 
+def mix_data(
+    pipe: Any, loras: list[GateLora], model: judge.ConceptClassifier, cfg: GateTrainConfig, work: Path
+) -> dict[tuple[int, int], tuple[torch.Tensor, list[str]]]:
+    """Per training pair: linear-mix pictures of fresh two-concept captions that the judge accepts
+    (both concepts, the caption's colour and background); cached in ``work``."""
+    idx = {c: i for i, c in enumerate(CONCEPT_ORDER)}
+    out = {}
+    for first, second in TRAIN_PAIRS:
+        path = work / f"mix-{first}-{second}.safetensors"
+        if not path.is_file():
+            scenes = pair_scenes(first, second, MIX_PICTURES, cfg.seed + 500)
+            prompts = [s.caption() for s in scenes]
+            seeds = [cfg.seed * 7_777 + k for k in range(len(prompts))]
+            lat = torch.cat([mix_latents(pipe, loras[idx[first]], loras[idx[second]], prompts[k : k + 16],
+                                         seeds[k : k + 16], cfg) for k in range(0, len(prompts), 16)])
+            pred = judge.predict(model, decode_latents(pipe, lat))
+            rows = [judge_pair({a: [v[k]] for a, v in pred.items()}, [scenes[k]], first, second)
+                    for k in range(len(scenes))]
+            keep = [k for k, r in enumerate(rows) if r["both_rate"] == 1 and r["prompt_rate"] == 1]
+            save_file({"latents": lat[keep].contiguous()}, str(path))
+            (work / f"mix-{first}-{second}.json").write_text(
+                json.dumps({"prompts": [prompts[k] for k in keep], "made": len(prompts)}))
+            print(f"mix data {first}×{second}: kept {len(keep)} of {len(prompts)}", file=sys.stderr)
+        meta = json.loads((work / f"mix-{first}-{second}.json").read_text())
+        if meta["prompts"]:
+            out[(idx[first], idx[second])] = (load_file(str(path))["latents"], meta["prompts"])
+    return out
+
+
 def trained_gate(
-    pipe: Any, loras: list[GateLora], variant: str, cfg: AblationConfig, work: Path, data: dict
+    pipe: Any, loras: list[GateLora], variant: str, cfg: AblationConfig, work: Path, data: dict,
+    mixes: dict | None = None,
 ) -> GateNetwork:
     """Gate ``variant`` (trained now, or loaded from ``work``)."""
     path = work / f"gate-{variant}.safetensors"
     if path.is_file():
         return GateNetwork.load(path)
-    train = replace(cfg.train, **VARIANTS[variant])
+    options = dict(VARIANTS[variant])
+    use_mixes = options.pop("mixes", False)
+    train = replace(cfg.train, **options)
     t0 = time.perf_counter()
-    net, losses = train_gate(pipe, loras, gate_pairs(), train, family=cfg.family, data=data)
+    net, losses = train_gate(pipe, loras, gate_pairs(), train, family=cfg.family, data=data,
+                             mixes=mixes if use_mixes else None)
     net.save(path)
     log = {"losses": losses, "seconds": time.perf_counter() - t0, "config": asdict(train)}
     (work / f"gate-{variant}.json").write_text(json.dumps(log))
@@ -150,7 +195,9 @@ def run(cfg: AblationConfig, variants: list[str], work: Path, setup: tuple, quie
     work.mkdir(parents=True, exist_ok=True)
     loras = [GateLora(c, lora_weights[c], concept_prompts(c, 64, cfg.train.seed)) for c in CONCEPT_ORDER]
     data = lora_data(pipe, loras, cfg.train, work)
-    gates = {v: trained_gate(pipe, loras, v, cfg, work, data) for v in variants}
+    mixes = mix_data(pipe, loras, model, cfg.train, work) if any(
+        VARIANTS[v].get("mixes") for v in variants) else None
+    gates = {v: trained_gate(pipe, loras, v, cfg, work, data, mixes) for v in variants}
     policies: dict[str, tuple[str, dict[str, Any]]] = {"linear": ("linear", {})}
     policies |= {f"gate-{v}": ("gate", {"network": net}) for v, net in gates.items()}
     cache = work / "rows.jsonl"

@@ -121,7 +121,7 @@ def train(pipe: Any, folder: Path, out: Path, trigger: str, **options: Any) -> P
     result = train_lora(spec, pipe, folder, out, work_dir=out.with_suffix(".work"),
                         basis=lambda family: registry.allocate(family, out.stem, spec.rank),
                         progress=_progress(out.stem))
-    print(f"\n  trained {out.name}: {spec.steps} steps in {time.time() - t0:.0f} s, "
+    print(f"\n  trained {out.name}: {result.steps} steps in {time.time() - t0:.0f} s, "
           f"final loss {result.losses[-1]:.4f}", flush=True)
     return result.kohya_path
 
@@ -166,6 +166,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="denoising steps per picture")
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--orthogonal", action="store_true", help="also measure merge interference")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a training option other than its default (value as JSON), e.g. --set rank=8")
+    ap.add_argument("--prior-base", type=int, default=0, metavar="N",
+                    help="prior prompts: N captions of base scenes (the model's own domain)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args()
@@ -174,10 +178,13 @@ def main() -> None:
 
     pipe, model = load_base_pipeline(args.model), judge.load(args.classifier)
     kw = {"n": args.n, "steps": args.steps, "guidance": args.guidance}
-    report: dict[str, Any] = {"base": evaluate(pipe, None, args.trigger, args.concept, model, **kw)}
+    report: dict[str, Any] = {"options": options(args.set),
+                              "base": evaluate(pipe, None, args.trigger, args.concept, model, **kw)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = concept_folder(Path(tmp) / args.concept, args.concept, args.trigger, args.images, 0)
-        lora = train(pipe, folder, Path(tmp) / f"{args.concept}.safetensors", args.trigger)
+        out = Path(tmp) / f"{args.concept}.safetensors"
+        extra = {"prior_prompts": world.base_captions(args.prior_base, 99)} if args.prior_base else {}
+        lora = train(pipe, folder, out, args.trigger, **options(args.set), **extra)
         report["lora"] = evaluate(pipe, lora, args.trigger, args.concept, model,
                                   base=report["base"]["base_accuracy"], **kw)
         if args.orthogonal:
@@ -185,6 +192,20 @@ def main() -> None:
     print_report(report, args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+
+
+def options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``OPTION=VALUE`` pairs (VALUE as JSON, else a string) as TrainSpec keyword arguments."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants OPTION=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def merge_study(pipe: Any, model: Any, tmp: Path, args: argparse.Namespace, kw: dict) -> dict[str, Any]:

@@ -123,7 +123,8 @@ def worker(job: dict) -> dict:
     pipe = build_pipeline(job["model"]).to(device)
     spec = TrainSpec(trigger="zq", rank=job["rank"], steps=job["steps"] + 1, batch_size=job["batch"],
                      resolution=job["resolution"], cache_latents=job["cache"], sample_every=0,
-                     checkpoint_every=10_000)
+                     checkpoint_every=10_000, targets="attn", learning_rate=1e-4, train_text_encoder=False,
+                     prior_preservation=False)  # one setting for every model, not each family's defaults
     geometry = Geometry.of(pipe, spec)
     examples = prepare_examples(items_from_folder(job["images"]), spec, list(geometry.buckets))
     cls = FullFineTune if job["mode"] == "full" else LoraTrainer

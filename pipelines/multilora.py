@@ -134,7 +134,7 @@ class MultiLoraLayer(nn.Module):
         self.planner: Callable[[MultiLoraLayer, torch.Tensor], str] | None = None
         self.mixer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._cache = _Cache()
-        self._up_by_adapter: torch.Tensor | None = None
+        self._up_by_adapter: tuple[torch.Tensor, torch.Tensor] | None = None
         self.calls = 0
 
     @property
@@ -264,26 +264,35 @@ class MultiLoraLayer(nn.Module):
         """ΔW · x for a dense delta (no bias)."""
         raise NotImplementedError
 
-    def up_by_adapter(self) -> torch.Tensor:
-        """(adapters × out × R): each adapter's up-projection columns, zeros elsewhere."""
+    def up_by_adapter(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index adapters × r_max into the rank axis, R for padding; up adapters × out × r_max), cached.
+
+        Adapters' rank slots padded to the largest rank, so each adapter's output is one batched
+        matmul over its own slots: cost tokens·out·n·r_max (= ·R at equal ranks), not ·n·R.
+        """
         if self._up_by_adapter is None:
-            n = self.table.values.shape[1]
-            up = self.up.flatten(1)
-            mask = torch.nn.functional.one_hot(self.slot_adapter, n).T.to(up.dtype)  # n × R
-            self._up_by_adapter = up[None, :, :] * mask[:, None, :]
+            n, up = self.table.values.shape[1], self.up.flatten(1)
+            rank_of = torch.bincount(self.slot_adapter, minlength=n)
+            r_max = max(int(rank_of.max()), 1)
+            order = torch.argsort(self.slot_adapter, stable=True)
+            start = torch.cumsum(rank_of, 0) - rank_of
+            pos = torch.arange(len(order), device=order.device) - start[self.slot_adapter[order]]
+            index = torch.full((n, r_max), up.shape[1], dtype=torch.long, device=up.device)
+            index[self.slot_adapter[order], pos] = order
+            padded = torch.cat([up, up.new_zeros(up.shape[0], 1)], 1)[:, index]  # out × n × r_max
+            self._up_by_adapter = (index, padded.permute(1, 0, 2).contiguous())
         return self._up_by_adapter
 
     def adapter_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Each adapter's gated output B_i·(g·A_i·x), channel-last: (…, adapters, out), no loop."""
         if self.dense is not None:
             raise ValueError("activation-dependent gates need low-rank adapters, not dense deltas")
-        g_rank = self.gate_ranks()
         u = self.down_project(x)
-        if isinstance(self, MultiLoraLinear):
-            u = u * g_rank
-            return torch.einsum("...r,nor->...no", u, self.up_by_adapter())
-        u = u * g_rank.view(1, -1, 1, 1)
-        return torch.einsum("brhw,nor->bhwno", u, self.up_by_adapter())
+        if not isinstance(self, MultiLoraLinear):
+            u = u.permute(0, 2, 3, 1)
+        index, up = self.up_by_adapter()
+        u = F.pad(u * self.gate_ranks(), (0, 1))[..., index]  # (…, n, r_max), zeros in the padding
+        return torch.einsum("...nr,nor->...no", u, up)
 
     def down_project(self, x: torch.Tensor) -> torch.Tensor:
         """A_cat · x (channel axis last for Linear, second for Conv2d)."""

@@ -181,7 +181,7 @@ class JobRunner:
         row = TrainJobRow(id=job_id, name=spec.output_name, status="queued", device=dev,
                           model=str(model or self.config.model), spec_json=spec.to_json(),
                           images_json=json.dumps(manifest), work_dir=str(work), out_path=str(out_path),
-                          register=int(register), total_steps=spec.steps, phase="queued")
+                          register=int(register), total_steps=spec.steps or 0, phase="queued")
         with self.sessions() as s, s.begin():
             s.add(row)
         with self._wake:

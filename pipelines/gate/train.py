@@ -5,6 +5,11 @@ generates itself, and a loss that makes the gate route by prompt:
 
 x₁ is an image of LoRA 1 made with its own prompt p₁; p₂ is a prompt of LoRA 2. Only the gate's
 parameters train; prompts are dropped to "" at a small rate (classifier-free guidance).
+
+Our addition, for prompts that ask for both concepts: ``mixes`` — pictures of a pair mixed linearly
+from two-concept prompts, kept only where a judge finds both concepts (rejection sampling) — add
+``mix_weight · MSE(ε̂(x₁₂ₜ, p₁₂), ε)`` with both LoRAs on, so the gate learns to let both through
+when both are asked for, instead of closing both (the hinge alone teaches only exclusion).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class GateTrainConfig:
     empty_prompt_rate: float = 0.1
     use_time: bool = True
     use_prompt: bool = True
+    mix_weight: float = 1.0  # weight of the two-concept term (used when mixes are given)
     images_per_lora: int = 32
     sample_steps: int = 20
     guidance: float = 5.0
@@ -73,6 +79,30 @@ def lora_latents(
     return out.images.detach().float().cpu(), prompts
 
 
+@torch.no_grad()
+def mix_latents(
+    pipe: Any, first: GateLora, second: GateLora, prompts: Sequence[str], seeds: Sequence[int],
+    cfg: GateTrainConfig,
+) -> torch.Tensor:
+    """Latents of pictures two LoRAs make mixed linearly (weight 1 each) from two-concept prompts."""
+    from pipelines.fusion import make_policy
+
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    adapters = [(AdapterInfo(first.name), first.weights), (AdapterInfo(second.name), second.weights)]
+    with attach(pipe, adapters, make_policy("linear")):
+        out = pipe(list(prompts), num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
+                   generator=gens, output_type="latent")
+    return out.images.detach().float().cpu()
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> np.ndarray:
+    """uint8 N×H×W×3 pictures of latents (for judging them)."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    return (((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+
 def gate_layers(pipe: Any, loras: Sequence[GateLora]) -> dict[str, int]:
     """UNet layers any of the LoRAs adapts, with their output channels."""
     from pipelines.engine import model_modules
@@ -103,9 +133,13 @@ def train_gate(
     *,
     family: str | None = None,
     data: dict[int, tuple[torch.Tensor, list[str]]] | None = None,
+    mixes: dict[tuple[int, int], tuple[torch.Tensor, list[str]]] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[GateNetwork, list[float]]:
-    """Train a gate for ``loras`` on ordered ``pairs`` (i, j) of their indices; returns (gate, losses)."""
+    """Train a gate for ``loras`` on ordered ``pairs`` (i, j) of their indices; returns (gate, losses).
+
+    ``mixes``: accepted two-concept pictures (latents, prompts) per pair (i, j), for the mix term.
+    """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if data is None:
@@ -135,19 +169,30 @@ def train_gate(
             x0 = lat[torch.from_numpy(idx)].to(pipe.unet.device)
             p1 = ["" if rng.random() < cfg.empty_prompt_rate else prompts[k] for k in idx]
             p2 = [loras[j].prompts[int(rng.integers(len(loras[j].prompts)))] for _ in idx]
-            table = torch.zeros(len(mix.layers), len(loras))
-            table[:, [i, j]] = 1.0
-            mix.table.set(table)
             t = torch.randint(0, len(alphas), (cfg.batch_size,), device=x0.device)
             noise = torch.randn_like(x0)
             xt = sched.add_noise(x0, noise, t)
+            # (LoRAs on, noisy latents, their noise, prompts, weight; None: the hinge term)
+            terms = [((i, j), xt, noise, p1, 1.0), ((i, j), xt, noise, p2, None)]
+            if mixes:
+                key = list(mixes)[int(rng.integers(len(mixes)))]
+                m_lat, m_prompts = mixes[key]
+                m_idx = rng.integers(0, len(m_lat), cfg.batch_size)
+                m_p = ["" if rng.random() < cfg.empty_prompt_rate else m_prompts[k] for k in m_idx]
+                m_noise = torch.randn_like(x0)
+                m_xt = sched.add_noise(m_lat[torch.from_numpy(m_idx)].to(x0.device), m_noise, t)
+                terms.append((key, m_xt, m_noise, m_p, cfg.mix_weight))
             policy._temb = timestep_features(t, net.cfg.time_dim) if cfg.use_time else None
             loss = torch.zeros((), device=x0.device)
-            for prompts_k, sign in ((p1, 1.0), (p2, -1.0)):
+            for on, x_t, eps, prompts_k, weight in terms:
+                table = torch.zeros(len(mix.layers), len(loras))
+                table[:, list(on)] = 1.0
+                mix.table.set(table)
                 emb = encode(pipe, prompts_k)
                 policy._prompt = emb.float().mean(dim=1) if cfg.use_prompt else None
-                mse = F.mse_loss(pipe.unet(xt, t, emb).sample.float(), noise)
-                loss = loss + (mse if sign > 0 else cfg.hinge_weight * F.relu(cfg.margin - mse))
+                mse = F.mse_loss(pipe.unet(x_t, t, emb).sample.float(), eps)
+                hinge = weight is None
+                loss = loss + (cfg.hinge_weight * F.relu(cfg.margin - mse) if hinge else weight * mse)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -230,6 +230,12 @@ def batch(rng: np.random.Generator, n: int, **kwargs: object) -> tuple[np.ndarra
     return np.stack([np.asarray(render(s)) for s in scenes]), scenes
 
 
+def base_captions(n: int, seed: int) -> tuple[str, ...]:
+    """Captions of ``n`` random scenes of base objects (what the pocket model learnt to draw)."""
+    rng = np.random.default_rng(seed)
+    return tuple(sample_scene(rng, objects=BASE_OBJECTS).caption() for _ in range(n))
+
+
 def with_attr(scene: Scene, **attrs: str) -> Scene:
     """The same scene with some attributes changed."""
     return replace(scene, **attrs)

@@ -1,7 +1,9 @@
 """What a LoRA training run does: one frozen ``TrainSpec`` with every option, and three presets.
 
 Option names follow kohya_ss / diffusers' DreamBooth-LoRA script where one exists; defaults are the
-"balanced" preset, meant for a person who sets nothing.
+"balanced" preset, meant for a person who sets nothing. A few options (``None``) are left to the base
+family, filled in by ``for_family`` once the model is loaded: kohya's choices for real SD models, and
+for the pocket model what ``benchmarks/train_quality.py`` measured best.
 """
 
 from __future__ import annotations
@@ -46,15 +48,15 @@ class TrainSpec:
     use_rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski 2023, arXiv 2312.03732)
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353)
     lora_dropout: float = 0.0
-    targets: str = "attn"  # a key of UNET_TARGETS
+    targets: str | None = None  # a key of UNET_TARGETS; None: the base family's (FAMILY_DEFAULTS)
     target_modules: tuple[str, ...] = ()  # explicit UNet module names; overrides ``targets``
-    train_text_encoder: bool = False
+    train_text_encoder: bool | None = None  # None: the base family's
     text_encoder_lr: float | None = None  # None: same as learning_rate
     orthogonal: bool = False  # Orthogonal Adaptation (Po et al. 2023, arXiv 2312.02432)
     # optimisation
-    steps: int = 800
+    steps: int | None = None  # None: the base family's
     epochs: int | None = None  # when set, steps = epochs × batches per epoch
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: the base family's
     lora_plus_ratio: float = 1.0  # LoRA+: lr(B) / lr(A) (Hayou et al. 2024, arXiv 2402.12354)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -67,11 +69,18 @@ class TrainSpec:
     bucketing: bool = True
     cache_latents: bool = True
     # prior preservation (DreamBooth, Ruiz et al. 2023)
-    prior_preservation: bool | None = None  # None: on exactly when class_word is given
-    class_prompt: str = "a photo of {class_word}"
-    num_class_images: int = 50
+    prior_preservation: bool | None = None  # None: on with a class word, or with the family's domain prompts
+    # {caption}: each picture's caption with the trigger replaced by the class word (dropped when there is
+    # none), so the prior covers the same sizes, colours and settings the pictures show; with template
+    # captions it is DreamBooth's "a photo of {class_word}".
+    class_prompt: str = "{caption}"
+    prior_prompts: tuple[str, ...] = ()  # explicit class-image prompts (cycled); override class_prompt
+    num_class_images: int | None = None  # None: the base family's
     class_steps: int = 25  # denoising steps per class image
     prior_loss_weight: float = 1.0
+    # share of class pictures trained with the empty prompt: holds the unconditional prediction, which
+    # classifier-free guidance subtracts, where the base model has it
+    prior_caption_dropout: float = 0.0
     # loss
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023, arXiv 2303.09556
     noise_offset: float = 0.0
@@ -109,22 +118,37 @@ class TrainSpec:
     def uses_prior(self) -> bool:
         """Whether prior preservation runs."""
         on = bool(self.class_word) if self.prior_preservation is None else self.prior_preservation
-        return on and self.prior_loss_weight > 0 and self.num_class_images > 0
+        count = self.num_class_images
+        count = GENERIC_DEFAULTS["num_class_images"] if count is None else count
+        return on and self.prior_loss_weight > 0 and count > 0
 
     @property
     def unet_targets(self) -> tuple[str, ...]:
         """UNet module names the adapter wraps."""
-        return self.target_modules or UNET_TARGETS[self.targets]
+        return self.target_modules or UNET_TARGETS[self.targets or GENERIC_DEFAULTS["targets"]]
 
     @property
     def text_targets(self) -> tuple[str, ...]:
         """Text-encoder module names the adapter wraps (when it trains the text encoder)."""
-        return TEXT_TARGETS["attn" if self.target_modules else self.targets]
+        return TEXT_TARGETS["attn" if self.target_modules else self.targets or GENERIC_DEFAULTS["targets"]]
 
     @property
     def output_name(self) -> str:
         """The adapter's name."""
         return self.name or self.trigger
+
+    def prior_prompt(self, caption: str, k: int = 0) -> str:
+        """The prior-preservation prompt of class image ``k``, made for a picture with this caption."""
+        if self.prior_prompts:
+            return self.fill(self.prior_prompts[k % len(self.prior_prompts)])
+        if "{caption}" not in self.class_prompt:
+            return self.fill(self.class_prompt)
+        words = caption.split()
+        beside = {words[j] for i, w in enumerate(words) if w == self.trigger
+                  for j in (i - 1, i + 1) if 0 <= j < len(words)}
+        swap = "" if self.class_word in beside else self.class_word  # "zq dog" → "dog", "a zq" → "a dog"
+        plain = " ".join(w for w in (swap if w == self.trigger else w for w in words) if w)
+        return self.fill(self.class_prompt.replace("{caption}", plain))
 
     def fill(self, text: str) -> str:
         """Put trigger and class word into a template and tidy the spaces."""
@@ -141,7 +165,7 @@ class TrainSpec:
         known = {f.name for f in fields(cls)}
         if extra := sorted(set(data) - known):
             raise ValueError(f"unknown training options: {', '.join(extra)}")
-        tuples = {"target_modules", "sample_prompts", "sample_seeds"}
+        tuples = {"target_modules", "sample_prompts", "sample_seeds", "prior_prompts"}
         return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in data.items()})
 
     @classmethod
@@ -164,11 +188,14 @@ def _problems(s: TrainSpec) -> list[str]:
         (s.rank >= 1, f"rank must be ≥ 1, got {s.rank}"),
         (s.alpha is None or s.alpha > 0, f"alpha must be > 0, got {s.alpha}"),
         (0 <= s.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {s.caption_dropout}"),
+        (0 <= s.prior_caption_dropout < 1,
+         f"prior_caption_dropout must be in [0, 1), got {s.prior_caption_dropout}"),
         (0 <= s.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {s.lora_dropout}"),
-        (s.targets in UNET_TARGETS, f"targets must be one of {sorted(UNET_TARGETS)}, got {s.targets!r}"),
-        (s.steps >= 1, f"steps must be ≥ 1, got {s.steps}"),
+        (s.targets is None or s.targets in UNET_TARGETS,
+         f"targets must be one of {sorted(UNET_TARGETS)}, got {s.targets!r}"),
+        (s.steps is None or s.steps >= 1, f"steps must be ≥ 1, got {s.steps}"),
         (s.epochs is None or s.epochs >= 1, f"epochs must be ≥ 1, got {s.epochs}"),
-        (s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
+        (s.learning_rate is None or s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
         (s.text_encoder_lr is None or s.text_encoder_lr >= 0, "text_encoder_lr must be ≥ 0"),
         (s.lora_plus_ratio >= 1, f"lora_plus_ratio must be ≥ 1, got {s.lora_plus_ratio}"),
         (s.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
@@ -177,9 +204,11 @@ def _problems(s: TrainSpec) -> list[str]:
         (s.resolution is None or s.resolution >= 8, f"resolution must be ≥ 8, got {s.resolution}"),
         (s.caption_source in CAPTION_SOURCES, f"caption_source must be one of {CAPTION_SOURCES}"),
         ("{trigger}" in s.caption_template, "caption_template must contain {trigger}"),
-        (s.num_class_images >= 0 and s.prior_loss_weight >= 0, "class images and prior weight must be ≥ 0"),
+        ((s.num_class_images or 0) >= 0 and s.prior_loss_weight >= 0,
+         "class images and prior weight must be ≥ 0"),
         (s.class_steps >= 1, f"class_steps must be ≥ 1, got {s.class_steps}"),
-        (not (s.prior_preservation and not s.class_word), "prior preservation needs a class word"),
+        (not (s.prior_preservation and not s.class_word and "{caption}" not in s.class_prompt
+              and not s.prior_prompts), "prior preservation needs a class word, prior prompts or {caption}"),
         (s.min_snr_gamma is None or s.min_snr_gamma > 0, "min_snr_gamma must be > 0 or None"),
         (s.noise_offset >= 0, "noise_offset must be ≥ 0"),
         (s.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
@@ -188,6 +217,38 @@ def _problems(s: TrainSpec) -> list[str]:
         (s.checkpoint_every >= 1 and s.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints ≥ 1"),
     ]
     return [msg for ok, msg in checks if not ok]
+
+
+# Options a spec may leave to the base family (None). Real SD models get kohya's usual choices. The
+# pocket model (small, trained from scratch, never shown the LoRA-only concepts) learns a new object
+# only with every layer kind adapted and the text encoder trained at a higher rate, and keeps its
+# base prompts only with a prior drawn from its own domain: captions of base scenes
+# (benchmarks/train_quality.py, README "Training a personal LoRA").
+GENERIC_DEFAULTS: dict[str, Any] = {"targets": "attn", "learning_rate": 1e-4, "train_text_encoder": False,
+                                    "steps": 800, "num_class_images": 50}
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pocket": {"targets": "all", "learning_rate": 1e-3, "train_text_encoder": True, "steps": 1500,
+               "num_class_images": 100},
+}
+
+
+def domain_prompts(family: str, n: int) -> tuple[str, ...]:
+    """Prompts of what a base family draws by itself, for a prior without a class word (pocket only)."""
+    if family != "pocket":
+        return ()
+    from pipelines.pocket import world
+
+    return world.base_captions(n, seed=99)
+
+
+def for_family(spec: TrainSpec, family: str) -> TrainSpec:
+    """The spec with the options it left to the base family (``None``) filled in."""
+    defaults = {**GENERIC_DEFAULTS, **FAMILY_DEFAULTS.get(family, {})}
+    spec = replace(spec, **{k: v for k, v in defaults.items() if getattr(spec, k) is None})
+    open_prior = spec.prior_preservation is None and not spec.class_word and not spec.prior_prompts
+    if open_prior and (prompts := domain_prompts(family, spec.num_class_images)):
+        spec = replace(spec, prior_preservation=True, prior_prompts=prompts)
+    return spec
 
 
 # Presets: "balanced" is the dataclass default; the others override a few options.

@@ -32,7 +32,7 @@ from peft.optimizers import create_loraplus_optimizer
 from pipelines.images import ImageLimits
 from pipelines.lora_formats import UNKNOWN_FAMILY, pipeline_family
 from pipelines.training.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
-from pipelines.training.config import TrainSpec
+from pipelines.training.config import TrainSpec, for_family
 from pipelines.training.data import (
     BatchPlan,
     Example,
@@ -213,10 +213,11 @@ class LoraTrainer:
     def __init__(self, spec: TrainSpec, pipe: DiffusionPipeline, examples: list[Example], work: Path,
                  device: torch.device, amp: torch.dtype | None, basis: BasisSlot | None = None,
                  progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> None:
+        self.family = detect_family(pipe)
+        spec = for_family(spec, self.family)
         self.spec, self.pipe, self.examples, self.work = spec, pipe, examples, work
         self.device, self.amp, self.basis = device, amp, basis
         self.progress, self.cancel = progress, cancel
-        self.family = detect_family(pipe)
         self.geometry = Geometry.of(pipe, spec)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.plan = BatchPlan([e.bucket for e in examples], spec.batch_size, spec.seed)
@@ -259,13 +260,15 @@ class LoraTrainer:
     def make_class_examples(self) -> None:
         """Generate (or reuse) the prior-preservation pictures with the untouched base model."""
         s, res = self.spec, self.geometry.resolution
-        prompt = s.fill(s.class_prompt)
+        captions = [e.caption for e in self.examples]
+        prompts = [s.prior_prompt(captions[i % len(captions)], i) for i in range(s.num_class_images)]
         folder = self.work / "class_images"
         paths = generate_class_images(
-            self.pipe, prompt, s.num_class_images, (res, res), folder, s.seed, steps=s.class_steps,
+            self.pipe, prompts, (res, res), folder, s.seed, steps=s.class_steps,
             guidance=s.sample_guidance, progress=lambda done, total: self.report("class images"))
         square = (res // self.geometry.divisibility * self.geometry.divisibility,) * 2
-        self.class_examples = [Example(p, prompt, square, (res, res), (0, 0)) for p in paths]
+        self.class_examples = [Example(p, q, square, (res, res), (0, 0))
+                               for p, q in zip(paths, prompts, strict=True)]
         self.class_plan = BatchPlan([e.bucket for e in self.class_examples], s.batch_size, s.seed + 1)
 
     def fill_cache(self, examples: list[Example], name: str) -> LatentCache:
@@ -449,7 +452,8 @@ class LoraTrainer:
         loss = self.diffusion_loss(self.examples, idx, self.cache, rng, gen, s.caption_dropout)
         if self.class_examples:
             idx = self.class_plan.batch(micro)
-            prior = self.diffusion_loss(self.class_examples, idx, self.class_cache, rng, gen, 0.0)
+            drop = s.prior_caption_dropout
+            prior = self.diffusion_loss(self.class_examples, idx, self.class_cache, rng, gen, drop)
             loss = loss + s.prior_loss_weight * prior
         return loss
 
@@ -596,6 +600,7 @@ def train_lora(
     started, out = time.time(), Path(out)
     owned = not isinstance(model, DiffusionPipeline)
     pipe = load_base_pipeline(model)
+    spec = for_family(spec, detect_family(pipe))
     dev = resolve_device(device)
     weight_dtype, amp = resolve_precision(spec, dev)
     if owned:

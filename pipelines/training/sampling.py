@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,8 +59,7 @@ def render_samples(
 
 def generate_class_images(
     pipe: Pipeline,
-    prompt: str,
-    count: int,
+    prompts: Sequence[str],
     size: tuple[int, int],
     folder: Path,
     seed: int,
@@ -68,20 +68,52 @@ def generate_class_images(
     batch: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
-    """DreamBooth's prior-preservation pictures from the base model (kept; made once per folder)."""
+    """DreamBooth's prior-preservation pictures, one per prompt, from the base model (kept per folder).
+
+    ``prompts.json`` in the folder records what each picture shows; a picture made for another prompt,
+    size, seed or step count is made again.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"class_{i:04d}.png" for i in range(count)]
-    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    paths = [folder / f"class_{i:04d}.png" for i in range(len(prompts))]
+    manifest = folder / "prompts.json"
+    settings = {"size": list(size), "seed": seed, "steps": steps, "guidance": guidance}
+    old = _read_manifest(manifest)
+    done = old.get("prompts", []) if {k: old.get(k) for k in settings} == settings else []
+    todo = [i for i, p in enumerate(paths) if not (p.exists() and i < len(done) and done[i] == prompts[i])]
+    for i in todo:
+        paths[i].unlink(missing_ok=True)
+    stale = set(todo)
+    kept = [None if i in stale else q for i, q in enumerate(prompts)]
+    _write_manifest(manifest, {**settings, "prompts": kept})
     for k in range(0, len(todo), batch):
         chunk = todo[k : k + batch]
-        images = _render(pipe, [prompt] * len(chunk), [seed * 7919 + i for i in chunk], size, steps, guidance)
+        seeds = [seed * 7919 + i for i in chunk]
+        images = _render(pipe, [prompts[i] for i in chunk], seeds, size, steps, guidance)
         for i, img in zip(chunk, images, strict=True):
             tmp = paths[i].with_suffix(".tmp.png")
             img.save(tmp)
             tmp.replace(paths[i])
+        kept = [prompts[i] if i in chunk else q for i, q in enumerate(kept)]
+        _write_manifest(manifest, {**settings, "prompts": kept})
         if progress is not None:
             progress(min(k + batch, len(todo)), len(todo))
     return paths
+
+
+def _read_manifest(path: Path) -> dict:
+    """What ``prompts.json`` says (empty when missing or unreadable: everything is made again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_manifest(path: Path, data: dict) -> None:
+    """Write ``prompts.json`` atomically (temp file + rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def write_loss_curve(losses: Sequence[float], path: Path, title: str = "training loss") -> Path:

@@ -23,6 +23,7 @@ SPEC_OPTIONS: dict[str, str] = {
     "grad_accum": "grad_accum", "resolution": "resolution", "captions": "caption_source",
     "caption_template": "caption_template", "caption_dropout": "caption_dropout", "targets": "targets",
     "num_class_images": "num_class_images", "prior_loss_weight": "prior_loss_weight",
+    "prior_caption_dropout": "prior_caption_dropout",
     "noise_offset": "noise_offset", "mixed_precision": "mixed_precision", "clip_skip": "clip_skip",
     "seed": "seed", "sample_every": "sample_every", "checkpoint_every": "checkpoint_every", "name": "name",
 }
@@ -40,11 +41,12 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("training options (defaults: the preset)")
     g.add_argument("--preset", choices=sorted(c.PRESETS), default="balanced")
-    g.add_argument("--class-word", help="what the subject is (e.g. 'dog'); turns on prior preservation")
+    g.add_argument("--class-word", help="what the subject is (e.g. 'dog'); turns on prior preservation "
+                   "(the pocket model has one from its own domain without it)")
     for name, typ in (("rank", int), ("alpha", float), ("steps", int), ("epochs", int), ("lr", float),
                       ("text-encoder-lr", float), ("warmup", int), ("lora-plus-ratio", float),
                       ("batch-size", int), ("grad-accum", int), ("resolution", int),
-                      ("caption-dropout", float),
+                      ("caption-dropout", float), ("prior-caption-dropout", float),
                       ("num-class-images", int), ("prior-loss-weight", float), ("noise-offset", float),
                       ("clip-skip", int), ("seed", int), ("sample-every", int), ("checkpoint-every", int)):
         g.add_argument(f"--{name}", type=typ)
@@ -57,6 +59,10 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=c.MIXED_PRECISION)
     g.add_argument("--sample-prompt", action="append", help="a prompt to sample during training (repeatable)")
     g.add_argument("--no-prior", action="store_true", help="no prior preservation even with a class word")
+    g.add_argument("--class-prompt", help="prompt of the class images; {caption}: each picture's caption "
+                   "with the trigger → class word (default)")
+    g.add_argument("--prior-prompt", action="append",
+                   help="a prompt for class images (repeatable; replaces --class-prompt)")
     g.add_argument("--name", help="adapter name (default: the trigger)")
     for flag in FLAGS:
         g.add_argument(f"--{flag.replace('_', '-')}", action="store_true")
@@ -93,6 +99,10 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         overrides["target_modules"] = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
     if args.sample_prompt:
         overrides["sample_prompts"] = tuple(args.sample_prompt)
+    if args.class_prompt:
+        overrides["class_prompt"] = args.class_prompt
+    if args.prior_prompt:
+        overrides["prior_prompts"] = tuple(args.prior_prompt)
     if args.no_prior:
         overrides["prior_preservation"] = False
     return preset(args.preset, args.trigger, **overrides)

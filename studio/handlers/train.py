@@ -85,8 +85,11 @@ def build_spec(req: TrainRequest) -> TrainSpec:
         "name": (req.name or "").strip(),
         "prior_preservation": bool(req.prior_preservation),
     }
+    base = preset(req.preset, trigger)
     for key in ("steps", "rank", "learning_rate", "resolution", "sample_every", "train_text_encoder"):
         value = getattr(req, key)
+        if key == "train_text_encoder" and value is False and base.train_text_encoder is None:
+            continue  # an unticked box on a preset that leaves it to the model: the model's default
         if value is not None:
             overrides[key] = value
     if overrides.get("resolution") == 0:
@@ -94,7 +97,7 @@ def build_spec(req: TrainRequest) -> TrainSpec:
     overrides.update(parse_options(req.options_json))
     if overrides["prior_preservation"] and not overrides["class_word"]:
         raise ValueError("prior preservation needs a class word (what the concept is: dog, person, style, …)")
-    return replace(preset(req.preset, trigger), **overrides)
+    return replace(base, **overrides)
 
 
 def is_picture(path: str | Path) -> bool:

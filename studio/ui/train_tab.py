@@ -76,9 +76,13 @@ def build(ui: Ui) -> None:
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 first = T.preset_fields("quick")
                 with gr.Row():
-                    steps = gr.Number(first["steps"], precision=0, label="steps", elem_id="train-steps")
+                    steps = gr.Number(
+                        first["steps"], precision=0, label="steps (empty: the model's)", elem_id="train-steps"
+                    )
                     rank = gr.Number(first["rank"], precision=0, label="rank", elem_id="train-rank")
-                    lr = gr.Number(first["learning_rate"], label="learning rate", elem_id="train-lr")
+                    lr = gr.Number(
+                        first["learning_rate"], label="learning rate (empty: the model's)", elem_id="train-lr"
+                    )
                 with gr.Row():
                     resolution = gr.Number(
                         first["resolution"],
@@ -90,7 +94,8 @@ def build(ui: Ui) -> None:
                         first["sample_every"], precision=0, label="sample every (steps; 0: at the end)"
                     )
                     text_encoder = gr.Checkbox(
-                        first["train_text_encoder"], label="train the text encoder too"
+                        bool(first["train_text_encoder"]),
+                        label="train the text encoder too (unticked: the model's default)",
                     )
                 prior = gr.Checkbox(False, label="prior preservation (renders class images first; slower)")
                 options = gr.Textbox(
@@ -129,7 +134,7 @@ def build(ui: Ui) -> None:
             f["learning_rate"],
             f["resolution"],
             f["sample_every"],
-            f["train_text_encoder"],
+            bool(f["train_text_encoder"]),
         )
 
     preset.input(

@@ -69,6 +69,27 @@ def test_gradients_reach_only_gate_parameters(setup):
     assert max(moved) > 0  # the optimiser changed gate parameters
 
 
+def test_mix_term_trains_the_gate_on_two_concept_pictures(setup):
+    """With accepted two-concept pictures the gate sees a third term (both LoRAs on): its loss is
+    larger than the AutoLoRA loss alone on the same draws, and it moves the gate differently."""
+    from pipelines.gate.train import decode_latents, mix_latents
+
+    pipe, loras = setup
+    gl = [GateLora("a", loras[0], ("a red cat",)), GateLora("b", loras[1], ("a blue car",))]
+    cfg = GateTrainConfig(steps=2, batch_size=2, images_per_lora=2, sample_steps=2)
+    lat = mix_latents(pipe, gl[0], gl[1], ["a red cat and a blue car"] * 2, [5, 6], cfg)
+    assert lat.shape[0] == 2 and decode_latents(pipe, lat).shape == (2, 64, 64, 3)
+    data = {0: (lat, ["a red cat"] * 2), 1: (lat, ["a blue car"] * 2)}
+    plain, plain_losses = train_gate(pipe, gl, [(0, 1)], cfg, data=data)
+    mixed, mixed_losses = train_gate(pipe, gl, [(0, 1)], cfg, data=data,
+                                     mixes={(0, 1): (lat, ["a red cat and a blue car"] * 2)})
+    assert mixed_losses[0] > plain_losses[0]  # same draws for the first two terms, plus an MSE ≥ 0
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    pairs = zip(plain.parameters(), mixed.parameters(), strict=True)
+    delta = [float((a - b).detach().abs().max()) for a, b in pairs]
+    assert max(delta) > 0
+
+
 def test_checkpoint_round_trip_and_refusal(setup, tmp_path):
     pipe, loras = setup
     net = GateNetwork(gate_layers(pipe, [GateLora("a", loras[0], ("x",))]), GateConfig(prompt_dim=32), "sd1")
@@ -131,3 +152,28 @@ def test_distilled_schedule_reproduces_gate_images(setup):
     rank_one = images(pipe, adapters, make_policy("schedule", result.rank_one_args()))
     assert np.abs(gated - rank_one).mean() <= np.abs(gated - linear).mean()
     assert all("@" in k for k in result.keyframes) and result.lbw_vectors[0].count(",") >= 2
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_adapter_outputs_with_unequal_ranks(conv):
+    """Each adapter's own gated output B_i·(g_i·s_i·A_i·x), for ranks 2, 5 and an adapter absent here."""
+    from pipelines.lora_weights import LoraLayer
+    from pipelines.multilora import GateTable, MultiLoraConv2d, MultiLoraLinear
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Conv2d(6, 7, 1) if conv else torch.nn.Linear(6, 7)
+    shape = (1, 1) if conv else ()
+    loras = {a: LoraLayer(torch.randn(r, 6, *shape, generator=g), torch.randn(7, r, *shape, generator=g),
+                          alpha=float(r + 1)) for a, r in ((0, 2), (2, 5))}  # adapter 1 skips this layer
+    table = GateTable(1, 3)
+    table.set(torch.tensor([[0.7, 0.4, 1.3]]))
+    layer = (MultiLoraConv2d if conv else MultiLoraLinear)(base, list(loras.items()), table, 0, torch.float32)
+    x = torch.randn(2, 6, 3, 3, generator=g) if conv else torch.randn(2, 4, 6, generator=g)
+    got = layer.adapter_outputs(x)
+    flat = x.permute(0, 2, 3, 1) if conv else x
+    for a, gate in enumerate((0.7, 0.4, 1.3)):
+        want = torch.zeros(*flat.shape[:-1], 7)
+        if a in loras:
+            lo = loras[a]
+            want = gate * lo.scale * flat @ lo.down.flatten(1).T @ lo.up.flatten(1).T
+        torch.testing.assert_close(got[..., a, :], want, atol=1e-5, rtol=1e-5)

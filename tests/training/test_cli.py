@@ -36,6 +36,11 @@ def test_options_map_onto_the_spec() -> None:
         min_snr_gamma=None, target_modules=("to_q", "to_v"), sample_prompts=("a {trigger}",),
         prior_preservation=False, caption_source="template", sample_every=100)  # quick preset's sampling
     assert train_cmd.spec_from_args(_parse("--trigger", "sks")) == TrainSpec(trigger="sks")
+    prior = train_cmd.spec_from_args(_parse("--trigger", "sks", "--prior-prompt", "a ring", "--prior-prompt",
+                                            "a {class_word}", "--class-prompt", "{caption}, photo",
+                                            "--prior-caption-dropout", "0.2"))
+    assert prior.prior_prompts == ("a ring", "a {class_word}") and prior.class_prompt == "{caption}, photo"
+    assert prior.prior_caption_dropout == 0.2
 
 
 def test_python_m_studio_train_writes_the_adapter(tiny_pipeline_dir: Path, concept_dir: Path,

@@ -17,13 +17,15 @@ from pipelines.training import PRESETS, TrainSpec, preset
         ({"rank": 0}, "rank must be ≥ 1"),
         ({"alpha": -1.0}, "alpha must be > 0"),
         ({"caption_dropout": 1.0}, "caption_dropout must be in"),
+        ({"prior_caption_dropout": -0.1}, "prior_caption_dropout must be in"),
         ({"targets": "everything"}, "targets must be one of"),
         ({"steps": 0}, "steps must be ≥ 1"),
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),
         ({"lora_plus_ratio": 0.5}, "lora_plus_ratio must be ≥ 1"),
         ({"lr_scheduler": "exotic"}, "lr_scheduler must be one of"),
         ({"caption_template": "a photo"}, "caption_template must contain {trigger}"),
-        ({"prior_preservation": True}, "prior preservation needs a class word"),
+        ({"prior_preservation": True, "class_prompt": "a photo of {class_word}"},
+         "prior preservation needs a class word"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
         ({"min_snr_gamma": 0.0}, "min_snr_gamma must be > 0"),
     ],
@@ -37,7 +39,9 @@ def test_invalid_options_are_named(overrides: dict, message: str) -> None:
 def test_presets_differ_and_default_is_balanced() -> None:
     assert preset("balanced", "sks") == TrainSpec(trigger="sks")
     quick, quality = preset("quick", "sks"), preset("quality", "sks")
-    assert quick.steps < TrainSpec(trigger="sks").steps < quality.steps
+    from pipelines.training.config import for_family
+
+    assert quick.steps < for_family(TrainSpec(trigger="sks"), "sd1").steps < quality.steps
     assert quality.train_text_encoder and quality.rank > quick.rank
     assert preset("quick", "sks", rank=3).rank == 3
     with pytest.raises(ValueError, match="unknown preset"):
@@ -73,3 +77,24 @@ def test_fingerprint_ignores_monitoring_only() -> None:
     spec = TrainSpec(trigger="sks")
     assert replace(spec, sample_every=7, checkpoint_every=3, name="x").fingerprint() == spec.fingerprint()
     assert replace(spec, learning_rate=2e-4).fingerprint() != spec.fingerprint()
+
+
+def test_family_defaults_fill_only_what_the_spec_leaves_open() -> None:
+    from pipelines.training.config import FAMILY_DEFAULTS, GENERIC_DEFAULTS, for_family
+
+    spec = TrainSpec(trigger="sks")
+    sd = for_family(spec, "sd1")
+    assert (sd.targets, sd.learning_rate, sd.train_text_encoder, sd.steps) == (
+        "attn", 1e-4, False, 800) == tuple(GENERIC_DEFAULTS[k] for k in ("targets", "learning_rate",
+                                                                        "train_text_encoder", "steps"))
+    assert not sd.uses_prior  # no class word, no domain prompts for real models
+    pocket = for_family(spec, "pocket")
+    assert pocket.targets == FAMILY_DEFAULTS["pocket"]["targets"] == "all" and pocket.train_text_encoder
+    assert pocket.uses_prior and len(pocket.prior_prompts) == pocket.num_class_images
+    assert all(" on a " in p and "sks" not in p for p in pocket.prior_prompts)
+    assert for_family(pocket, "pocket") == pocket  # idempotent
+    set_by_hand = TrainSpec(trigger="sks", learning_rate=3e-4, steps=10, prior_preservation=False)
+    mine = for_family(set_by_hand, "pocket")
+    assert (mine.learning_rate, mine.steps, mine.uses_prior) == (3e-4, 10, False)
+    dog = for_family(TrainSpec(trigger="sks", class_word="dog"), "pocket")
+    assert dog.prior_prompts == () and dog.prior_prompt("a photo of sks dog") == "a photo of dog"

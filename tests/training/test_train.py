@@ -15,7 +15,7 @@ import torch
 
 from pipelines import lora_formats
 from pipelines.tiny import build_tiny_pipeline
-from pipelines.training import TrainingCancelled, TrainProgress, TrainResult, train_lora
+from pipelines.training import TrainingCancelled, TrainProgress, TrainResult, TrainSpec, train_lora
 from pipelines.training.checkpoint import list_checkpoints, load_latest
 from pipelines.training.data import items_from_folder, prepare_examples
 from pipelines.training.lora_train import ADAPTER, Geometry, LoraTrainer
@@ -214,6 +214,36 @@ def test_dora_rslora_loraplus_text_encoder_prior_and_accumulation(concept_dir: P
     fresh = build_tiny_pipeline()
     fresh.load_lora_weights(str(result.diffusers_path))
     assert torch.allclose(_unet_out(fresh), trained_out, atol=1e-4)
+
+
+def test_prior_prompts_follow_the_captions_and_class_images_follow_their_prompts(concept_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """{caption}: each class image is made from a picture's caption with the trigger → class word; a
+    changed prompt remakes only its picture, changed settings remake all of them."""
+    from pipelines.training.sampling import generate_class_images
+
+    spec = fast_spec(class_word="shape", num_class_images=3, class_steps=2)
+    pipe = build_tiny_pipeline()
+    trainer = _trainer(spec, concept_dir, tmp_path / "work", pipe)
+    captions = [e.caption for e in trainer.examples]
+    assert [e.caption for e in trainer.class_examples] == [
+        c.replace(TRIGGER, "shape") for c in captions[:3]]
+    assert all(TRIGGER not in e.caption and "shape" in e.caption for e in trainer.class_examples)
+    trainer.detach()
+    folder = tmp_path / "class"
+    first = generate_class_images(pipe, ["a red circle", "a blue ring"], (32, 32), folder, 0, steps=2)
+    stamps = [q.stat().st_mtime_ns for q in first]
+    again = generate_class_images(pipe, ["a red circle", "a green ring"], (32, 32), folder, 0, steps=2)
+    assert again == first and again[0].stat().st_mtime_ns == stamps[0]
+    assert again[1].stat().st_mtime_ns != stamps[1]
+    redo = generate_class_images(pipe, ["a red circle", "a green ring"], (32, 32), folder, 0, steps=3)
+    assert redo[0].stat().st_mtime_ns != stamps[0]
+    explicit = TrainSpec(trigger="zq", prior_prompts=("a big {class_word}", "a ring"), class_word="shape")
+    assert [explicit.prior_prompt("zq", k) for k in range(3)] == ["a big shape", "a ring", "a big shape"]
+    plain = TrainSpec(trigger="zq")
+    assert plain.prior_prompt("a red zq on a white background") == "a red on a white background"
+    with pytest.raises(ValueError, match="needs a class word"):
+        TrainSpec(trigger="zq", prior_preservation=True, class_prompt="a photo of {class_word}")
 
 
 def test_orthogonal_adapters_have_orthogonal_down_projections(concept_dir: Path, tmp_path: Path,

@@ -34,9 +34,14 @@ def test_spec_from_the_form():
     )
     assert T.build_spec(T.TrainRequest(files=(), trigger="zq", preset="quality")).rank == 32
     assert (
-        T.preset_fields("balanced")["steps"] == 800
+        T.preset_fields("balanced")["steps"] is None  # left to the model's family
         and T.preset_fields("quick")["rank"] == PRESETS["quick"]["rank"]
     )
+    # an unticked text-encoder box leaves it to the model, unless the preset turns it on
+    unticked = T.TrainRequest(files=(), trigger="zq", train_text_encoder=False)
+    assert T.build_spec(unticked).train_text_encoder is None
+    off = T.TrainRequest(files=(), trigger="zq", preset="quality", train_text_encoder=False)
+    assert T.build_spec(off).train_text_encoder is False
 
 
 @pytest.mark.parametrize(
