@@ -80,7 +80,7 @@ class TrainSpec:
     prior_loss_weight: float = 1.0
     # share of class pictures trained with the empty prompt: holds the unconditional prediction, which
     # classifier-free guidance subtracts, where the base model has it
-    prior_caption_dropout: float = 0.0
+    prior_caption_dropout: float | None = None  # None: the base family's
     # loss
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023, arXiv 2303.09556
     noise_offset: float = 0.0
@@ -188,7 +188,7 @@ def _problems(s: TrainSpec) -> list[str]:
         (s.rank >= 1, f"rank must be ≥ 1, got {s.rank}"),
         (s.alpha is None or s.alpha > 0, f"alpha must be > 0, got {s.alpha}"),
         (0 <= s.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {s.caption_dropout}"),
-        (0 <= s.prior_caption_dropout < 1,
+        (s.prior_caption_dropout is None or 0 <= s.prior_caption_dropout < 1,
          f"prior_caption_dropout must be in [0, 1), got {s.prior_caption_dropout}"),
         (0 <= s.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {s.lora_dropout}"),
         (s.targets is None or s.targets in UNET_TARGETS,
@@ -222,13 +222,13 @@ def _problems(s: TrainSpec) -> list[str]:
 # Options a spec may leave to the base family (None). Real SD models get kohya's usual choices. The
 # pocket model (small, trained from scratch, never shown the LoRA-only concepts) learns a new object
 # only with every layer kind adapted and the text encoder trained at a higher rate, and keeps its
-# base prompts only with a prior drawn from its own domain: captions of base scenes
-# (benchmarks/train_quality.py, README "Training a personal LoRA").
+# base prompts only with a prior drawn from its own domain: captions of base scenes, a fifth of them
+# trained with the empty prompt (benchmarks/train_quality.py, README "Training a personal LoRA").
 GENERIC_DEFAULTS: dict[str, Any] = {"targets": "attn", "learning_rate": 1e-4, "train_text_encoder": False,
-                                    "steps": 800, "num_class_images": 50}
+                                    "steps": 800, "num_class_images": 50, "prior_caption_dropout": 0.0}
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pocket": {"targets": "all", "learning_rate": 1e-3, "train_text_encoder": True, "steps": 1500,
-               "num_class_images": 100},
+    "pocket": {"targets": "all", "learning_rate": 1e-3, "train_text_encoder": True, "steps": 2500,
+               "num_class_images": 100, "prior_caption_dropout": 0.2},
 }
 
 

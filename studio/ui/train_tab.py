@@ -16,7 +16,7 @@ from studio.ui.common import Ui, user_errors, warn
 
 PRESET_HELP = {
     "quick": "quick: rank 8, 300 steps — a first look in minutes",
-    "balanced": "balanced: rank 16, 800 steps — the default",
+    "balanced": "balanced: rank 16, the model's steps (SD 800, pocket 2500) — the default",
     "quality": "quality: rank 32, 1500 steps, text encoder too — slow",
 }
 
