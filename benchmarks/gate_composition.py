@@ -55,6 +55,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mix": {"use_time": True, "use_prompt": True, "mixes": True},
     # mix with the exclusion hinge at a tenth of its weight (the hinge alone closes both doors)
     "mix_soft": {"use_time": True, "use_prompt": True, "mixes": True, "hinge_weight": 0.1},
+    # the two-concept term alone: the gate learns only from accepted compositions
+    "mix_only": {"use_time": True, "use_prompt": True, "mixes": True, "fit_weight": 0.0, "hinge_weight": 0.0},
 }
 MIX_PICTURES = 64  # linear-mix pictures made per training pair before the judge keeps the good ones
 

@@ -38,6 +38,7 @@ class GateTrainConfig:
     batch_size: int = 8
     lr: float = 2e-3
     margin: float = 0.5
+    fit_weight: float = 1.0  # weight of the first term (MSE for prompt 1 on LoRA 1's picture)
     hinge_weight: float = 1.0
     empty_prompt_rate: float = 0.1
     use_time: bool = True
@@ -140,6 +141,8 @@ def train_gate(
 
     ``mixes``: accepted two-concept pictures (latents, prompts) per pair (i, j), for the mix term.
     """
+    if cfg.fit_weight == 0 and cfg.hinge_weight == 0 and not (mixes and cfg.mix_weight):
+        raise ValueError("nothing to train: fit_weight and hinge_weight are 0 and no mixes are given")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if data is None:
@@ -173,7 +176,7 @@ def train_gate(
             noise = torch.randn_like(x0)
             xt = sched.add_noise(x0, noise, t)
             # (LoRAs on, noisy latents, their noise, prompts, weight; None: the hinge term)
-            terms = [((i, j), xt, noise, p1, 1.0), ((i, j), xt, noise, p2, None)]
+            terms = [((i, j), xt, noise, p1, cfg.fit_weight), ((i, j), xt, noise, p2, None)]
             if mixes:
                 key = list(mixes)[int(rng.integers(len(mixes)))]
                 m_lat, m_prompts = mixes[key]
@@ -185,6 +188,8 @@ def train_gate(
             policy._temb = timestep_features(t, net.cfg.time_dim) if cfg.use_time else None
             loss = torch.zeros((), device=x0.device)
             for on, x_t, eps, prompts_k, weight in terms:
+                if (cfg.hinge_weight if weight is None else weight) == 0:
+                    continue  # a switched-off term costs no UNet pass
                 table = torch.zeros(len(mix.layers), len(loras))
                 table[:, list(on)] = 1.0
                 mix.table.set(table)

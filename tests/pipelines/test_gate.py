@@ -90,6 +90,13 @@ def test_mix_term_trains_the_gate_on_two_concept_pictures(setup):
     assert max(delta) > 0
 
 
+def test_gate_training_refuses_an_empty_loss(setup):
+    pipe, loras = setup
+    gl = [GateLora("a", loras[0], ("a red cat",)), GateLora("b", loras[1], ("a blue car",))]
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_gate(pipe, gl, [(0, 1)], GateTrainConfig(steps=1, fit_weight=0.0, hinge_weight=0.0))
+
+
 def test_checkpoint_round_trip_and_refusal(setup, tmp_path):
     pipe, loras = setup
     net = GateNetwork(gate_layers(pipe, [GateLora("a", loras[0], ("x",))]), GateConfig(prompt_dim=32), "sd1")
