@@ -154,8 +154,9 @@ def mix_data(
             scenes = pair_scenes(first, second, MIX_PICTURES, cfg.seed + 500)
             prompts = [s.caption() for s in scenes]
             seeds = [cfg.seed * 7_777 + k for k in range(len(prompts))]
-            lat = torch.cat([mix_latents(pipe, loras[idx[first]], loras[idx[second]], prompts[k : k + 16],
-                                         seeds[k : k + 16], cfg) for k in range(0, len(prompts), 16)])
+            pair = [loras[idx[first]], loras[idx[second]]]
+            lat = torch.cat([mix_latents(pipe, pair, prompts[k : k + 16], seeds[k : k + 16], cfg)
+                             for k in range(0, len(prompts), 16)])
             pred = judge.predict(model, decode_latents(pipe, lat))
             rows = [judge_pair({a: [v[k]] for a, v in pred.items()}, [scenes[k]], first, second)
                     for k in range(len(scenes))]
@@ -199,7 +200,12 @@ def run(cfg: AblationConfig, variants: list[str], work: Path, setup: tuple, quie
     data = lora_data(pipe, loras, cfg.train, work)
     mixes = mix_data(pipe, loras, model, cfg.train, work) if any(
         VARIANTS[v].get("mixes") for v in variants) else None
-    gates = {v: trained_gate(pipe, loras, v, cfg, work, data, mixes) for v in variants}
+    off = ("fit_weight", "hinge_weight")
+    only_mixes = {v for v in variants if all(VARIANTS[v].get(k) == 0 for k in off)}
+    if not mixes and only_mixes:
+        print(f"no mix picture was accepted: {', '.join(sorted(only_mixes))} skipped", file=sys.stderr)
+    gates = {v: trained_gate(pipe, loras, v, cfg, work, data, mixes) for v in variants
+             if mixes or v not in only_mixes}
     policies: dict[str, tuple[str, dict[str, Any]]] = {"linear": ("linear", {})}
     policies |= {f"gate-{v}": ("gate", {"network": net}) for v, net in gates.items()}
     cache = work / "rows.jsonl"

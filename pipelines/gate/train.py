@@ -59,38 +59,24 @@ class GateLora:
     prompts: tuple[str, ...]
 
 
-@torch.no_grad()
 def lora_latents(
     pipe: Any, lora: GateLora, n: int, cfg: GateTrainConfig, seed: int
 ) -> tuple[torch.Tensor, list[str]]:
     """Latents of ``n`` pictures the LoRA makes alone (weight 1) from its own prompts."""
-    from pipelines.fusion import make_policy
-
     rng = np.random.default_rng(seed)
     prompts = [lora.prompts[i] for i in rng.integers(0, len(lora.prompts), n)]
-    gens = [torch.Generator("cpu").manual_seed(seed * 10_000 + i) for i in range(n)]
-    with attach(pipe, [(AdapterInfo(lora.name), lora.weights)], make_policy("linear")):
-        out = pipe(
-            prompts,
-            num_inference_steps=cfg.sample_steps,
-            guidance_scale=cfg.guidance,
-            generator=gens,
-            output_type="latent",
-        )
-    return out.images.detach().float().cpu(), prompts
+    return mix_latents(pipe, [lora], prompts, [seed * 10_000 + i for i in range(n)], cfg), prompts
 
 
 @torch.no_grad()
 def mix_latents(
-    pipe: Any, first: GateLora, second: GateLora, prompts: Sequence[str], seeds: Sequence[int],
-    cfg: GateTrainConfig,
+    pipe: Any, loras: Sequence[GateLora], prompts: Sequence[str], seeds: Sequence[int], cfg: GateTrainConfig
 ) -> torch.Tensor:
-    """Latents of pictures two LoRAs make mixed linearly (weight 1 each) from two-concept prompts."""
+    """Latents of pictures the LoRAs make mixed linearly (weight 1 each), one seed per prompt."""
     from pipelines.fusion import make_policy
 
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    adapters = [(AdapterInfo(first.name), first.weights), (AdapterInfo(second.name), second.weights)]
-    with attach(pipe, adapters, make_policy("linear")):
+    with attach(pipe, [(AdapterInfo(lo.name), lo.weights) for lo in loras], make_policy("linear")):
         out = pipe(list(prompts), num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                    generator=gens, output_type="latent")
     return out.images.detach().float().cpu()

@@ -77,7 +77,7 @@ def test_mix_term_trains_the_gate_on_two_concept_pictures(setup):
     pipe, loras = setup
     gl = [GateLora("a", loras[0], ("a red cat",)), GateLora("b", loras[1], ("a blue car",))]
     cfg = GateTrainConfig(steps=2, batch_size=2, images_per_lora=2, sample_steps=2)
-    lat = mix_latents(pipe, gl[0], gl[1], ["a red cat and a blue car"] * 2, [5, 6], cfg)
+    lat = mix_latents(pipe, gl, ["a red cat and a blue car"] * 2, [5, 6], cfg)
     assert lat.shape[0] == 2 and decode_latents(pipe, lat).shape == (2, 64, 64, 3)
     data = {0: (lat, ["a red cat"] * 2), 1: (lat, ["a blue car"] * 2)}
     plain, plain_losses = train_gate(pipe, gl, [(0, 1)], cfg, data=data)
