@@ -161,8 +161,9 @@ def train_gate(
             t = torch.randint(0, len(alphas), (cfg.batch_size,), device=x0.device)
             noise = torch.randn_like(x0)
             xt = sched.add_noise(x0, noise, t)
-            # (LoRAs on, noisy latents, their noise, prompts, weight; None: the hinge term)
-            terms = [((i, j), xt, noise, p1, cfg.fit_weight), ((i, j), xt, noise, p2, None)]
+            # (LoRAs on, noisy latents, their noise, prompts, weight, hinge term?)
+            terms = [((i, j), xt, noise, p1, cfg.fit_weight, False),
+                     ((i, j), xt, noise, p2, cfg.hinge_weight, True)]
             if mixes:
                 key = list(mixes)[int(rng.integers(len(mixes)))]
                 m_lat, m_prompts = mixes[key]
@@ -170,11 +171,11 @@ def train_gate(
                 m_p = ["" if rng.random() < cfg.empty_prompt_rate else m_prompts[k] for k in m_idx]
                 m_noise = torch.randn_like(x0)
                 m_xt = sched.add_noise(m_lat[torch.from_numpy(m_idx)].to(x0.device), m_noise, t)
-                terms.append((key, m_xt, m_noise, m_p, cfg.mix_weight))
+                terms.append((key, m_xt, m_noise, m_p, cfg.mix_weight, False))
             policy._temb = timestep_features(t, net.cfg.time_dim) if cfg.use_time else None
             loss = torch.zeros((), device=x0.device)
-            for on, x_t, eps, prompts_k, weight in terms:
-                if (cfg.hinge_weight if weight is None else weight) == 0:
+            for on, x_t, eps, prompts_k, weight, hinge in terms:
+                if weight == 0:
                     continue  # a switched-off term costs no UNet pass
                 table = torch.zeros(len(mix.layers), len(loras))
                 table[:, list(on)] = 1.0
@@ -182,8 +183,7 @@ def train_gate(
                 emb = encode(pipe, prompts_k)
                 policy._prompt = emb.float().mean(dim=1) if cfg.use_prompt else None
                 mse = F.mse_loss(pipe.unet(x_t, t, emb).sample.float(), eps)
-                hinge = weight is None
-                loss = loss + (cfg.hinge_weight * F.relu(cfg.margin - mse) if hinge else weight * mse)
+                loss = loss + weight * (F.relu(cfg.margin - mse) if hinge else mse)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
