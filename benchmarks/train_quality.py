@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -172,6 +173,7 @@ def main() -> None:
                     help="prior prompts: N captions of base scenes (the model's own domain)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the numbers here")
+    ap.add_argument("--keep", type=Path, metavar="FILE", help="keep the trained LoRA (kohya) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from pipelines.training import load_base_pipeline
@@ -185,6 +187,9 @@ def main() -> None:
         out = Path(tmp) / f"{args.concept}.safetensors"
         extra = {"prior_prompts": world.base_captions(args.prior_base, 99)} if args.prior_base else {}
         lora = train(pipe, folder, out, args.trigger, **options(args.set), **extra)
+        if args.keep:
+            args.keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(lora, args.keep)
         report["lora"] = evaluate(pipe, lora, args.trigger, args.concept, model,
                                   base=report["base"]["base_accuracy"], **kw)
         if args.orthogonal:

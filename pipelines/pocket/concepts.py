@@ -62,7 +62,9 @@ def write_dataset(trigger: str, folder: Path, n: int = 24, seed: int = 0) -> Pat
 
 def concept_spec(trigger: str, **overrides: Any) -> Any:
     """Training options of a concept LoRA: rank 8 on every UNet layer kind (attention, MLP, convs) and
-    the text encoder — attention-only LoRAs drew new objects in under 10 % of pictures."""
+    the text encoder — attention-only LoRAs drew new objects in under 10 % of pictures. No prior
+    preservation: the bundled LoRAs were trained without one, and every option is pinned here so the
+    pocket family's training defaults cannot change what ``pocket train --stage loras`` makes."""
     from pipelines.training import TrainSpec
 
     spec = TrainSpec(
@@ -85,6 +87,7 @@ def concept_spec(trigger: str, **overrides: Any) -> Any:
         sample_guidance=5.0,
         checkpoint_every=500,
         seed=7,
+        prior_preservation=False,
     )
     return replace(spec, **overrides)
 

@@ -29,6 +29,7 @@ TEXT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+PRIOR_TARGETS = ("noise", "base")
 CAPTION_SOURCES = ("auto", "txt", "template")
 
 
@@ -81,6 +82,12 @@ class TrainSpec:
     # share of class pictures trained with the empty prompt: holds the unconditional prediction, which
     # classifier-free guidance subtracts, where the base model has it
     prior_caption_dropout: float | None = None  # None: the base family's
+    # what the class pictures are trained towards: "noise" (DreamBooth's target, the noise that was
+    # added) or "base" (the untouched model's own prediction for the same noisy latent, prompt and
+    # step: distillation, as in Learning without Forgetting, Li & Hoiem 2016). "base" pulls every
+    # step towards the old behaviour instead of towards a noisy sample of it; it costs one more
+    # forward pass of the text encoder and UNet per class picture. None: the base family's.
+    prior_target: str | None = None
     # loss
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023, arXiv 2303.09556
     noise_offset: float = 0.0
@@ -206,6 +213,8 @@ def _problems(s: TrainSpec) -> list[str]:
         ("{trigger}" in s.caption_template, "caption_template must contain {trigger}"),
         ((s.num_class_images or 0) >= 0 and s.prior_loss_weight >= 0,
          "class images and prior weight must be ≥ 0"),
+        (s.prior_target is None or s.prior_target in PRIOR_TARGETS,
+         f"prior_target must be one of {PRIOR_TARGETS}, got {s.prior_target!r}"),
         (s.class_steps >= 1, f"class_steps must be ≥ 1, got {s.class_steps}"),
         (not (s.prior_preservation and not s.class_word and "{caption}" not in s.class_prompt
               and not s.prior_prompts), "prior preservation needs a class word, prior prompts or {caption}"),
@@ -225,7 +234,8 @@ def _problems(s: TrainSpec) -> list[str]:
 # base prompts only with a prior drawn from its own domain: captions of base scenes, a fifth of them
 # trained with the empty prompt (benchmarks/train_quality.py, README "Training a personal LoRA").
 GENERIC_DEFAULTS: dict[str, Any] = {"targets": "attn", "learning_rate": 1e-4, "train_text_encoder": False,
-                                    "steps": 800, "num_class_images": 50, "prior_caption_dropout": 0.0}
+                                    "steps": 800, "num_class_images": 50, "prior_caption_dropout": 0.0,
+                                    "prior_target": "noise"}
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "pocket": {"targets": "all", "learning_rate": 1e-3, "train_text_encoder": True, "steps": 2500,
                "num_class_images": 100, "prior_caption_dropout": 0.2},

@@ -14,8 +14,8 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig, inject_adapter_in_model
 from peft.optimizers import create_loraplus_optimizer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from pipelines.images import ImageLimits
 from pipelines.lora_formats import UNKNOWN_FAMILY, pipeline_family
@@ -170,6 +171,23 @@ def minimum_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float)
     if scheduler.config.prediction_type == "sample":
         return clipped
     return clipped / snr
+
+
+@contextmanager
+def adapters_disabled(models: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The untouched base model for a moment: PEFT's adapter layers bypassed, trainable flags kept."""
+    models = list(models)
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for model in models for p in model.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, trains in flags:
+            p.requires_grad_(trains)
 
 
 class TextConditioner:
@@ -393,7 +411,8 @@ class LoraTrainer:
         return torch.cat(rows).to(self.device)
 
     def diffusion_loss(self, examples: list[Example], idx: list[int], cache: LatentCache | None,
-                       rng: np.random.Generator, gen: torch.Generator, dropout: float) -> torch.Tensor:
+                       rng: np.random.Generator, gen: torch.Generator, dropout: float, distil: bool = False
+                       ) -> torch.Tensor:
         """The training loss of one batch of one bucket: random noise, timesteps and caption dropout."""
         batch = [examples[i] for i in idx]
         x0 = self.latents(examples, idx, cache, gen)
@@ -402,23 +421,33 @@ class LoraTrainer:
             noise += self.spec.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         captions = ["" if rng.random() < dropout else e.caption for e in batch]
-        return self.denoise_loss(x0, noise.to(self.device), t.to(self.device), captions, batch)
+        return self.denoise_loss(x0, noise.to(self.device), t.to(self.device), captions, batch, distil)
 
     def denoise_loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, captions: list[str],
-                     batch: list[Example]) -> torch.Tensor:
-        """Mean (min-SNR weighted) MSE between the UNet's prediction and its target."""
-        emb, pooled = self.text(captions)  # type: ignore[misc]
-        unet = self.pipe.unet
-        noisy = self.noise_scheduler.add_noise(x0, noise, t).to(unet.dtype)
-        extra = {}
-        if pooled is not None:
-            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self.time_ids(batch, emb.dtype)}
-        pred = unet(noisy, t, emb.to(unet.dtype), **extra).sample.float()
-        target = self.target(x0, noise, t)
+                     batch: list[Example], distil: bool = False) -> torch.Tensor:
+        """Mean (min-SNR weighted) MSE between the UNet's prediction and its target (``distil``: the
+        untouched model's prediction instead of the scheduler's target)."""
+        noisy = self.noise_scheduler.add_noise(x0, noise, t).to(self.pipe.unet.dtype)
+        pred = self.predict(noisy, t, captions, batch)
+        if distil:
+            with torch.no_grad(), adapters_disabled(self.components.values()):
+                target = self.predict(noisy, t, captions, batch)
+        else:
+            target = self.target(x0, noise, t)
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.dim())))
         if self.spec.min_snr_gamma is not None:
             per_sample = per_sample * minimum_snr_weights(self.noise_scheduler, t, self.spec.min_snr_gamma)
         return per_sample.mean()
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, captions: list[str], batch: list[Example]
+                ) -> torch.Tensor:
+        """The UNet's prediction (float32) for noisy latents under these captions."""
+        emb, pooled = self.text(captions)  # type: ignore[misc]
+        unet = self.pipe.unet
+        extra = {}
+        if pooled is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self.time_ids(batch, emb.dtype)}
+        return unet(noisy, t, emb.to(unet.dtype), **extra).sample.float()
 
     @torch.no_grad()
     def probe_loss(self, timesteps: Sequence[int] = (100, 300, 500, 700, 900), seed: int = 12345) -> float:
@@ -453,7 +482,8 @@ class LoraTrainer:
         if self.class_examples:
             idx = self.class_plan.batch(micro)
             drop = s.prior_caption_dropout
-            prior = self.diffusion_loss(self.class_examples, idx, self.class_cache, rng, gen, drop)
+            distil = s.prior_target == "base"
+            prior = self.diffusion_loss(self.class_examples, idx, self.class_cache, rng, gen, drop, distil)
             loss = loss + s.prior_loss_weight * prior
         return loss
 

@@ -122,7 +122,9 @@ def kohya_metadata(spec: TrainSpec, info: RunInfo) -> dict[str, str]:
         "ss_clip_skip": str(spec.clip_skip),
         "ss_tag_frequency": json.dumps({info.dataset_name: tag_frequency(info.captions)}),
         "ss_dataset_dirs": json.dumps({info.dataset_name: {"n_repeats": 1, "img_count": info.num_images}}),
-        "ss_training_comment": f"trigger: {spec.trigger}; final loss {info.final_loss:.5f}",
+        "ss_training_comment": f"trigger: {spec.trigger}; final loss {info.final_loss:.5f}"
+        + ("; prior targets: the base model's predictions" if spec.uses_prior and spec.prior_target == "base"
+           else ""),
     }
     return meta
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pipelines.fusion import REGISTRY
 from pipelines.models import SAMPLERS
 from pipelines.recipe import AdapterSpec, MixRecipe
 
@@ -58,7 +59,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument(
         "--fusion",
         default="linear",
-        help="fusion policy: linear, blocks, schedule, switch, klora, orthogonal, ties, dare",
+        help=f"fusion policy: {', '.join(sorted(REGISTRY))} (gate needs "
+        '--fusion-args \'{"checkpoint": "GATE.safetensors"}\', a file from `studio gate train`)',
     )
     p.add_argument(
         "--fusion-args", default="{}", help='policy parameters as JSON, e.g. \'{"blocks": "OUTD"}\''

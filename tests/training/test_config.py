@@ -18,6 +18,7 @@ from pipelines.training import PRESETS, TrainSpec, preset
         ({"alpha": -1.0}, "alpha must be > 0"),
         ({"caption_dropout": 1.0}, "caption_dropout must be in"),
         ({"prior_caption_dropout": -0.1}, "prior_caption_dropout must be in"),
+        ({"prior_target": "teacher"}, "prior_target must be one of"),
         ({"targets": "everything"}, "targets must be one of"),
         ({"steps": 0}, "steps must be ≥ 1"),
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),
@@ -98,3 +99,19 @@ def test_family_defaults_fill_only_what_the_spec_leaves_open() -> None:
     assert (mine.learning_rate, mine.steps, mine.uses_prior) == (3e-4, 10, False)
     dog = for_family(TrainSpec(trigger="sks", class_word="dog"), "pocket")
     assert dog.prior_prompts == () and dog.prior_prompt("a photo of sks dog") == "a photo of dog"
+    assert sd.prior_target == "noise" and pocket.prior_target == FAMILY_DEFAULTS["pocket"].get(
+        "prior_target", "noise")
+
+
+def test_bundled_concept_recipes_do_not_follow_the_family_defaults() -> None:
+    """``pocket train --stage loras`` must remake the bundled LoRAs: their recipe pins every option
+    the pocket family would otherwise fill, prior preservation (off) included."""
+    from pipelines.pocket.concepts import CONCEPTS, concept_spec
+    from pipelines.training.config import for_family
+
+    for trigger in CONCEPTS:
+        spec = concept_spec(trigger)
+        filled = for_family(spec, "pocket")
+        assert not filled.uses_prior
+        assert (filled.targets, filled.learning_rate, filled.train_text_encoder, filled.steps) == (
+            spec.targets, spec.learning_rate, spec.train_text_encoder, spec.steps)

@@ -246,6 +246,41 @@ def test_prior_prompts_follow_the_captions_and_class_images_follow_their_prompts
         TrainSpec(trigger="zq", prior_preservation=True, class_prompt="a photo of {class_word}")
 
 
+def test_distilled_prior_trains_towards_the_untouched_model(concept_dir: Path, tmp_path: Path) -> None:
+    """prior_target="base": the class pictures' target is the base model's own prediction (zero at the
+    start, when the LoRA adds nothing), computed with every adapter bypassed, which leaves the adapters
+    on and the trainable parameters as they were."""
+    import numpy as np
+
+    from pipelines.training.lora_train import adapters_disabled
+
+    spec = fast_spec(steps=3, class_word="shape", num_class_images=2, class_steps=2, prior_target="base",
+                     train_text_encoder=True, targets="all", learning_rate=1e-2)
+    pipe = build_tiny_pipeline()
+    trainer = _trainer(spec, concept_dir, tmp_path / "work", pipe)
+    parts = list(trainer.components.values())
+
+    def prior(distil: bool) -> float:
+        gen, rng = torch.Generator().manual_seed(3), np.random.default_rng(3)
+        with torch.no_grad():
+            return float(trainer.diffusion_loss(trainer.class_examples, [0], trainer.class_cache, rng, gen,
+                                                0.0, distil))
+
+    assert prior(distil=True) == 0.0 and prior(distil=False) > 0.0
+    trains = [n for m in parts for n, p in m.named_parameters() if p.requires_grad]
+    trainer.run()
+    assert prior(distil=True) > 0.0
+    assert [n for m in parts for n, p in m.named_parameters() if p.requires_grad] == trains
+    with adapters_disabled(parts):
+        bypassed = _unet_out(pipe)
+    assert torch.equal(bypassed, _unet_out(build_tiny_pipeline()))
+    assert not torch.allclose(_unet_out(pipe), bypassed)  # the adapters are back on
+    result = trainer.finish(tmp_path / "distil.safetensors", "tiny", 0.0)
+    assert "prior targets: the base model's predictions" in result.metadata["ss_training_comment"]
+    with pytest.raises(ValueError, match="prior_target"):
+        fast_spec(prior_target="teacher")
+
+
 def test_orthogonal_adapters_have_orthogonal_down_projections(concept_dir: Path, tmp_path: Path,
                                                               tiny_pipeline_dir: Path) -> None:
     registry = BasisRegistry(tmp_path / "basis.json")
