@@ -23,7 +23,7 @@ SPEC_OPTIONS: dict[str, str] = {
     "grad_accum": "grad_accum", "resolution": "resolution", "captions": "caption_source",
     "caption_template": "caption_template", "caption_dropout": "caption_dropout", "targets": "targets",
     "num_class_images": "num_class_images", "prior_loss_weight": "prior_loss_weight",
-    "prior_caption_dropout": "prior_caption_dropout",
+    "prior_caption_dropout": "prior_caption_dropout", "prior_target": "prior_target",
     "noise_offset": "noise_offset", "mixed_precision": "mixed_precision", "clip_skip": "clip_skip",
     "seed": "seed", "sample_every": "sample_every", "checkpoint_every": "checkpoint_every", "name": "name",
 }
@@ -58,6 +58,9 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", help="comma-separated UNet module names (overrides --targets)")
     g.add_argument("--mixed-precision", choices=c.MIXED_PRECISION)
     g.add_argument("--sample-prompt", action="append", help="a prompt to sample during training (repeatable)")
+    g.add_argument("--prior-target", choices=c.PRIOR_TARGETS,
+                   help="what class images train towards: the added noise (DreamBooth) or the base model's "
+                   "own prediction (distillation; the pocket model's default)")
     g.add_argument("--no-prior", action="store_true", help="no prior preservation even with a class word")
     g.add_argument("--class-prompt", help="prompt of the class images; {caption}: each picture's caption "
                    "with the trigger → class word (default)")

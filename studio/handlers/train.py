@@ -18,6 +18,9 @@ from studio.handlers.state import SessionState
 from studio.services import Services
 
 MAX_SAMPLES_SHOWN = 12
+# the form's prior-preservation choice → TrainSpec.prior_preservation (None: on with a class word, and
+# on the pocket model always, with prompts of its own domain)
+PRIOR_CHOICES: dict[str, bool | None] = {"the model's default": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class TrainRequest:
     resolution: int | None = None
     sample_every: int | None = None
     train_text_encoder: bool | None = None
-    prior_preservation: bool = False
+    prior_preservation: bool | None = None  # None: the model's default (PRIOR_CHOICES)
     options_json: str = ""  # any other TrainSpec option, as JSON
 
 
@@ -83,8 +86,9 @@ def build_spec(req: TrainRequest) -> TrainSpec:
     overrides: dict[str, Any] = {
         "class_word": (req.class_word or "").strip(),
         "name": (req.name or "").strip(),
-        "prior_preservation": bool(req.prior_preservation),
     }
+    if req.prior_preservation is not None:
+        overrides["prior_preservation"] = bool(req.prior_preservation)
     base = preset(req.preset, trigger)
     for key in ("steps", "rank", "learning_rate", "resolution", "sample_every", "train_text_encoder"):
         value = getattr(req, key)
@@ -95,7 +99,7 @@ def build_spec(req: TrainRequest) -> TrainSpec:
     if overrides.get("resolution") == 0:
         overrides["resolution"] = None  # the model's native size
     overrides.update(parse_options(req.options_json))
-    if overrides["prior_preservation"] and not overrides["class_word"]:
+    if overrides.get("prior_preservation") and not overrides["class_word"]:
         raise ValueError("prior preservation needs a class word (what the concept is: dog, person, style, …)")
     return replace(base, **overrides)
 

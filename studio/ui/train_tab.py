@@ -8,6 +8,7 @@ import gradio as gr
 from PIL import Image
 
 from pipelines.training import PRESETS
+from pipelines.training.config import FAMILY_DEFAULTS, GENERIC_DEFAULTS
 from studio.handlers import create
 from studio.handlers import html as H
 from studio.handlers import train as T
@@ -16,7 +17,8 @@ from studio.ui.common import Ui, user_errors, warn
 
 PRESET_HELP = {
     "quick": "quick: rank 8, 300 steps — a first look in minutes",
-    "balanced": "balanced: rank 16, the model's steps (SD 800, pocket 2500) — the default",
+    "balanced": f"balanced: rank 16, the model's steps (SD {GENERIC_DEFAULTS['steps']}, "
+    f"pocket {FAMILY_DEFAULTS['pocket']['steps']}) — the default",
     "quality": "quality: rank 32, 1500 steps, text encoder too — slow",
 }
 
@@ -97,7 +99,13 @@ def build(ui: Ui) -> None:
                         bool(first["train_text_encoder"]),
                         label="train the text encoder too (unticked: the model's default)",
                     )
-                prior = gr.Checkbox(False, label="prior preservation (renders class images first; slower)")
+                prior = gr.Radio(
+                    list(T.PRIOR_CHOICES),
+                    value=next(iter(T.PRIOR_CHOICES)),
+                    label="prior preservation (renders class images first; slower)",
+                    info="the model's default: on with a class word; the pocket model always keeps its own",
+                    elem_id="train-prior",
+                )
                 options = gr.Textbox(
                     "",
                     label="more options (JSON, any TrainSpec field)",
@@ -161,7 +169,7 @@ def build(ui: Ui) -> None:
         resolution: float | None = None,
         sample_every: float | None = None,
         text_encoder: bool = False,
-        prior_preservation: bool = False,
+        prior_preservation: str = "",
         options_json: str = "",
     ) -> tuple[Any, ...]:
         with user_errors("Train"):
@@ -178,7 +186,7 @@ def build(ui: Ui) -> None:
                 resolution=_opt_int(resolution),
                 sample_every=_opt_int(sample_every),
                 train_text_encoder=None if text_encoder is None else bool(text_encoder),
-                prior_preservation=bool(prior_preservation),
+                prior_preservation=T.PRIOR_CHOICES.get(prior_preservation or ""),
                 options_json=options_json or "",
             )
             new, job = T.start_training(services, state, req)

@@ -38,9 +38,12 @@ def test_options_map_onto_the_spec() -> None:
     assert train_cmd.spec_from_args(_parse("--trigger", "sks")) == TrainSpec(trigger="sks")
     prior = train_cmd.spec_from_args(_parse("--trigger", "sks", "--prior-prompt", "a ring", "--prior-prompt",
                                             "a {class_word}", "--class-prompt", "{caption}, photo",
-                                            "--prior-caption-dropout", "0.2"))
+                                            "--prior-caption-dropout", "0.2", "--prior-target", "base",
+                                            "--prior-loss-weight", "2"))
     assert prior.prior_prompts == ("a ring", "a {class_word}") and prior.class_prompt == "{caption}, photo"
-    assert prior.prior_caption_dropout == 0.2
+    assert (prior.prior_caption_dropout, prior.prior_target, prior.prior_loss_weight) == (0.2, "base", 2.0)
+    with pytest.raises(SystemExit):
+        _parse("--trigger", "sks", "--prior-target", "teacher")
 
 
 def test_python_m_studio_train_writes_the_adapter(tiny_pipeline_dir: Path, concept_dir: Path,

@@ -99,8 +99,10 @@ def test_family_defaults_fill_only_what_the_spec_leaves_open() -> None:
     assert (mine.learning_rate, mine.steps, mine.uses_prior) == (3e-4, 10, False)
     dog = for_family(TrainSpec(trigger="sks", class_word="dog"), "pocket")
     assert dog.prior_prompts == () and dog.prior_prompt("a photo of sks dog") == "a photo of dog"
-    assert sd.prior_target == "noise" and pocket.prior_target == FAMILY_DEFAULTS["pocket"].get(
-        "prior_target", "noise")
+    assert (sd.prior_target, sd.prior_loss_weight) == ("noise", 1.0)  # DreamBooth's prior
+    # the pocket model keeps its base prompts only when its prior is distilled from itself, weighted ×3
+    assert (pocket.prior_target, pocket.prior_loss_weight, pocket.steps) == ("base", 3.0, 4000)
+    assert not for_family(TrainSpec(trigger="sks", prior_loss_weight=0.0), "pocket").uses_prior
 
 
 def test_bundled_concept_recipes_do_not_follow_the_family_defaults() -> None:

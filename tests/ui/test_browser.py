@@ -219,6 +219,7 @@ def test_train_five_pictures_into_the_catalog(page: Page, shots: Path, tmp_path:
     set_number(page, "train-steps", 4)
     set_number(page, "train-rank", 4)
     set_number(page, "train-resolution", 32)
+    page.locator("#train-prior").get_by_text("off", exact=True).click()  # no class images: a fast test
     options = page.locator("#train-options textarea").first
     options.fill('{"sample_steps": 2, "sample_seeds": [1], "sample_every": 2}')
     page.locator("#train-start").click()

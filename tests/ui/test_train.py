@@ -30,8 +30,10 @@ def test_spec_from_the_form():
     )
     assert (spec.trigger, spec.class_word, spec.name, spec.steps, spec.rank) == ("zq", "dog", "my dog", 12, 8)
     assert (
-        spec.resolution is None and spec.use_dora and spec.prior_preservation is False and not spec.uses_prior
-    )
+        spec.resolution is None and spec.use_dora and spec.prior_preservation is None and spec.uses_prior
+    )  # the model's default: DreamBooth's prior with a class word
+    off = T.TrainRequest(files=(), trigger="zq", class_word="dog", prior_preservation=T.PRIOR_CHOICES["off"])
+    assert T.build_spec(off).prior_preservation is False and not T.build_spec(off).uses_prior
     assert T.build_spec(T.TrainRequest(files=(), trigger="zq", preset="quality")).rank == 32
     assert (
         T.preset_fields("balanced")["steps"] is None  # left to the model's family
@@ -86,6 +88,7 @@ def test_training_job_lands_in_the_catalog_and_the_mix(fresh_studio, tmp_path):
         resolution=32,
         sample_every=2,
         captions={"pic_0": "a qx circle"},
+        prior_preservation=False,  # the pocket model's own prior renders 100 class images first
         options_json=FAST,
     )
     state, job = T.start_training(services, SessionState(), req)
