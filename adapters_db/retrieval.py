@@ -436,6 +436,7 @@ def _allowed_mask(
     tags: Iterable[str] | None,
     licence: str | Iterable[str] | None,
     local_only: bool | None,
+    kind: str | None = None,
 ) -> np.ndarray:
     mask = np.ones(index.size, bool)
     family = normalize_family(base_family)
@@ -446,8 +447,8 @@ def _allowed_mask(
     if local_only is not None:
         mask &= index.has_local if local_only else ~index.has_local
     tag_list = [t for t in (tags or ()) if t and t.strip()]
-    if tag_list or licence:
-        conds = filter_conditions(tags=tag_list, licence=licence, include_nsfw=True)
+    if tag_list or licence or kind:
+        conds = filter_conditions(tags=tag_list, licence=licence, kind=kind, include_nsfw=True)
         allowed = np.array(sorted(adapter_ids_matching(session, conds)), np.int64)
         rows = index.rows_of(allowed)
         keep = np.zeros(index.size, bool)
@@ -633,6 +634,7 @@ def search(
     tags: Iterable[str] | None = None,
     licence: str | Iterable[str] | None = None,
     local_only: bool | None = None,
+    kind: str | None = None,
     sort: str = "relevance",
     offset: int = 0,
     exclude_image_ids: Collection[int] = (),
@@ -643,7 +645,8 @@ def search(
 
     ``sort`` other than ``relevance`` re-orders the 200 most relevant hits by downloads, rating or
     date. ``exclude_image_ids`` leaves those preview images out of every channel (evaluation);
-    ``channels`` limits the channels (without ``prompts``: the metadata-only "cold" mode).
+    ``channels`` limits the channels (without ``prompts``: the metadata-only "cold" mode). ``kind``
+    keeps one adapter type (``lora``, ``locon``, …); gate checkpoints are never searched.
     """
     if sort not in SORTS:
         raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
@@ -667,6 +670,7 @@ def search(
         tags=tags,
         licence=licence,
         local_only=local_only,
+        kind=kind,
     )
     index, ctx, feats, scores = score_all(session, catalog, query, options, allowed=mask)
     scores = np.where(mask, scores, -np.inf)

@@ -11,11 +11,16 @@ from typing import Any
 
 import adapters_db
 from adapters_db import AdapterRecord, ImportResult, ImportSummary
+from adapters_db.models import UNSEARCHABLE_KINDS
 from adapters_db.repository import LICENCE_FLAGS, SORTS
 from studio.handlers.state import SessionState
 from studio.services import Services
 
 LOCATIONS = ("all", "local", "remote")
+# the type filter, as Civitai names the types → the catalog's ``kind`` (None: every type)
+KINDS: dict[str, str | None] = {
+    "any": None, "LoRA": "lora", "LoCon": "locon", "LyCORIS": "lycoris", "DoRA": "dora", "gate": "gate",
+}
 PAGE_SIZE = 24
 _HF_REPO = re.compile(r"^(?:https?://huggingface\.co/)?([A-Za-z0-9][\w.-]*/[\w.-]+)/?$")
 
@@ -30,11 +35,15 @@ class CatalogQuery:
     include_nsfw: bool = False
     licence: tuple[str, ...] = ()
     location: str = "all"
+    kind: str | None = None  # a value of KINDS
     sort: str = "relevance"
     page: int = 1
     page_size: int = PAGE_SIZE
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS.values():
+            types = ", ".join(k for k in KINDS.values() if k)
+            raise ValueError(f"unknown adapter type {self.kind!r}: use one of {types}")
         if self.location not in LOCATIONS:
             raise ValueError(f"location must be one of {', '.join(LOCATIONS)}, got {self.location!r}")
         if self.sort not in SORTS:
@@ -81,7 +90,7 @@ def browse(services: Services, q: CatalogQuery) -> CatalogPage:
     """Search (a query: the catalog's hybrid search) or list (no query) with the filters and sort."""
     catalog, offset = services.catalog, (q.page - 1) * q.page_size
     with catalog.session() as session:
-        if q.text.strip():
+        if q.text.strip() and q.kind not in UNSEARCHABLE_KINDS:
             hits = adapters_db.search(
                 session,
                 catalog,
@@ -92,6 +101,7 @@ def browse(services: Services, q: CatalogQuery) -> CatalogPage:
                 tags=q.tags or None,
                 licence=q.licence or None,
                 local_only=q.local_only,
+                kind=q.kind,
                 sort=q.sort,
                 offset=offset,
             )
@@ -105,9 +115,11 @@ def browse(services: Services, q: CatalogQuery) -> CatalogPage:
                 q.page_size,
             )
         sort = "downloads" if q.sort == "relevance" else q.sort
-        page = adapters_db.list_adapters(
+        page = adapters_db.list_adapters(  # gate checkpoints are listed by name, never searched
             session,
             catalog,
+            text=q.text.strip() or None,
+            kind=q.kind,
             base_family=q.base_family,
             include_nsfw=q.include_nsfw,
             tags=q.tags or None,

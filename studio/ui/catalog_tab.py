@@ -27,6 +27,7 @@ def _query(
     licence: list[str],
     location: str,
     sort: str,
+    kind: str,
     page: float,
 ) -> C.CatalogQuery:
     return C.CatalogQuery(
@@ -37,6 +38,7 @@ def _query(
         licence=tuple(licence or ()),
         location=location or "all",
         sort=sort or "relevance",
+        kind=C.KINDS.get(kind or ANY),
         page=max(1, int(page or 1)),
     )
 
@@ -60,6 +62,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         tags = gr.Textbox("", label="tags (comma-separated)", elem_id="catalog-tags")
         location = gr.Radio(list(C.LOCATIONS), value="all", label="files", elem_id="catalog-location")
         sort = gr.Dropdown(list(SORTS), value="relevance", label="sort", elem_id="catalog-sort")
+        kind = gr.Dropdown(list(C.KINDS), value=ANY, label="type", elem_id="catalog-kind")
     with gr.Row():
         licence = gr.CheckboxGroup(
             list(LICENCE_FLAGS), value=[], label="licence allows", elem_id="catalog-licence"
@@ -112,7 +115,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             url_btn = gr.Button("Import from URL", scale=1)
         import_report = gr.Markdown(elem_id="import-report", label="import report")
 
-    filters = [query, family, tags, nsfw, licence, location, sort]
+    filters = [query, family, tags, nsfw, licence, location, sort, kind]
     edit_fields = [edit_name, edit_tags, edit_triggers, edit_family, edit_nsfw, edit_description]
     detail_outputs = [detail, *edit_fields, ui.tabs]
 
@@ -155,10 +158,12 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         licence: list[str],
         location: str,
         sort: str,
+        kind: str,
         page: float,
     ) -> tuple[Any, ...]:
         with user_errors("Catalog"):
-            return show(_query(query, base_family, tags, include_nsfw, licence, location, sort, page), state)
+            q = _query(query, base_family, tags, include_nsfw, licence, location, sort, kind, page)
+            return show(q, state)
 
     list_outputs = [cards, page_label, items, page]
     page.submit(on_catalog, [state, *filters, page], list_outputs, api_name="catalog")
@@ -172,8 +177,9 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         licence: list[str],
         location: str,
         sort: str,
+        kind: str,
     ) -> tuple[Any, ...]:
-        return on_catalog(state, query, base_family, tags, include_nsfw, licence, location, sort, 1)
+        return on_catalog(state, query, base_family, tags, include_nsfw, licence, location, sort, kind, 1)
 
     gr.on(
         [
@@ -185,6 +191,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             licence.input,
             location.input,
             sort.input,
+            kind.input,
             tab.select,
         ],
         on_filter,
@@ -203,6 +210,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         licence: list[str],
         location: str,
         sort: str,
+        kind: str,
         page: float,
     ) -> tuple[Any, ...]:
         return on_catalog(
@@ -214,6 +222,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             licence,
             location,
             sort,
+            kind,
             max(1, int(page or 1) + delta),
         )
 
@@ -313,13 +322,15 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         licence: list[str],
         location: str,
         sort: str,
+        kind: str,
         page: float,
     ) -> tuple[Any, ...]:
         with user_errors("Delete"):
             if state.detail_id is None:
                 raise ValueError("open an adapter's details first")
             new, text = C.delete(services, state, state.detail_id)
-            listing = show(_query(query, base_family, tags, include_nsfw, licence, location, sort, page), new)
+            q = _query(query, base_family, tags, include_nsfw, licence, location, sort, kind, page)
+            listing = show(q, new)
         info([text])
         return (new, gr.Row(visible=False), H.message(text), *listing)
 

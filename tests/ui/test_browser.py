@@ -206,6 +206,16 @@ def test_catalog_filter_and_detail(page: Page, shots: Path) -> None:
     screenshot(page, shots, "catalog")
     tags.fill("")
     tags.press("Enter")
+    cards.get_by_text("Gamma Counter").wait_for()
+    kind = page.locator("#catalog-kind input").first
+    kind.click()
+    page.get_by_role("option", name="LoCon", exact=True).click()  # the type filter: no LoCon here
+    page.wait_for_function(
+        "() => !document.querySelector('#catalog-cards').innerText.includes('Gamma Counter')"
+    )
+    kind.click()
+    page.get_by_role("option", name="any", exact=True).click()
+    cards.get_by_text("Gamma Counter").wait_for()
 
 
 def test_train_five_pictures_into_the_catalog(page: Page, shots: Path, tmp_path: Path) -> None:

@@ -175,6 +175,23 @@ def test_search_leaves_gates_out(gate_studio, tmp_path):
     assert hits and all(h.adapter.kind != "gate" for h in hits)
     assert gate.id not in {h.adapter.id for h in hits}
     assert gate.id not in {r.id for r in browse.items} and len(browse.items) == 2
+    # the Catalog tab's type filter: gates alone, LoRAs alone, by name too (gates are listed, not searched)
+    from studio.handlers import catalog as C
+
+    def records(**q):
+        return C.browse(services, C.CatalogQuery(include_nsfw=True, **q)).items
+
+    def ids(**q):
+        return [r.id for r in records(**q)]
+
+    assert gate.id in ids(kind="gate") and {r.kind for r in records(kind="gate")} == {"gate"}
+    assert ids(kind="gate", text="zebra") == [gate.id]
+    assert ids(kind="gate", text="alpha beta nothing") == []
+    assert gate.id not in ids(kind="lora") and len(ids(kind="lora")) == 2
+    assert gate.id not in ids(kind="lora", text="alpha") and ids(kind="lora", text="alpha")
+    assert ids(kind="locon") == [] and gate.id in ids()
+    with pytest.raises(ValueError, match="unknown adapter type"):
+        C.CatalogQuery(kind="checkpoint")
 
 
 def test_gate_cli_train_register_list(tiny_pipeline_dir, tmp_path, capsys):
