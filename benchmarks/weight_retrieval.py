@@ -7,8 +7,12 @@
 1. Variants of the pocket world's LoRA-only concepts (star, heart, striped, outline, neon), each
    crossed with colour and background restrictions ("red star", "star on a black background",
    "purple star on a white background", "striped green shapes", …): per variant, pictures of the
-   world with their captions, and a rank-4 LoRA trained on them with the studio's own trainer
-   (cached under ``--work``: an interrupted run resumes, a finished LoRA is never retrained).
+   world, and a rank-4 LoRA (attention layers, no text encoder, no prior) trained on them with the
+   studio's own trainer (cached under ``--work``: an interrupted run resumes, a finished LoRA is never
+   retrained). The training captions leave out the variant's pinned colour and background, so the
+   trigger learns them: a "red star" LoRA draws red stars when asked for a star. (With them in every
+   caption the base model already draws the colour, a variant's LoRA learns the same thing as the
+   free one, and no retriever can tell them apart.)
 2. Split train / held-out by ``--seed``. Fit the :class:`~pipelines.weightspace.WeightEncoder` on
    the training LoRAs against the offline text embedder's vectors of their captions (the variant's
    caption and some of its pictures' captions), symmetric InfoNCE. The encoder is saved to
@@ -18,9 +22,8 @@
    from the training LoRAs' captions, arXiv 2412.05148), both averaged, and chance.
    Targets (issue 7): learned Recall@1 ≥ 0.6 and Recall@5 ≥ 0.9.
 
-Pocket scale (measured on this 2-core box while another training job held one core): a pocket
-LoRA step (rank 4, batch 4, 56 attention layers) takes ~0.12 s, so one 200-step LoRA is ~25–40 s and
-the 45 LoRAs ~20–30 min; 50-step LoRAs took 10.1 s each (453 s for 45). The encoder fits at ~14
+Pocket scale (measured on this 2-core box while another training job held one core): one 200-step
+LoRA (rank 4, batch 4, 56 attention layers) takes ~28 s, the 45 LoRAs ~21 min. The encoder fits at ~14
 steps/s (1500 steps ≈ 2 min). Timings are printed (``train_s_per_lora``, ``encoder_fit_s``).
 ``--quick`` uses a freshly built tiny pipeline (random weights), 20 variants,
 8 pictures at 32 px, 20 steps: a smoke check of the whole path, not a measurement of the method.
@@ -107,8 +110,20 @@ def variants(limit: int | None = None, quick: bool = False) -> list[Variant]:
     return out[:limit] if limit else out
 
 
+def training_caption(caption: str, variant: Variant) -> str:
+    """The caption the trainer sees: the scene's caption without the variant's pinned colour and
+    background, so they become part of what the trigger means (a "red star" LoRA draws red stars when
+    asked for a star), as in a community LoRA whose captions leave out what every picture shares."""
+    if variant.color:
+        caption = caption.replace(f" {variant.color} ", " ", 1)
+    if variant.background:
+        caption = caption.replace(f" on a {variant.background} background", "")
+    return caption
+
+
 def write_pictures(variant: Variant, folder: Path, n: int, seed: int) -> list[str]:
-    """``n`` pictures of a variant with kohya ``.txt`` captions; returns the captions."""
+    """``n`` pictures of a variant with kohya ``.txt`` captions (:func:`training_caption`); returns the
+    scenes' full captions (what the pictures show)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     captions = []
@@ -116,7 +131,7 @@ def write_pictures(variant: Variant, folder: Path, n: int, seed: int) -> list[st
         scene = world.sample_scene(rng, **variant.pinned())
         caption = scene.caption(with_size=i % 4 != 0)
         world.render(scene).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(caption)
+        (folder / f"{i:03d}.txt").write_text(training_caption(caption, variant))
         captions.append(caption)
     return captions
 
@@ -156,6 +171,11 @@ def train_variant(variant: Variant, index: int, pipe: Any, work: Path, setup: Se
         rank=setup.rank,
         steps=setup.steps,
         learning_rate=4e-4,
+        # pinned, not left to the base family: the pocket family's training defaults (every layer kind,
+        # the text encoder, a distilled prior of 100 class pictures) made one LoRA take 5–8 minutes
+        targets="attn",
+        train_text_encoder=False,
+        prior_preservation=False,
         batch_size=setup.batch,
         resolution=setup.resolution,
         lr_scheduler="cosine",
@@ -177,6 +197,16 @@ def train_variant(variant: Variant, index: int, pipe: Any, work: Path, setup: Se
     }
     info_path.write_text(json.dumps(info, indent=1))
     return info
+
+
+def ridge_map(x: np.ndarray, y: np.ndarray, query: np.ndarray, lam: float = 10.0) -> np.ndarray:
+    """Unit rows of ``query @ W``: a ridge regression (Hoerl & Kennard 1970) from standardised SVD features
+    to text vectors, fitted on the training LoRAs — a linear baseline beside the encoder."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    a = (x - mean) / std
+    w = a.T @ np.linalg.solve(a @ a.T + lam * np.eye(len(a)), y)  # dual form: rows ≪ features
+    out = ((query - mean) / std) @ w
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def recall(scores: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -222,11 +252,13 @@ def evaluate(
     pseudo = propagate_labels(feats[held], feats[train], train_text, k=5)
     both = learned + pseudo
     both /= np.linalg.norm(both, axis=1, keepdims=True)
+    linear = ridge_map(feats[train], train_text, feats[held])
     m = len(held)
     rows = {
         "learned encoder": recall(queries @ learned.T),
         "svd (training-free)": recall(queries @ pseudo.T),
         "learned + svd": recall(queries @ both.T),
+        "svd → text, linear (ridge)": recall(queries @ linear.T),
         "chance": {"R@1": 1.0 / m, "R@5": min(1.0, 5.0 / m)},
         "learned encoder (train set)": recall(
             embedder.embed_texts([infos[i]["caption"] for i in train])
@@ -245,9 +277,9 @@ def evaluate(
 
 def table(report: dict[str, Any]) -> str:
     """The results as a fixed-width table."""
-    lines = [f"{'channel':<30} {'R@1':>6} {'R@5':>6}", "-" * 44]
+    lines = [f"{'channel':<32} {'R@1':>6} {'R@5':>6}", "-" * 46]
     for name, r in report["results"].items():
-        lines.append(f"{name:<30} {r['R@1']:>6.3f} {r['R@5']:>6.3f}")
+        lines.append(f"{name:<32} {r['R@1']:>6.3f} {r['R@5']:>6.3f}")
     lines.append(
         f"{report['n_loras']} LoRAs ({report['n_train']} train / {report['n_held_out']} held out), "
         f"{report['train_s_per_lora']:.1f} s per LoRA ({report['train_s_total']:.0f} s training), "
@@ -288,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     kind = "quick" if args.quick else "pocket"
     size = f"-px{setup.resolution}" if setup.resolution else ""
-    work = Path(args.work) / f"{kind}-r{setup.rank}-s{setup.steps}-b{setup.batch}-n{setup.images}{size}"
+    run = f"{kind}-implicit-r{setup.rank}-s{setup.steps}-b{setup.batch}-n{setup.images}{size}"
+    work = Path(args.work) / run
     from tqdm import tqdm
 
     from adapters_db.embedders import resolve_embedder

@@ -31,14 +31,15 @@ DATASET_SIZE = 96  # pictures per concept LoRA
 # 24 pictures). The looks that are a texture or a glow (striped, neon) need more capacity and a higher
 # rate: at rank 8 they reached 60–75 % however long they trained. Striped (200 pictures judged): rank 32
 # at lr 2e-3 for 4500 steps 81 %; rank 16 at lr 1e-3 69 %, at lr 2e-3 74 %; 384 pictures instead of 96
-# 62 %; without min-SNR weighting 70 %. Neon: rank 16 at lr 2e-3 for 3000 steps 80 % (79.5), rank 32
-# for 4500 steps 79 %; it fails on black backgrounds (43 %), and half the pictures on black (a quarter
-# here) made it worse (72 %).
+# 62 %; without min-SNR weighting 70 %. Neon: rank 16 at lr 2e-3 for 3000 steps 79.5 % without a prior,
+# 84.5 % with the pocket family's distilled prior (each picture's caption without "neon", drawn and
+# predicted by the untouched model, weight 3); rank 32 for 4500 steps 79 %; without a prior it failed
+# on black backgrounds (43 %), and half the pictures on black (a quarter here) made it worse (72 %).
 TUNED: dict[str, dict[str, Any]] = {
     "outline": {"targets": "attn", "steps": 600, "learning_rate": 4e-4, "train_text_encoder": False,
                 "checkpoint_every": 200, "dataset_size": 24},
     "striped": {"rank": 32, "steps": 4500, "learning_rate": 2e-3},
-    "neon": {"rank": 16, "steps": 3000, "learning_rate": 2e-3},
+    "neon": {"rank": 16, "steps": 3000, "learning_rate": 2e-3, "prior_preservation": True},
 }
 KINDS: dict[str, str] = {
     "star": "object",
@@ -67,8 +68,9 @@ def write_dataset(trigger: str, folder: Path, n: int = 24, seed: int = 0) -> Pat
 def concept_spec(trigger: str, **overrides: Any) -> Any:
     """Training options of a concept LoRA: rank 8 on every UNet layer kind (attention, MLP, convs) and
     the text encoder — attention-only LoRAs drew new objects in under 10 % of pictures. No prior
-    preservation: the bundled LoRAs were trained without one, and every option is pinned here so the
-    pocket family's training defaults cannot change what ``pocket train --stage loras`` makes."""
+    preservation unless a recipe turns it on (neon); its options are pinned to the pocket family's
+    (class prompts from the pictures' captions without the trigger), and so is every other option, so
+    the family's training defaults cannot change what ``pocket train --stage loras`` makes."""
     from pipelines.training import TrainSpec
 
     spec = TrainSpec(
@@ -92,8 +94,20 @@ def concept_spec(trigger: str, **overrides: Any) -> Any:
         checkpoint_every=500,
         seed=7,
         prior_preservation=False,
+        num_class_images=100,
+        prior_caption_dropout=0.2,
+        prior_target="base",
+        prior_loss_weight=3.0,
     )
     return replace(spec, **overrides)
+
+
+def recipe(trigger: str, **overrides: Any) -> tuple[Any, int]:
+    """(training options, number of pictures) of a bundled concept LoRA: :func:`concept_spec` with the
+    concept's :data:`TUNED` changes, then ``overrides``."""
+    tuned = dict(TUNED.get(trigger, {}))
+    size = tuned.pop("dataset_size", DATASET_SIZE)
+    return concept_spec(trigger, **{**tuned, **overrides}), size
 
 
 def train_concept(
@@ -107,9 +121,8 @@ def train_concept(
     """Train one concept LoRA on the pocket pipeline and write it (kohya) to ``out``."""
     from pipelines.training import train_lora
 
-    tuned = dict(TUNED.get(trigger, {}))
-    data = write_dataset(trigger, work / "data" / trigger, n=tuned.pop("dataset_size", DATASET_SIZE))
-    spec = concept_spec(trigger, **{**tuned, **overrides})
+    spec, size = recipe(trigger, **overrides)
+    data = write_dataset(trigger, work / "data" / trigger, n=size)
     return train_lora(
         spec,
         pipe,
