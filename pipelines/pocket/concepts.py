@@ -28,18 +28,19 @@ DESCRIPTIONS: dict[str, str] = {
 }
 DATASET_SIZE = 96  # pictures per concept LoRA
 # Per-concept changes: outline is drawn in ≥ 80 % of pictures by a lighter LoRA (attention layers only,
-# 24 pictures). The looks that are a texture or a glow (striped, neon) need more capacity and a higher
-# rate: at rank 8 they reached 60–75 % however long they trained. Striped (200 pictures judged): rank 32
-# at lr 2e-3 for 4500 steps 81 %; rank 16 at lr 1e-3 69 %, at lr 2e-3 74 %; 384 pictures instead of 96
-# 62 %; without min-SNR weighting 70 %. Neon: rank 16 at lr 2e-3 for 3000 steps 79.5 % without a prior,
-# 84.5 % with the pocket family's distilled prior (each picture's caption without "neon", drawn and
-# predicted by the untouched model, weight 3); rank 32 for 4500 steps 79 %; without a prior it failed
-# on black backgrounds (43 %), and half the pictures on black (a quarter here) made it worse (72 %).
+# 24 pictures). The looks that are a texture or a glow (striped, neon) need a higher rate and the pocket
+# family's distilled prior (each picture's caption without the trigger, drawn and predicted by the
+# untouched model, weight 3), which keeps the base model's sizes, colours and backgrounds while the
+# LoRA learns the look. Rates on 200 pictures. Striped at rank 8, lr 2e-3, 4500 steps with the prior:
+# 100 %; without it: rank 8 at lr 1e-3 60 %, rank 16 69 % (at lr 2e-3 74 %), rank 32 at lr 2e-3 81 %;
+# 384 pictures instead of 96 62 %; without min-SNR weighting 70 %. Neon at lr 2e-3, 3000 steps with the
+# prior: rank 8 86 %, rank 16 84.5 %; without it: rank 8 at lr 1e-3 74.5 %, rank 16 79.5 %, rank 32 79 %
+# (it failed on black backgrounds, 43 %; half the pictures on black, a quarter here, gave 72 %).
 TUNED: dict[str, dict[str, Any]] = {
     "outline": {"targets": "attn", "steps": 600, "learning_rate": 4e-4, "train_text_encoder": False,
                 "checkpoint_every": 200, "dataset_size": 24},
-    "striped": {"rank": 32, "steps": 4500, "learning_rate": 2e-3},
-    "neon": {"rank": 16, "steps": 3000, "learning_rate": 2e-3, "prior_preservation": True},
+    "striped": {"steps": 4500, "learning_rate": 2e-3, "prior_preservation": True},
+    "neon": {"steps": 3000, "learning_rate": 2e-3, "prior_preservation": True},
 }
 KINDS: dict[str, str] = {
     "star": "object",
@@ -68,7 +69,7 @@ def write_dataset(trigger: str, folder: Path, n: int = 24, seed: int = 0) -> Pat
 def concept_spec(trigger: str, **overrides: Any) -> Any:
     """Training options of a concept LoRA: rank 8 on every UNet layer kind (attention, MLP, convs) and
     the text encoder — attention-only LoRAs drew new objects in under 10 % of pictures. No prior
-    preservation unless a recipe turns it on (neon); its options are pinned to the pocket family's
+    preservation unless a recipe turns it on (striped, neon); its options are pinned to the pocket family's
     (class prompts from the pictures' captions without the trigger), and so is every other option, so
     the family's training defaults cannot change what ``pocket train --stage loras`` makes."""
     from pipelines.training import TrainSpec

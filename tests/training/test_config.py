@@ -108,14 +108,16 @@ def test_family_defaults_fill_only_what_the_spec_leaves_open() -> None:
 def test_bundled_concept_recipes_do_not_follow_the_family_defaults() -> None:
     """``pocket train --stage loras`` must remake the bundled LoRAs: each recipe pins every option the
     pocket family would otherwise fill, so filling in the family's defaults changes nothing. Only the
-    neon recipe trains with a prior (the family's distilled one, from its pictures' own captions)."""
+    striped and neon recipes train with a prior (the family's distilled one, from their pictures' own
+    captions), and every recipe stays at the issue's rank 4–8."""
     from pipelines.pocket.concepts import CONCEPTS, recipe
     from pipelines.training.config import for_family
 
     for trigger in CONCEPTS:
         spec, _ = recipe(trigger)
         assert for_family(spec, "pocket") == spec
-        assert spec.uses_prior == (trigger == "neon")
+        assert spec.uses_prior == (trigger in ("striped", "neon"))
+        assert 4 <= spec.rank <= 8
     neon, _ = recipe("neon")
     assert (neon.prior_target, neon.prior_loss_weight, neon.num_class_images) == ("base", 3.0, 100)
     assert neon.prior_prompt("a big neon red circle on a black background").strip() == (
