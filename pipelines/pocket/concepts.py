@@ -69,9 +69,10 @@ def write_dataset(trigger: str, folder: Path, n: int = 24, seed: int = 0) -> Pat
 def concept_spec(trigger: str, **overrides: Any) -> Any:
     """Training options of a concept LoRA: rank 8 on every UNet layer kind (attention, MLP, convs) and
     the text encoder — attention-only LoRAs drew new objects in under 10 % of pictures. No prior
-    preservation unless a recipe turns it on (striped, neon); its options are pinned to the pocket family's
-    (class prompts from the pictures' captions without the trigger), and so is every other option, so
-    the family's training defaults cannot change what ``pocket train --stage loras`` makes."""
+    preservation unless a recipe turns it on (striped, neon). Its options repeat the pocket family's
+    values on purpose (class prompts from the pictures' captions without the trigger): like every other
+    option they are pinned, so a later change of the family's defaults cannot change what
+    ``pocket train --stage loras`` makes from these recipes."""
     from pipelines.training import TrainSpec
 
     spec = TrainSpec(
