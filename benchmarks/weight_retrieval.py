@@ -56,6 +56,7 @@ from pipelines.weightspace import (  # noqa: E402
     svd_features,
     train_encoder,
 )
+from pipelines.weightspace.svd import l2_rows  # noqa: E402
 
 COLOURS = ("red", "green", "blue", "yellow")
 BACKGROUNDS = ("black", "sky", "gray")
@@ -205,8 +206,7 @@ def ridge_map(x: np.ndarray, y: np.ndarray, query: np.ndarray, lam: float = 10.0
     mean, std = x.mean(0), x.std(0) + 1e-6
     a = (x - mean) / std
     w = a.T @ np.linalg.solve(a @ a.T + lam * np.eye(len(a)), y)  # dual form: rows ≪ features
-    out = ((query - mean) / std) @ w
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
+    return l2_rows(((query - mean) / std) @ w)
 
 
 def recall(scores: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -250,8 +250,7 @@ def evaluate(
     feats = np.stack([svd_features(w, layers) for w in loras])
     train_text = embedder.embed_texts([infos[i]["caption"] for i in train])
     pseudo = propagate_labels(feats[held], feats[train], train_text, k=5)
-    both = learned + pseudo
-    both /= np.linalg.norm(both, axis=1, keepdims=True)
+    both = l2_rows(learned + pseudo)
     linear = ridge_map(feats[train], train_text, feats[held])
     m = len(held)
     rows = {
