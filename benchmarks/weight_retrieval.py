@@ -1,18 +1,19 @@
 """Weight-space retrieval: can a LoRA with no text at all be found by a caption of what it draws?
 
-    python benchmarks/weight_retrieval.py                     # pocket model, 45 LoRAs, 12 held out
+    python benchmarks/weight_retrieval.py                     # pocket model, 85 LoRAs, 12 held out
+    python benchmarks/weight_retrieval.py --limit 45          # the first round alone (33 to fit on)
     python benchmarks/weight_retrieval.py --quick             # tiny pipeline smoke check (minutes)
     python benchmarks/weight_retrieval.py --json              # one JSON object on stdout
 
 1. Variants of the pocket world's LoRA-only concepts (star, heart, striped, outline, neon), each
    crossed with colour and background restrictions ("red star", "star on a black background",
-   "purple star on a white background", "striped green shapes", …): per variant, pictures of the
-   world, and a rank-4 LoRA (attention layers, no text encoder, no prior) trained on them with the
-   studio's own trainer (cached under ``--work``: an interrupted run resumes, a finished LoRA is never
-   retrained). The training captions leave out the variant's pinned colour and background, so the
-   trigger learns them: a "red star" LoRA draws red stars when asked for a star. (With them in every
-   caption the base model already draws the colour, a variant's LoRA learns the same thing as the
-   free one, and no retriever can tell them apart.)
+   "purple star on a white background", "striped green shapes", …; 17 per concept, 85 in all): per
+   variant, pictures of the world, and a rank-4 LoRA (attention layers, no text encoder, no prior)
+   trained on them with the studio's own trainer (cached under ``--work``: an interrupted run resumes,
+   a finished LoRA is never retrained). The training captions leave out the variant's pinned colour
+   and background, so the trigger learns them: a "red star" LoRA draws red stars when asked for a
+   star. (With them in every caption the base model already draws the colour, a variant's LoRA learns
+   the same thing as the free one, and no retriever can tell them apart.)
 2. Split train / held-out by ``--seed``. Fit the :class:`~pipelines.weightspace.WeightEncoder` on
    the training LoRAs against the offline text embedder's vectors of their captions (the variant's
    caption and some of its pictures' captions), symmetric InfoNCE. The encoder is saved to
@@ -23,8 +24,8 @@
    Targets (issue 7): learned Recall@1 ≥ 0.6 and Recall@5 ≥ 0.9.
 
 Pocket scale (measured on this 2-core box while another training job held one core): one 200-step
-LoRA (rank 4, batch 4, 56 attention layers) takes ~28 s, the 45 LoRAs ~21 min. The encoder fits at ~14
-steps/s (1500 steps ≈ 2 min). Timings are printed (``train_s_per_lora``, ``encoder_fit_s``).
+LoRA (rank 4, batch 4, 56 attention layers) takes ~28 s, the 85 LoRAs ~40 min. The encoder fits at ~9
+steps/s on 73 LoRAs (1500 steps ≈ 3 min). Timings are printed (``train_s_per_lora``, ``encoder_fit_s``).
 ``--quick`` uses a freshly built tiny pipeline (random weights), 20 variants,
 8 pictures at 32 px, 20 steps: a smoke check of the whole path, not a measurement of the method.
 """
@@ -61,6 +62,11 @@ from pipelines.weightspace.svd import l2_rows  # noqa: E402
 COLOURS = ("red", "green", "blue", "yellow")
 BACKGROUNDS = ("black", "sky", "gray")
 COMBO = ("purple", "white")
+# the second round (appended, so the first 45 keep their seeds): the world's other two colours, its
+# fourth background, and five more colour + background pairs
+MORE_COLOURS = ("purple", "orange")
+MORE_BACKGROUNDS = ("white",)
+MORE_COMBOS = (("red", "black"), ("blue", "sky"), ("yellow", "gray"), ("green", "white"), ("orange", "black"))
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,9 @@ class Variant:
 
 
 def variants(limit: int | None = None, quick: bool = False) -> list[Variant]:
-    """Per concept: free, four colours, three backgrounds, one colour+background (9 × 5 = 45);
-    ``quick``: free, two colours, one background (4 × 5 = 20)."""
+    """Per concept: free, four colours, three backgrounds, one colour+background (9 × 5 = 45), then per
+    concept two more colours, one more background and five more pairs (8 × 5 = 40; ``limit=45`` is the
+    first round alone); ``quick``: free, two colours, one background (4 × 5 = 20)."""
     colours, backgrounds = (COLOURS[:2], BACKGROUNDS[:1]) if quick else (COLOURS, BACKGROUNDS)
     out = []
     for concept in CONCEPTS:
@@ -108,6 +115,11 @@ def variants(limit: int | None = None, quick: bool = False) -> list[Variant]:
         out += [Variant(concept, background=b) for b in backgrounds]
         if not quick:
             out.append(Variant(concept, *COMBO))
+    if not quick:
+        for concept in CONCEPTS:
+            out += [Variant(concept, color=c) for c in MORE_COLOURS]
+            out += [Variant(concept, background=b) for b in MORE_BACKGROUNDS]
+            out += [Variant(concept, c, b) for c, b in MORE_COMBOS]
     return out[:limit] if limit else out
 
 

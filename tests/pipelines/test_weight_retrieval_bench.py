@@ -1,4 +1,4 @@
-"""The data design of benchmarks/weight_retrieval.py (the numbers need the pocket model and ~25 minutes)."""
+"""The data design of benchmarks/weight_retrieval.py (the numbers need the pocket model and ~45 minutes)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,16 @@ def test_training_captions_leave_out_what_the_variant_pins(tmp_path: Path) -> No
         "a big striped circle on a sky background")
     caption = "a neon red ring on a gray background"
     assert wr.training_caption(caption, wr.Variant("neon")) == caption
-    assert len(wr.variants()) == 45 and len({v.name for v in wr.variants()}) == 45
+    every = wr.variants()
+    assert len(every) == 85 and len({v.name for v in every}) == 85
+    # the second round is appended: the first 45 (and so their seeds and cached LoRAs) stay put
+    assert wr.variants(45) == every[:45]
+    assert {v.concept for v in every[:45]} == {v.concept for v in every[45:]}
+    assert sum(1 for v in every[:45] if v.color is None and v.background is None) == 5
+    from pipelines.pocket import world
+
+    for v in every:  # every pinned value is one the world can draw
+        assert v.color in (None, *world.COLORS) and v.background in (None, *world.BACKGROUNDS)
 
 
 def test_ridge_baseline_recovers_a_linear_map() -> None:
