@@ -112,11 +112,19 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, 
     return family_from_metadata(metadata) or family_from_names(shapes) or family_from_shapes(shapes)
 
 
+# a caption tag counts as a trained word when at least this share of its dataset's pictures carry it
+# (kohya puts the activation tag in every caption) and it is short (whole-sentence captions are not)
+TRIGGER_SHARE = 0.5
+TRIGGER_MAX_WORDS = 4
+TRIGGER_MAX_TAGS = 8
+
+
 def trigger_words(metadata: Mapping[str, str]) -> list[str]:
-    """``modelspec.trigger_phrase`` (comma-separated), then ``ss_tag_frequency`` tags, most frequent first."""
+    """``modelspec.trigger_phrase`` (comma-separated), then the ``ss_tag_frequency`` tags that at least
+    half of a dataset's pictures carry (short ones, most frequent first, at most eight)."""
     words = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",")]
-    counts = _tag_counts(metadata.get("ss_tag_frequency", ""))
-    words += sorted(counts, key=lambda tag: (-counts[tag], tag))
+    counts = _frequent_tags(metadata.get("ss_tag_frequency", ""), _image_counts(metadata))
+    words += sorted(counts, key=lambda tag: (-counts[tag], tag))[:TRIGGER_MAX_TAGS]
     seen: set[str] = set()
     unique = []
     for word in words:
@@ -126,17 +134,42 @@ def trigger_words(metadata: Mapping[str, str]) -> list[str]:
     return unique
 
 
-def _tag_counts(raw: str) -> Counter[str]:
-    """Sum kohya's ``{dataset: {tag: count}}`` over datasets; malformed parts are skipped."""
+def _image_counts(metadata: Mapping[str, str]) -> dict[str, int]:
+    """Pictures per dataset folder from kohya's ``ss_dataset_dirs`` (``{dir: {"img_count": n}}``)."""
+    try:
+        dirs = json.loads(metadata.get("ss_dataset_dirs", "") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    out = {}
+    for name, info in dirs.items() if isinstance(dirs, dict) else ():
+        n = info.get("img_count") if isinstance(info, dict) else None
+        if isinstance(n, int) and n > 0:
+            out[name] = n
+    return out
+
+
+def _frequent_tags(raw: str, images: Mapping[str, int]) -> Counter[str]:
+    """Kohya's ``{dataset: {tag: count}}`` reduced to likely trained words: per dataset, the tags of at
+    most :data:`TRIGGER_MAX_WORDS` words carried by ≥ :data:`TRIGGER_SHARE` of its pictures (the picture
+    count from ``images``, else the dataset's most frequent tag) and by at least two of them; counts
+    summed over datasets. Malformed parts are skipped."""
     counts: Counter[str] = Counter()
     try:
         datasets = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         return counts
-    for tags in datasets.values() if isinstance(datasets, dict) else ():
-        for tag, count in tags.items() if isinstance(tags, dict) else ():
-            if isinstance(tag, str) and isinstance(count, int | float) and tag.strip():
-                counts[tag.strip()] += count
+    for name, tags in datasets.items() if isinstance(datasets, dict) else ():
+        clean = {
+            tag.strip(): count
+            for tag, count in (tags.items() if isinstance(tags, dict) else ())
+            if isinstance(tag, str) and isinstance(count, int | float) and tag.strip()
+        }
+        if not clean:
+            continue
+        n = images.get(name) or max(clean.values())
+        for tag, count in clean.items():
+            if count >= max(2.0, TRIGGER_SHARE * n) and len(tag.split()) <= TRIGGER_MAX_WORDS:
+                counts[tag] += count
     return counts
 
 

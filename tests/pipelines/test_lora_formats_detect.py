@@ -106,7 +106,23 @@ def test_detect_format(keys, expected):
 def test_trigger_words():
     tags = {"10_style": {" watercolor": 30, "cat": 4, "blue sky": 9}, "2_reg": {"cat": 7, "": 99, "bad": "x"}}
     meta = {"modelspec.trigger_phrase": "wtrclr, Watercolor ", "ss_tag_frequency": json.dumps(tags)}
-    assert trigger_words(meta) == ["wtrclr", "Watercolor", "cat", "blue sky"]  # summed counts, deduplicated
+    # per dataset, only tags at least half of its pictures carry; deduplicated against the phrase
+    assert trigger_words(meta) == ["wtrclr", "Watercolor", "cat"]
+
+
+def test_trigger_words_are_frequent_short_tags_not_captions():
+    """kohya's ss_tag_frequency holds every caption tag, and whole sentences for BLIP-style captions:
+    only what most pictures share is a trained word."""
+    sentences = {f"a photo of a woman with red hair number {i}": 1 for i in range(20)}
+    booru = {"zqx": 40, "1girl": 38, "solo": 25, "smile": 12, "outdoors": 3, "long sentence tag with six words": 40}
+    meta = {"ss_tag_frequency": json.dumps({"10_zqx": booru, "1_blip": sentences})}
+    assert trigger_words(meta) == ["zqx", "1girl", "solo"]
+    # the picture count from ss_dataset_dirs, when given, sets the bar (60 pictures: 30 needed)
+    meta["ss_dataset_dirs"] = json.dumps({"10_zqx": {"n_repeats": 10, "img_count": 60}})
+    assert trigger_words(meta) == ["zqx", "1girl"]
+    many = {f"tag{i}": 10 for i in range(20)}
+    assert len(trigger_words({"ss_tag_frequency": json.dumps({"a": many})})) == 8
+    assert trigger_words({"ss_tag_frequency": json.dumps({"a": {"once": 1}})}) == []
     assert trigger_words({"ss_tag_frequency": "{not json"}) == []
     assert trigger_words({"ss_tag_frequency": '["a", "b"]'}) == []
     assert trigger_words({}) == []

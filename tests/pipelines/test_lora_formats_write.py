@@ -167,7 +167,7 @@ def test_metadata_family_and_trigger_words(weights, tmp_path):
     sdxl = dataclasses.replace(weights, family="sdxl", metadata=meta)
     save_kohya(sdxl, tmp_path / "x.safetensors", metadata={"modelspec.title": "Mine", "ss_extra": {"a": 1}})
     info = inspect(tmp_path / "x.safetensors")
-    assert info.family == "sdxl" and info.trigger_words == ["mycat", "blue", "cat"]
+    assert info.family == "sdxl" and info.trigger_words == ["mycat", "cat", "blue"]
     assert info.metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert info.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert info.metadata["modelspec.title"] == "Mine" and json.loads(info.metadata["ss_extra"]) == {"a": 1}

@@ -99,7 +99,7 @@ def write_loras(folder: Path, model_dir: Path) -> dict[str, Path]:
             "modelspec.title": fx.name,
             "modelspec.trigger_phrase": fx.trigger,
             "modelspec.tags": fx.tags,
-            "ss_tag_frequency": json.dumps({"data": {fx.trigger: 5, "outdoors": 2}}),
+            "ss_tag_frequency": json.dumps({"data": {fx.trigger: 5, "outdoors": 3}}),
         }
         save_kohya(weights, path, meta)
         if fx.preview_prompt:
