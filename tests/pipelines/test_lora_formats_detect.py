@@ -114,7 +114,8 @@ def test_trigger_words_are_frequent_short_tags_not_captions():
     """kohya's ss_tag_frequency holds every caption tag, and whole sentences for BLIP-style captions:
     only what most pictures share is a trained word."""
     sentences = {f"a photo of a woman with red hair number {i}": 1 for i in range(20)}
-    booru = {"zqx": 40, "1girl": 38, "solo": 25, "smile": 12, "outdoors": 3, "long sentence tag with six words": 40}
+    booru = {"zqx": 40, "1girl": 38, "solo": 25, "smile": 12, "outdoors": 3}
+    booru["a long tag of six words"] = 40
     meta = {"ss_tag_frequency": json.dumps({"10_zqx": booru, "1_blip": sentences})}
     assert trigger_words(meta) == ["zqx", "1girl", "solo"]
     # the picture count from ss_dataset_dirs, when given, sets the bar (60 pictures: 30 needed)
