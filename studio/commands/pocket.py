@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     )
     t.add_argument("--run-dir", type=Path, default=Path("runs/pocket"), help="checkpoints and logs")
     t.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run only this stage")
-    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (leave a core free)")
+    add_threads(t)
     t.add_argument("--out", type=Path, default=None, help="export folder (default: the bundled weights)")
     t.set_defaults(func=run_train)
     e = psub.add_parser(
@@ -42,7 +42,13 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "--model", default="pocket", help="a pocket-architecture diffusers folder (default: bundled)"
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads(e)
     e.set_defaults(func=run_eval)
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads``: torch CPU threads, one by default so a core stays free."""
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (leave a core free)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -119,6 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from pipelines.pocket import classifier as judge
     from pipelines.pocket.evaluate import CLASSIFIER_PATH, SampleConfig, evaluate_base, lora_concept_rates
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pipe = load_pipeline(args.model, torch.device("cpu"), torch.float32)
     model = judge.load(CLASSIFIER_PATH)

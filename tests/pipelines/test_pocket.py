@@ -92,3 +92,13 @@ def test_each_concept_lora_makes_its_concept_appear(pocket) -> None:
         # `pocket eval --lora-n 200`: heart 0.905, outline 0.865, striped 1.00, star 0.80, neon 0.86;
         # the base model never draws these concepts. 12 pictures here, with a tolerance.
         assert rate >= 0.34, (path.name, rate)
+
+
+def test_pocket_commands_take_a_thread_count() -> None:
+    """`pocket train` and `pocket eval` both leave a core free unless told otherwise."""
+    from studio.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["pocket", "eval"]).threads == 1
+    assert parser.parse_args(["pocket", "eval", "--threads", "2"]).threads == 2
+    assert parser.parse_args(["pocket", "train", "--stage", "vae", "--threads", "2"]).threads == 2
