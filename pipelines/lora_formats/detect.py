@@ -148,26 +148,33 @@ def _image_counts(metadata: Mapping[str, str]) -> dict[str, int]:
     return out
 
 
-def _frequent_tags(raw: str, images: Mapping[str, int]) -> Counter[str]:
-    """Kohya's ``{dataset: {tag: count}}`` reduced to likely trained words: per dataset, the tags of at
-    most :data:`TRIGGER_MAX_WORDS` words carried by ≥ :data:`TRIGGER_SHARE` of its pictures (the picture
-    count from ``images``, else the dataset's most frequent tag) and by at least two of them; counts
-    summed over datasets. Malformed parts are skipped."""
-    counts: Counter[str] = Counter()
+def dataset_tag_counts(raw: str) -> dict[str, dict[str, float]]:
+    """Kohya's ``ss_tag_frequency`` JSON (``{dataset: {tag: count}}``) with tags stripped; empty tags,
+    non-numeric counts and malformed JSON are skipped."""
     try:
         datasets = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
-        return counts
+        return {}
+    out: dict[str, dict[str, float]] = {}
     for name, tags in datasets.items() if isinstance(datasets, dict) else ():
-        clean = {
-            tag.strip(): count
-            for tag, count in (tags.items() if isinstance(tags, dict) else ())
-            if isinstance(tag, str) and isinstance(count, int | float) and tag.strip()
-        }
-        if not clean:
-            continue
-        n = images.get(name) or max(clean.values())
-        for tag, count in clean.items():
+        clean: dict[str, float] = {}
+        for tag, count in tags.items() if isinstance(tags, dict) else ():
+            if isinstance(tag, str) and isinstance(count, int | float) and tag.strip():
+                clean[tag.strip()] = clean.get(tag.strip(), 0) + count
+        if clean:
+            out[name] = clean
+    return out
+
+
+def _frequent_tags(raw: str, images: Mapping[str, int]) -> Counter[str]:
+    """Kohya's tag counts reduced to likely trained words: per dataset, the tags of at most
+    :data:`TRIGGER_MAX_WORDS` words carried by ≥ :data:`TRIGGER_SHARE` of its pictures (the picture
+    count from ``images``, else the dataset's most frequent tag) and by at least two of them; counts
+    summed over datasets."""
+    counts: Counter[str] = Counter()
+    for name, tags in dataset_tag_counts(raw).items():
+        n = images.get(name) or max(tags.values())
+        for tag, count in tags.items():
             if count >= max(2.0, TRIGGER_SHARE * n) and len(tag.split()) <= TRIGGER_MAX_WORDS:
                 counts[tag] += count
     return counts

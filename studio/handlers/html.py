@@ -8,7 +8,6 @@ Buttons carry ``data-action``/``data-id`` attributes; the UI turns clicks on the
 from __future__ import annotations
 
 import html
-import json
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_db import AdapterRecord, ImageRecord, SearchHit
+from pipelines.lora_formats.detect import dataset_tag_counts
 
 NSFW_NAMES = {0: "", 1: "soft", 2: "mature", 3: "x"}
 
@@ -125,15 +125,9 @@ def tag_frequencies(record: AdapterRecord, limit: int = 25) -> list[tuple[str, i
     """Caption tag counts from the files' kohya ``ss_tag_frequency`` metadata, most frequent first."""
     counts: Counter[str] = Counter()
     for file in record.files:
-        raw = file.header_metadata.get("ss_tag_frequency", "")
-        try:
-            datasets = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            continue
-        for tags in datasets.values() if isinstance(datasets, dict) else ():
-            for tag, count in tags.items() if isinstance(tags, dict) else ():
-                if isinstance(count, int | float) and str(tag).strip():
-                    counts[str(tag).strip()] += int(count)
+        for tags in dataset_tag_counts(file.header_metadata.get("ss_tag_frequency", "")).values():
+            for tag, count in tags.items():
+                counts[tag] += int(count)
     return counts.most_common(limit)
 
 
