@@ -272,8 +272,7 @@ def evaluate(
         "svd → text, linear (ridge)": recall(queries @ linear.T),
         "chance": {"R@1": 1.0 / m, "R@5": min(1.0, 5.0 / m)},
         "learned encoder (train set)": recall(
-            embedder.embed_texts([infos[i]["caption"] for i in train])
-            @ encode_weights(model, [loras[i] for i in train]).T
+            train_text @ encode_weights(model, [loras[i] for i in train]).T
         ),
     }
     return {

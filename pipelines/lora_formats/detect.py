@@ -159,8 +159,9 @@ def dataset_tag_counts(raw: str) -> dict[str, dict[str, float]]:
     for name, tags in datasets.items() if isinstance(datasets, dict) else ():
         clean: dict[str, float] = {}
         for tag, count in tags.items() if isinstance(tags, dict) else ():
-            if isinstance(tag, str) and isinstance(count, int | float) and tag.strip():
-                clean[tag.strip()] = clean.get(tag.strip(), 0) + count
+            key = tag.strip() if isinstance(tag, str) else ""
+            if key and isinstance(count, int | float):
+                clean[key] = clean.get(key, 0) + count
         if clean:
             out[name] = clean
     return out
