@@ -91,6 +91,26 @@ class MLPScorer:
         }
 
 
+def average_mlps(scorers: list[MLPScorer]) -> MLPScorer:
+    """The mean of MLP scorers that share features and standardisation, as one wider MLP (their
+    hidden units side by side, output weights divided by their number): a seed ensemble."""
+    first = scorers[0]
+    for other in scorers[1:]:
+        same = other.features == first.features and np.array_equal(other.mean, first.mean)
+        if not same or not np.array_equal(other.scale, first.scale):
+            raise ValueError("only MLP scorers with the same features and standardisation can be averaged")
+    k = len(scorers)
+    return MLPScorer(
+        first.features,
+        first.mean,
+        first.scale,
+        np.concatenate([s.w1 for s in scorers], axis=1),
+        np.concatenate([s.b1 for s in scorers]),
+        np.concatenate([s.w2 for s in scorers]) / k,
+        float(np.mean([s.b2 for s in scorers])),
+    )
+
+
 def scorer_from_json(data: Mapping[str, Any]) -> Scorer:
     """A scorer from :meth:`MLPScorer.to_json` or ``{"kind": "linear", "weights": {…}}``."""
     if data.get("kind") == "linear":
@@ -200,11 +220,13 @@ class FusionRegistry:
         data = json.loads(path.read_text(encoding="utf-8"))
         return cls({name: Fusion.from_json(d) for name, d in data.items()})
 
-    def pick(self, embedder_name: str, dense: bool) -> Fusion:
-        """The model fitted with this embedder's dense features if ``dense`` and one exists, else lexical."""
-        if dense and embedder_name in self.models:
-            return self.models[embedder_name]
-        return self.models.get("lexical", HAND_SET)
+    def pick(self, embedder_name: str, dense: bool, classifier: bool = False) -> Fusion:
+        """The model fitted with this embedder's dense features if ``dense`` and one exists, else
+        lexical; with ``classifier``, the ``+classifier`` variant of that model when one is packaged."""
+        name = embedder_name if dense and embedder_name in self.models else "lexical"
+        if classifier and f"{name}+classifier" in self.models:
+            return self.models[f"{name}+classifier"]
+        return self.models.get(name, HAND_SET)
 
     def save(self, path: Path = MODELS_FILE) -> None:
         """Write all models as JSON."""

@@ -19,6 +19,9 @@ Channels (each a per-adapter feature, see :data:`FEATURES`):
   warm; the query's own image taken out), over metadata alone (``tf_meta``) and, max per adapter,
   over single prompts (``tf_pmax``, warm).
 
+- the prompt classifier (``k_lp``, warm only, when the catalog has one: ``adapters_db.classifier``):
+  log p(adapter | prompt) of a bag-of-n-grams softmax trained on every adapter's prompts and metadata.
+
 Reciprocal-rank versions of the main channels (``r_*``) and creator-level prompt evidence
 (``c_max``, ``c_doc``: creators reuse their prompt templates) complete the feature set. A learned
 :class:`~adapters_db.fusion.Fusion` turns features into one score (see ``adapters_db.fusion``).
@@ -38,6 +41,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adapters_db import fulltext, lexical
+from adapters_db.classifier import PromptClassifier, load_classifier
 from adapters_db.dto import AdapterRecord, SearchHit
 from adapters_db.families import normalize_family
 from adapters_db.fusion import Fusion, FusionRegistry, LinearScorer, Scorer
@@ -50,7 +54,7 @@ from adapters_db.text import clean_prompt, words
 if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
 
-CHANNELS = ("prompts", "meta", "triggers", "fts", "dense", "weightspace")
+CHANNELS = ("prompts", "meta", "triggers", "fts", "dense", "weightspace", "classifier")
 BASE_FEATURES = (
     "p_max",
     "p_kde",
@@ -75,6 +79,7 @@ BASE_FEATURES = (
     "tf_doc",
     "tf_meta",
     "tf_pmax",
+    "k_lp",
 )
 RANKED = (
     "p_max",
@@ -88,6 +93,7 @@ RANKED = (
     "tf_doc",
     "tf_meta",
     "tf_pmax",
+    "k_lp",
 )
 RANK_DEPTH = 200
 CANDIDATE_DEPTH = 50  # candidates per feature for the fusion (fitting used the top 40 of each)
@@ -116,6 +122,7 @@ class QueryContext:
     prompt_scores: np.ndarray | None = None
     best_dense_prompt: dict[int, tuple[float, int]] = field(default_factory=dict)
     weight_channels: bool = False
+    class_scores: np.ndarray | None = None
 
 
 def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
@@ -226,6 +233,8 @@ class FeatureBuilder:
             self.dense_features(ctx, out)
         if ctx.vector is not None and ctx.weight_channels:
             self.weight_features(ctx, out)
+        if ctx.class_scores is not None:
+            out["k_lp"] = ctx.class_scores
         return out
 
     @staticmethod
@@ -480,31 +489,41 @@ def _fts_rows(session: Session, index: SearchIndex, query: str) -> np.ndarray:
 @dataclass(frozen=True)
 class SearchOptions:
     """How a search runs: channels, the fusion (default: the packaged one for the catalog's embedder),
-    preview images to leave out, and ``all_features`` (compute every channel even if the scorer does
-    not read it: for fitting)."""
+    preview images to leave out (a ``classifier`` given here must not have learned from them either),
+    and ``all_features`` (compute every channel even if the scorer does not read it: for fitting)."""
 
     channels: tuple[str, ...] = CHANNELS
     fusion: Fusion | None = None
     exclude_image_ids: tuple[int, ...] = ()
     all_features: bool = False
+    classifier: PromptClassifier | None = None  # default: the catalog's saved one, if any
 
 
 _REGISTRY: FusionRegistry | None = None
 
 
-def packaged_fusion(embedder_name: str, dense: bool) -> Fusion:
-    """The packaged fusion model for an embedder (the lexical one when ``dense`` is off or none fits)."""
+def packaged_fusion(embedder_name: str, dense: bool, classifier: bool = False) -> Fusion:
+    """The packaged fusion model for an embedder (the lexical one when ``dense`` is off or none fits;
+    with ``classifier``, the one fitted with the prompt classifier's features if there is one)."""
     global _REGISTRY
     if _REGISTRY is None:
         _REGISTRY = FusionRegistry.load()
-    return _REGISTRY.pick(embedder_name, dense)
+    return _REGISTRY.pick(embedder_name, dense, classifier)
 
 
-def resolve_fusion(catalog: Catalog, options: SearchOptions) -> Fusion:
+def active_classifier(catalog: Catalog, options: SearchOptions) -> PromptClassifier | None:
+    """The prompt classifier a search uses: the given one, else the catalog's saved one (None when
+    the channel or the prompts channel is off: it learned from prompts)."""
+    if "classifier" not in options.channels or "prompts" not in options.channels:
+        return None
+    return options.classifier if options.classifier is not None else load_classifier(catalog)
+
+
+def resolve_fusion(catalog: Catalog, options: SearchOptions, classifier: bool = False) -> Fusion:
     """The fusion a search uses."""
     if options.fusion is not None:
         return options.fusion
-    return packaged_fusion(catalog.embedder.name, "dense" in options.channels)
+    return packaged_fusion(catalog.embedder.name, "dense" in options.channels, classifier)
 
 
 def prepare(
@@ -524,8 +543,11 @@ def prepare(
         use_prompts=use_prompts,
         exclude_rows=index.prompt_rows_of(np.array(options.exclude_image_ids, np.int64)),
     )
-    scorer = resolve_fusion(catalog, options).for_mode(use_prompts)
+    classifier = active_classifier(catalog, options)
+    scorer = resolve_fusion(catalog, options, classifier is not None).for_mode(use_prompts)
     wants = set(scorer.features)
+    if classifier is not None and (options.all_features or wants & {"k_lp", "r_k_lp"}):
+        ctx.class_scores = classifier.scores_for(query, index.adapter_ids)
     if "dense" in options.channels and (options.all_features or wants & DENSE_FEATURES):
         ctx.vector = catalog.embedder.embed_texts([query])
     if "weightspace" in options.channels and any(
@@ -562,7 +584,7 @@ def score_all(
         for name in ("d_meta", "d_prompt", "d_image"):
             feats[name][:] = 0.0
     FeatureBuilder.add_ranks(feats)
-    scorer = resolve_fusion(catalog, options).for_mode(ctx.use_prompts)
+    scorer = resolve_fusion(catalog, options, ctx.class_scores is not None).for_mode(ctx.use_prompts)
     wanted = set(scorer.features) - {"pop", "n_prompts", "has_prompts"}
     scores = fused_scores(scorer, feats, candidate_rows(feats, allowed, wanted=wanted))
     if ctx.weight_channels:
@@ -741,10 +763,12 @@ class Evidence:
     tags: tuple[str, ...]
     description_match: float
     dense_meta: float
+    classifier_prob: float = 0.0
 
 
 def explain(evidence: Evidence, query: str) -> str:
-    """A short reason, strongest first: trigger words, a similar prompt, name words, tags, description.
+    """A short reason, strongest first: trigger words, a similar prompt, name words, tags, description,
+    the prompt classifier's confidence.
 
     Trigger phrases count when specific: rarity at least 40% of the rarest possible ("pixel art" yes,
     "1girl" no, in the real catalog).
@@ -767,6 +791,9 @@ def explain(evidence: Evidence, query: str) -> str:
         reasons.append((0.5 + evidence.description_match, "description matches"))
     if evidence.dense_meta > 0.3:
         reasons.append((evidence.dense_meta, "similar description (embedding)"))
+    if evidence.classifier_prob >= 0.2:
+        prob = evidence.classifier_prob
+        reasons.append((0.9 + prob, f"prompts like its own (classifier {prob:.0%})"))
     if not reasons and evidence.trigger_phrases:
         reasons.append((0.1, f'trigger word "{evidence.trigger_phrases[0][0]}"'))
     reasons.sort(key=lambda r: -r[0])
@@ -849,6 +876,7 @@ def _hits(
             tags=record.tags,
             description_match=float(feats["m_description"][row]),
             dense_meta=float(feats["d_meta"][row]),
+            classifier_prob=float(np.exp(feats["k_lp"][row])) if ctx.class_scores is not None else 0.0,
         )
         shown = (*FEATURES, *(f for f in WEIGHT_FEATURES if f in feats))
         channels = {name: round(float(feats[name][row]), 4) for name in shown}

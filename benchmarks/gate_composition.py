@@ -4,7 +4,9 @@ Three gates are trained for the concept LoRAs star, heart, striped and outline o
 (star, striped) and (heart, outline): ``full`` (timestep + prompt inputs), ``no_time`` and
 ``no_prompt``. Each is judged, next to ``linear``, with the composition benchmark's machinery on the
 training pairs and on the HELD-OUT pairs (star, outline) and (heart, striped): both concepts present
-(``both_rate``) and the prompt's own colour and background kept (``prompt_rate``).
+(``both_rate``) and the prompt's own colour and background kept (``prompt_rate``). The rows
+``first alone`` / ``second alone`` (skip with ``--no-alone``) run each LoRA by itself on the pair's
+prompts: how often it draws its own concept is about as high as any fusion can be expected to go.
 
 Resumable: the LoRAs' own pictures, each gate and each judged (policy, pair) row are cached under
 ``--work`` (default runs/gate/<model>); delete a file to redo that part.
@@ -192,8 +194,12 @@ def trained_gate(
     return net
 
 
-def run(cfg: AblationConfig, variants: list[str], work: Path, setup: tuple, quiet: bool) -> list[dict]:
-    """Train (or load) the gates, then judge every (policy, pair); rows are cached in rows.jsonl."""
+def run(
+    cfg: AblationConfig, variants: list[str], work: Path, setup: tuple, quiet: bool, alone: bool = True
+) -> list[dict]:
+    """Train (or load) the gates, then judge every (policy, pair); rows are cached in rows.jsonl.
+    With ``alone``, also each LoRA by itself on the pair's prompts (the other at weight 0): the rate
+    of the weaker one is about as high as any fusion of the two can be expected to go."""
     pipe, lora_weights, model = setup
     work.mkdir(parents=True, exist_ok=True)
     loras = [GateLora(c, lora_weights[c], concept_prompts(c, 64, cfg.train.seed)) for c in CONCEPT_ORDER]
@@ -207,6 +213,9 @@ def run(cfg: AblationConfig, variants: list[str], work: Path, setup: tuple, quie
     gates = {v: trained_gate(pipe, loras, v, cfg, work, data, mixes) for v in variants
              if mixes or v not in only_mixes}
     policies: dict[str, tuple[str, dict[str, Any]]] = {"linear": ("linear", {})}
+    if alone:
+        policies["first alone"] = ("schedule", {"schedule": ["1", "0"]})
+        policies["second alone"] = ("schedule", {"schedule": ["0", "1"]})
     policies |= {f"gate-{v}": ("gate", {"network": net}) for v, net in gates.items()}
     cache = work / "rows.jsonl"
     done = {}
@@ -286,6 +295,7 @@ def main() -> int:
     ap.add_argument("--gate-steps", type=int, default=None, help="gate optimiser steps (default 600)")
     ap.add_argument("--lora-dir", type=Path, default=LORA_DIR)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-alone", action="store_true", help="skip the rows of each LoRA by itself")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -302,7 +312,7 @@ def main() -> int:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}: use {', '.join(VARIANTS)}")
     work = args.work or Path("runs/gate") / ("tiny-quick" if args.quick else cfg.model)
     setup = tiny_setup() if args.quick else pocket_setup(args.lora_dir)
-    rows = run(cfg, variants, work, setup, quiet=args.json)
+    rows = run(cfg, variants, work, setup, quiet=args.json, alone=not args.no_alone)
     if args.json:
         print(json.dumps({"rows": rows, "summary": summary(rows), "config": asdict(cfg), "work": str(work)}))
     else:

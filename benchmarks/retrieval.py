@@ -183,6 +183,7 @@ def run_ours(
     progress: bool,
     collect: bool = False,
     drop: tuple[str, ...] = (),
+    classifier=None,  # type: ignore[no-untyped-def]
 ) -> dict:
     """Ranks on both tracks and both prompt variants (and, with ``collect``, features for tuning)."""
     from adapters_db.retrieval import CHANNELS, SearchOptions, score_all
@@ -207,7 +208,11 @@ def run_ours(
             for variant, text in (("with_triggers", q.prompt), ("without_triggers", q.prompt_without)):
                 for track, channels in (("warm", warm_channels), ("cold", cold_channels)):
                     options = SearchOptions(
-                        channels=channels, fusion=fusion, exclude_image_ids=exclude, all_features=collect
+                        channels=channels,
+                        fusion=fusion,
+                        exclude_image_ids=exclude,
+                        all_features=collect,
+                        classifier=classifier,
                     )
                     index, _, feats, scores = score_all(s, catalog, text or " ", options)
                     row = int(index.rows_of(np.array([models[q.model_id]]))[0])
@@ -236,21 +241,23 @@ def _candidates(
             chosen.update(np.argpartition(-v, per_feature)[:per_feature].tolist())
     rows = np.array(sorted(chosen))
     matrix = np.stack([feats[f][rows] for f in FEATURES], axis=1).astype(np.float32)
-    return matrix, int(np.nonzero(rows == gold)[0][0])
+    return matrix, int(np.nonzero(rows == gold)[0][0]), rows
 
 
 def save_dump(path: Path, tuning: dict[str, list], queries: list[BenchQuery]) -> None:
     """Candidate feature matrices (per track; variants interleaved as ranked) for offline fitting."""
     arrays: dict[str, np.ndarray] = {}
     for track, samples in tuning.items():
-        arrays[f"{track}_x"] = np.concatenate([m for m, _ in samples])
-        arrays[f"{track}_len"] = np.array([len(m) for m, _ in samples])
-        arrays[f"{track}_gold"] = np.array([g for _, g in samples])
+        arrays[f"{track}_x"] = np.concatenate([m for m, _, _ in samples])
+        arrays[f"{track}_len"] = np.array([len(m) for m, _, _ in samples])
+        arrays[f"{track}_gold"] = np.array([g for _, g, _ in samples])
+        arrays[f"{track}_rows"] = np.concatenate([r for _, _, r in samples])
     from adapters_db.retrieval import FEATURES
 
     arrays["features"] = np.array(FEATURES)
     arrays["split"] = np.array([q.split for q in queries for _ in range(2)])
     arrays["variant"] = np.array([v for _ in queries for v in ("with_triggers", "without_triggers")])
+    arrays["image_id"] = np.array([q.image_id for q in queries for _ in range(2)])
     np.savez_compressed(path, **arrays)
 
 
@@ -360,12 +367,17 @@ COLD_EXCLUDED = (
     "r_tf_doc",
     "tf_pmax",
     "r_tf_pmax",
+    "k_lp",
+    "r_k_lp",
 )
 
 
-def fit_report(dump: Path, features: Sequence[str], hidden: int, embedder: str | None) -> dict:
-    """Fit warm and cold scorers on split A of a dump; print candidate metrics on A and B."""
-    from adapters_db.fusion import Fusion
+def fit_report(
+    dump: Path, features: Sequence[str], hidden: int, embedder: str | None, seeds: int = 1
+) -> dict:
+    """Fit warm and cold scorers on split A of a dump (``seeds`` > 1: that many MLPs from different
+    seeds, averaged); print candidate metrics on A and B."""
+    from adapters_db.fusion import Fusion, average_mlps
 
     tuning, split, variant, names = load_dump(dump)
     features = [f for f in features if f in names]
@@ -374,7 +386,8 @@ def fit_report(dump: Path, features: Sequence[str], hidden: int, embedder: str |
         use = features if track == "warm" else [f for f in features if not f.startswith(COLD_EXCLUDED)]
         cols = [names.index(f) for f in use]
         train = [(m[:, cols], g) for (m, g), s_ in zip(tuning[track], split, strict=True) if s_ == "A"]
-        scorers[track] = fit_scorer(train, use, hidden=hidden)
+        fitted = [fit_scorer(train, use, hidden=hidden, seed=seed) for seed in range(seeds)]
+        scorers[track] = average_mlps(fitted) if seeds > 1 and hidden else fitted[0]
         for part in ("A", "B"):
             for v in ("with_triggers", "without_triggers"):
                 sel = [
@@ -384,7 +397,29 @@ def fit_report(dump: Path, features: Sequence[str], hidden: int, embedder: str |
                 ]
                 print(track, part, v, candidate_metrics(sel, scorers[track], names), file=sys.stderr)
     note = f"fitted on split A of {dump.name} ({int((split == 'A').sum() // 2)} queries), hidden={hidden}"
+    note += f", mean of {seeds} seeds" if seeds > 1 else ""
     return Fusion(scorers["warm"], scorers["cold"], embedder, note).to_json()
+
+
+def bench_classifier(catalog, queries: list[BenchQuery], cache: Path, progress: bool):  # type: ignore[no-untyped-def]
+    """The prompt classifier trained on the catalog without any query's image (cached per query set)."""
+    from adapters_db.classifier import ClassifierConfig, PromptClassifier, train_classifier
+    from adapters_db.search_index import read_catalog
+
+    held = sorted({q.image_id for q in queries})
+    key = hashlib.sha256(json.dumps([held, repr(ClassifierConfig())]).encode()).hexdigest()[:12]
+    path = cache / f"classifier-{key}.safetensors"
+    if path.is_file():
+        return PromptClassifier.load(path)
+    started = time.time()
+    with catalog.session() as s:
+        rows = read_catalog(s)
+    _, images = catalog_maps(catalog)
+    excluded = [images[i] for i in held if i in images]
+    classifier = train_classifier(rows, exclude_image_ids=excluded, show_progress=progress)
+    classifier.save(path)
+    print(f"trained the prompt classifier in {time.time() - started:.0f} s", file=sys.stderr)
+    return classifier
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -511,10 +546,12 @@ def run_fit(args: argparse.Namespace) -> int:
     from adapters_db.retrieval import FEATURES
 
     feats = args.features.split(",") if args.features else list(FEATURES)
+    if not (args.fit_name or "").endswith("+classifier"):
+        feats = [f for f in feats if f not in ("k_lp", "r_k_lp")]
     if args.fit_embedder is None:
         feats = [f for f in feats if not f.startswith(("d_", "r_d_"))]
-    model = fit_report(args.fit, feats, args.hidden, args.fit_embedder)
-    name = args.fit_embedder or "lexical"
+    model = fit_report(args.fit, feats, args.hidden, args.fit_embedder, args.seeds)
+    name = args.fit_name or args.fit_embedder or "lexical"
     out = args.cache / f"fusion-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(model, indent=1))
@@ -552,10 +589,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--features", default=None, help="comma-separated features to fit (default: all)")
     parser.add_argument("--hidden", type=int, default=16, help="--fit: hidden units of the MLP (0: linear)")
+    parser.add_argument("--seeds", type=int, default=1, help="--fit: average MLPs of this many seeds")
     parser.add_argument(
         "--fit-embedder",
         default=None,
         help="--fit: the dense embedder the dump's features came from (default: lexical)",
+    )
+    parser.add_argument(
+        "--fit-name",
+        default=None,
+        help="--fit: the registry name to write (lexical+classifier also fits the classifier's features)",
+    )
+    parser.add_argument(
+        "--no-classifier",
+        action="store_true",
+        help="leave the prompt classifier out (by default one is trained without the queries' images)",
     )
     parser.add_argument(
         "--install", action="store_true", help="--fit: write the model into adapters_db/fusion_models.json"
@@ -592,10 +640,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     fusion = Fusion.from_json(json.loads(args.fusion.read_text())) if args.fusion else None
     queries = load_queries(catalog, args.queries, args.split)
     models, images = catalog_maps(catalog)
-    started = time.time()
     drop = ("dense",) if args.no_dense else ()
+    classifier = None if args.no_classifier else bench_classifier(catalog, queries, args.cache, progress)
+    started = time.time()
     result = run_ours(
-        catalog, queries, models, images, fusion, progress, collect=args.dump_features is not None, drop=drop
+        catalog,
+        queries,
+        models,
+        images,
+        fusion,
+        progress,
+        collect=args.dump_features is not None,
+        drop=drop,
+        classifier=classifier,
     )
     elapsed = time.time() - started
     if args.dump_features:

@@ -255,7 +255,7 @@ def evaluate(
     model, losses = train_encoder([loras[i] for i in train], banks, config, fit, tick)
     bar.close()
     fit_s = time.perf_counter() - started
-    save_encoder(model, work / "encoder")
+    save_encoder(model, work / f"encoder-seed{seed}-held{setup.held_out}")  # parallel runs do not collide
     queries = embedder.embed_texts([infos[i]["caption"] for i in held])
     learned = encode_weights(model, [loras[i] for i in held])
     layers = config.layers

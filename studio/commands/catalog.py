@@ -219,6 +219,14 @@ def cmd_catalog(args: argparse.Namespace) -> int:
             index = catalog.search_index(s, show_progress=True)
             index.rebuild(s, show_progress=True)
             print(f"rebuilt the search index of {index.size} adapters in {index.directory}")
+        elif args.action == "classifier":
+            from adapters_db.classifier import build_classifier, classifier_path
+
+            classifier = build_classifier(s, catalog, show_progress=True)
+            print(
+                f"trained the prompt classifier on {len(classifier.adapter_ids)} adapters "
+                f"({len(classifier.vocab)} terms): {classifier_path(catalog)}"
+            )
         elif args.action in ("show", "delete"):
             if args.id is None:
                 raise ValueError(f"catalog {args.action} needs --id")
@@ -323,10 +331,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p = sub.add_parser(
         "catalog",
         parents=[parent],
-        help="catalog stats, repair, reindex, show, delete",
+        help="catalog stats, repair, reindex, classifier (train the prompt classifier), show, delete",
         description=cmd_catalog.__doc__,
     )
-    p.add_argument("action", choices=("stats", "repair", "reindex", "show", "delete"))
+    p.add_argument("action", choices=("stats", "repair", "reindex", "classifier", "show", "delete"))
     p.add_argument("--id", type=int, default=None, help="adapter id (show, delete)")
     p.add_argument(
         "--grace", type=float, default=3600.0, help="repair: keep orphan files younger than this (s)"

@@ -56,6 +56,10 @@ def test_import_search_and_batch_json(
     assert lines[1]["hits"][0]["civitai_model_id"] == 3
     code, out, _ = run(capsys, "catalog", "stats", *data)
     assert code == 0 and json.loads(out)["adapters"] == 7
+    code, out, _ = run(capsys, "catalog", "classifier", *data)
+    assert code == 0 and "trained the prompt classifier on 7 adapters" in out
+    code, out, _ = run(capsys, "search", "aqua hair, singing on stage", "-k", "1", "--json", *data)
+    assert code == 0 and json.loads(out)["hits"][0]["civitai_model_id"] == 3
     code, out, _ = run(capsys, "catalog", "show", "--id", str(first["id"]), *data)
     assert json.loads(out)["name"] == "My Ink Style"
     code, out, _ = run(capsys, "catalog", "delete", "--id", str(first["id"]), *data)

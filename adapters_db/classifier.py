@@ -1,0 +1,277 @@
+"""Prompt → adapter classifier: a bag of n-grams trained on the prompts people used with each adapter.
+
+fastText-style (Joulin et al. 2017, "Bag of Tricks for Efficient Text Classification"): the mean of
+learned embeddings of a text's index terms (words and in-segment word bigrams, as every lexical
+channel) → a linear layer → softmax over the catalog's adapters. Trained on each adapter's preview
+prompts and its metadata text, each also with the adapter's trigger words removed, so it learns what
+else in a prompt points to an adapter (the character's hair colour, a creator's prompt template).
+It is one more channel of the warm ranking (``k_lp`` and its rank), derived from the catalog like the
+search index: ``python -m studio catalog classifier`` trains and saves it beside the index; search
+uses it when it is there. Adapters added after training simply get no evidence from it.
+
+Inference is plain NumPy; training needs torch (sparse embedding gradients, minutes on CPU for
+the 7,955-adapter Civitai catalog).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Collection, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from adapters_db.search_index import META_FIELDS, CatalogRows
+from adapters_db.text import remove_phrases, terms
+
+if TYPE_CHECKING:
+    from adapters_db.catalog import Catalog
+
+FILE_NAME = "classifier.safetensors"
+FORMAT = "adapter-studio-prompt-classifier"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Size and training schedule (defaults measured on the Civitai dump, see benchmarks/retrieval.py)."""
+
+    dim: int = 256
+    epochs: int = 6
+    token_dropout: float = 0.3
+    lr: float = 0.01
+    batch_size: int = 256
+    seed: int = 0
+    meta_chars: int = 2000
+
+
+def training_examples(
+    rows: CatalogRows, exclude_image_ids: Collection[int] = (), meta_chars: int = 2000
+) -> tuple[list[str], list[int]]:
+    """(text, adapter row) pairs: each adapter's metadata and each preview prompt (minus excluded
+    images), plus a copy of each with the adapter's trigger words taken out where that changes it."""
+    excluded = np.isin(rows.prompt_image_ids, np.fromiter(exclude_image_ids, np.int64))
+    texts: list[str] = []
+    labels: list[int] = []
+
+    def add(text: str, row: int) -> None:
+        if not text.strip():
+            return
+        texts.append(text)
+        labels.append(row)
+        triggers = rows.triggers[row]
+        if triggers:
+            stripped = remove_phrases(text, triggers)
+            if stripped != text and stripped.strip():
+                texts.append(stripped)
+                labels.append(row)
+
+    for row in range(len(rows.adapter_ids)):
+        add("\n".join(rows.fields[f][row] for f in META_FIELDS)[:meta_chars], row)
+    for prompt, owner, skip in zip(rows.prompts, rows.prompt_owner.tolist(), excluded.tolist(), strict=True):
+        if not skip:
+            add(prompt, owner)
+    return texts, labels
+
+
+class PromptClassifier:
+    """Term embeddings (mean-pooled; stored in float16) → linear layer → log-probabilities over adapter
+    ids."""
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        embeddings: np.ndarray,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        adapter_ids: np.ndarray,
+        config: ClassifierConfig = ClassifierConfig(),
+    ) -> None:
+        if embeddings.shape[0] != len(vocab) or weight.shape != (len(adapter_ids), embeddings.shape[1]):
+            raise ValueError("classifier arrays do not fit together")
+        self.vocab = vocab
+        self.embeddings = embeddings.astype(np.float16, copy=False)  # half the file and memory
+        self.weight = weight.astype(np.float32, copy=False)
+        self.bias = bias.astype(np.float32, copy=False)
+        self.adapter_ids = np.asarray(adapter_ids, np.int64)
+        self.config = config
+
+    def term_ids(self, text: str) -> np.ndarray:
+        """Vocabulary ids of a text's index terms (unknown terms dropped)."""
+        ids = [self.vocab.get(t) for t in terms(text)]
+        return np.array([i for i in ids if i is not None], np.int64)
+
+    def log_probs(self, text: str) -> np.ndarray | None:
+        """log p(adapter | text) for every adapter of :attr:`adapter_ids` (None: no known term)."""
+        ids = self.term_ids(text)
+        if len(ids) == 0:
+            return None
+        logits = self.weight @ self.embeddings[ids].astype(np.float32).mean(axis=0) + self.bias
+        logits -= logits.max()
+        return logits - np.log(np.exp(logits).sum())
+
+    def scores_for(self, text: str, adapter_ids: np.ndarray) -> np.ndarray:
+        """log p per given adapter id; ids the classifier does not know (and texts with no known
+        term) get the lowest value it gives."""
+        lp = self.log_probs(text)
+        out = np.zeros(len(adapter_ids), np.float32)
+        if lp is None or len(self.adapter_ids) == 0:
+            return out
+        pos = np.clip(np.searchsorted(self.adapter_ids, adapter_ids), 0, len(self.adapter_ids) - 1)
+        known = self.adapter_ids[pos] == adapter_ids
+        out[:] = float(lp.min())
+        out[known] = lp[pos[known]]
+        return out
+
+    def save(self, path: Path) -> Path:
+        """Write as one safetensors file (vocabulary and config in its metadata), atomically."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tensors = {
+            "embeddings": self.embeddings,
+            "weight": self.weight,
+            "bias": self.bias,
+            "adapter_ids": self.adapter_ids,
+        }
+        meta = {
+            "format": FORMAT,
+            "config": json.dumps(asdict(self.config)),
+            "vocab": json.dumps(sorted(self.vocab, key=self.vocab.__getitem__), ensure_ascii=False),
+        }
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> PromptClassifier:
+        """Inverse of :meth:`save` (safetensors only; nothing is unpickled)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a prompt classifier")
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        terms_ = json.loads(meta["vocab"])
+        return cls(
+            {t: i for i, t in enumerate(terms_)},
+            arrays["embeddings"],
+            arrays["weight"],
+            arrays["bias"],
+            arrays["adapter_ids"],
+            ClassifierConfig(**json.loads(meta["config"])),
+        )
+
+
+def _batches(
+    data: list[tuple[list[int], int]], cfg: ClassifierConfig, rng: random.Random
+) -> Iterator[tuple[list[list[int]], list[int]]]:
+    """Shuffled batches with token dropout (at least one term of each text kept)."""
+    rng.shuffle(data)
+    for start in range(0, len(data), cfg.batch_size):
+        chunk = data[start : start + cfg.batch_size]
+        kept = [[i for i in x if rng.random() >= cfg.token_dropout] or [rng.choice(x)] for x, _ in chunk]
+        yield kept, [y for _, y in chunk]
+
+
+def train_classifier(
+    rows: CatalogRows,
+    config: ClassifierConfig = ClassifierConfig(),
+    exclude_image_ids: Collection[int] = (),
+    show_progress: bool = False,
+) -> PromptClassifier:
+    """Train on a catalog's rows (``exclude_image_ids``: preview images never to learn from, for
+    evaluation); softmax cross-entropy, SparseAdam on the embeddings, Adam on the output layer."""
+    import torch
+    from tqdm import tqdm
+
+    texts, labels = training_examples(rows, exclude_image_ids, config.meta_chars)
+    vocab: dict[str, int] = {}
+    data = []
+    for text, label in zip(texts, labels, strict=True):
+        ids = [vocab.setdefault(t, len(vocab)) for t in terms(text)]
+        if ids:
+            data.append((ids, label))
+    n_classes = len(rows.adapter_ids)
+    if not data or n_classes == 0:
+        raise ValueError("nothing to train the prompt classifier on: the catalog has no searchable text")
+    rng = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    emb = torch.nn.EmbeddingBag(len(vocab), config.dim, mode="mean", sparse=True)
+    with torch.no_grad():
+        emb.weight.normal_(0.0, 0.1, generator=gen)
+    out = torch.nn.Linear(config.dim, n_classes)
+    with torch.no_grad():
+        bound = 1.0 / config.dim**0.5
+        out.weight.uniform_(-bound, bound, generator=gen)
+        out.bias.zero_()
+    opt_emb = torch.optim.SparseAdam(list(emb.parameters()), lr=config.lr)
+    opt_out = torch.optim.Adam(out.parameters(), lr=config.lr)
+    steps = config.epochs * -(-len(data) // config.batch_size)
+    bar = tqdm(total=steps, desc="prompt classifier", unit="batch", disable=not show_progress)
+    for _ in range(config.epochs):
+        for kept, ys in _batches(data, config, rng):
+            flat = torch.tensor([i for x in kept for i in x])
+            starts = np.concatenate([[0], np.cumsum([len(x) for x in kept[:-1]])])
+            offsets = torch.tensor(starts, dtype=torch.long)
+            loss = torch.nn.functional.cross_entropy(out(emb(flat, offsets)), torch.tensor(ys))
+            opt_emb.zero_grad()
+            opt_out.zero_grad()
+            loss.backward()
+            opt_emb.step()
+            opt_out.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    return PromptClassifier(
+        vocab,
+        emb.weight.detach().numpy().copy(),
+        out.weight.detach().numpy().copy(),
+        out.bias.detach().numpy().copy(),
+        rows.adapter_ids.copy(),
+        config,
+    )
+
+
+def classifier_path(catalog: Catalog) -> Path:
+    """Where a catalog's classifier lives (beside its search indexes)."""
+    return Path(catalog.index_dir) / FILE_NAME
+
+
+def build_classifier(
+    session: Session,
+    catalog: Catalog,
+    config: ClassifierConfig = ClassifierConfig(),
+    show_progress: bool = False,
+) -> PromptClassifier:
+    """Train on the catalog as it is now and save it beside the search index."""
+    from adapters_db.search_index import read_catalog
+
+    classifier = train_classifier(read_catalog(session), config, show_progress=show_progress)
+    path = classifier_path(catalog)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classifier.save(path)
+    _LOADED.pop(str(path), None)
+    return classifier
+
+
+_LOADED: dict[str, tuple[float, PromptClassifier]] = {}
+
+
+def load_classifier(catalog: Catalog) -> PromptClassifier | None:
+    """The catalog's saved classifier (cached while its file is unchanged), or None without one."""
+    path = classifier_path(catalog)
+    try:
+        stamp = path.stat().st_mtime
+    except OSError:
+        return None
+    cached = _LOADED.get(str(path))
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, PromptClassifier.load(path))
+        _LOADED[str(path)] = cached
+    return cached[1]
