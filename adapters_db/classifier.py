@@ -89,6 +89,7 @@ class PromptClassifier:
         bias: np.ndarray,
         adapter_ids: np.ndarray,
         config: ClassifierConfig = ClassifierConfig(),
+        identity: list[str] | None = None,
     ) -> None:
         if embeddings.shape[0] != len(vocab) or weight.shape != (len(adapter_ids), embeddings.shape[1]):
             raise ValueError("classifier arrays do not fit together")
@@ -98,6 +99,17 @@ class PromptClassifier:
         self.bias = bias.astype(np.float32, copy=False)
         self.adapter_ids = np.asarray(adapter_ids, np.int64)
         self.config = config
+        # each class's adapter as it was in training (see _identities): an id reused by a later
+        # import is another adapter
+        self.identity = identity
+        self.valid = np.ones(len(self.adapter_ids), bool)
+
+    def check_against(self, current: dict[int, str]) -> None:
+        """Keep only classes whose adapter still exists with the identity it had in training."""
+        if self.identity is None:
+            return
+        pairs = zip(self.adapter_ids.tolist(), self.identity, strict=True)
+        self.valid = np.array([current.get(int(a)) == ident for a, ident in pairs], dtype=bool)
 
     def term_ids(self, text: str) -> np.ndarray:
         """Vocabulary ids of a text's index terms (unknown terms dropped)."""
@@ -113,16 +125,15 @@ class PromptClassifier:
         logits -= logits.max()
         return logits - np.log(np.exp(logits).sum())
 
-    def scores_for(self, text: str, adapter_ids: np.ndarray) -> np.ndarray:
-        """log p per given adapter id; ids the classifier does not know (and texts with no known
-        term) get the lowest value it gives."""
+    def scores_for(self, text: str, adapter_ids: np.ndarray) -> np.ndarray | None:
+        """log p per given adapter id, ids the classifier does not know (or no longer: see
+        :meth:`check_against`) at the lowest value it gives; None when no term of the text is known."""
         lp = self.log_probs(text)
-        out = np.zeros(len(adapter_ids), np.float32)
-        if lp is None or len(self.adapter_ids) == 0:
-            return out
+        if lp is None:
+            return None
         pos = np.clip(np.searchsorted(self.adapter_ids, adapter_ids), 0, len(self.adapter_ids) - 1)
-        known = self.adapter_ids[pos] == adapter_ids
-        out[:] = float(lp.min())
+        known = (self.adapter_ids[pos] == adapter_ids) & self.valid[pos]
+        out = np.full(len(adapter_ids), float(lp.min()), np.float32)
         out[known] = lp[pos[known]]
         return out
 
@@ -143,6 +154,8 @@ class PromptClassifier:
             "config": json.dumps(asdict(self.config)),
             "vocab": json.dumps(sorted(self.vocab, key=self.vocab.__getitem__), ensure_ascii=False),
         }
+        if self.identity is not None:
+            meta["identity"] = json.dumps(self.identity, ensure_ascii=False)
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
         return path
@@ -165,6 +178,7 @@ class PromptClassifier:
             arrays["bias"],
             arrays["adapter_ids"],
             ClassifierConfig(**json.loads(meta["config"])),
+            json.loads(meta["identity"]) if "identity" in meta else None,
         )
 
 
@@ -253,6 +267,8 @@ def build_classifier(
     from adapters_db.search_index import read_catalog
 
     classifier = train_classifier(read_catalog(session), config, show_progress=show_progress)
+    current = _identities(session)
+    classifier.identity = [current[int(a)] for a in classifier.adapter_ids.tolist()]
     path = classifier_path(catalog)
     path.parent.mkdir(parents=True, exist_ok=True)
     classifier.save(path)
@@ -260,18 +276,34 @@ def build_classifier(
     return classifier
 
 
-_LOADED: dict[str, tuple[float, PromptClassifier]] = {}
+def _identities(session: Session) -> dict[int, str]:
+    """Adapter id → "creation time|Civitai id|name", what a classifier class is checked against."""
+    from sqlalchemy import select
+
+    from adapters_db.models import Adapter
+
+    rows = session.execute(select(Adapter.id, Adapter.created_at, Adapter.civitai_model_id, Adapter.name))
+    return {int(i): f"{c.isoformat() if c else ''}|{m or ''}|{n}" for i, c, m, n in rows}
 
 
-def load_classifier(catalog: Catalog) -> PromptClassifier | None:
-    """The catalog's saved classifier (cached while its file is unchanged), or None without one."""
+_LOADED: dict[str, tuple[tuple[int, int, int, int], PromptClassifier]] = {}
+
+
+def load_classifier(session: Session, catalog: Catalog) -> PromptClassifier | None:
+    """The catalog's saved classifier, or None without one. Cached while its file and the catalog
+    revision are unchanged; classes of adapters deleted since training (or whose id an import reused)
+    are switched off."""
     path = classifier_path(catalog)
     try:
-        stamp = path.stat().st_mtime
+        st = path.stat()
     except OSError:
         return None
+    key = (st.st_mtime_ns, st.st_size, st.st_ino, catalog.revision(session))
     cached = _LOADED.get(str(path))
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, PromptClassifier.load(path))
+    if cached is None or cached[0] != key:
+        same_file = cached is not None and cached[0][:3] == key[:3]
+        classifier = cached[1] if cached is not None and same_file else PromptClassifier.load(path)
+        classifier.check_against(_identities(session))
+        cached = (key, classifier)
         _LOADED[str(path)] = cached
     return cached[1]

@@ -511,12 +511,15 @@ def packaged_fusion(embedder_name: str, dense: bool, classifier: bool = False) -
     return _REGISTRY.pick(embedder_name, dense, classifier)
 
 
-def active_classifier(catalog: Catalog, options: SearchOptions) -> PromptClassifier | None:
-    """The prompt classifier a search uses: the given one, else the catalog's saved one (None when
-    the channel or the prompts channel is off: it learned from prompts)."""
+def active_classifier(session: Session, catalog: Catalog, options: SearchOptions) -> PromptClassifier | None:
+    """The prompt classifier a search uses: the given one, else the catalog's saved one. None when
+    the channel or the prompts channel is off (it learned from prompts), and when preview images are
+    left out but no classifier is given (the saved one learned from them)."""
     if "classifier" not in options.channels or "prompts" not in options.channels:
         return None
-    return options.classifier if options.classifier is not None else load_classifier(catalog)
+    if options.classifier is not None:
+        return options.classifier
+    return None if options.exclude_image_ids else load_classifier(session, catalog)
 
 
 def resolve_fusion(catalog: Catalog, options: SearchOptions, classifier: bool = False) -> Fusion:
@@ -543,11 +546,11 @@ def prepare(
         use_prompts=use_prompts,
         exclude_rows=index.prompt_rows_of(np.array(options.exclude_image_ids, np.int64)),
     )
-    classifier = active_classifier(catalog, options)
-    scorer = resolve_fusion(catalog, options, classifier is not None).for_mode(use_prompts)
-    wants = set(scorer.features)
-    if classifier is not None and (options.all_features or wants & {"k_lp", "r_k_lp"}):
+    classifier = active_classifier(session, catalog, options)
+    if classifier is not None:  # None for a query with no term it knows: then ranked as without it
         ctx.class_scores = classifier.scores_for(query, index.adapter_ids)
+    scorer = resolve_fusion(catalog, options, ctx.class_scores is not None).for_mode(use_prompts)
+    wants = set(scorer.features)
     if "dense" in options.channels and (options.all_features or wants & DENSE_FEATURES):
         ctx.vector = catalog.embedder.embed_texts([query])
     if "weightspace" in options.channels and any(

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -125,22 +126,30 @@ def pocket_setup(lora_dir: Path) -> tuple[Any, dict[str, Any], judge.ConceptClas
     return pipe, loras, judge.load(CLASSIFIER_PATH)
 
 
+def cached_pictures(
+    work: Path, stem: str, make: Callable[[], tuple[torch.Tensor, list[str], dict[str, Any]]]
+) -> tuple[torch.Tensor, list[str]]:
+    """Latents + prompts kept as ``<stem>.safetensors`` + ``<stem>.json`` in ``work``; ``make()`` (latents,
+    prompts, extra JSON fields) runs only when they are not there yet."""
+    path, meta = work / f"{stem}.safetensors", work / f"{stem}.json"
+    if not path.is_file():
+        lat, prompts, extra = make()
+        save_file({"latents": lat.contiguous()}, str(path))
+        meta.write_text(json.dumps({"prompts": prompts, **extra}))
+    return load_file(str(path))["latents"], json.loads(meta.read_text())["prompts"]
+
+
 def lora_data(
     pipe: Any, loras: list[GateLora], cfg: GateTrainConfig, work: Path
 ) -> dict[int, tuple[torch.Tensor, list[str]]]:
     """Each LoRA's own pictures (latents + prompts), shared by every gate variant; cached in ``work``."""
-    out = {}
-    for i, lora in enumerate(loras):
-        path = work / f"data-{lora.name}.safetensors"
-        if path.is_file():
-            meta = json.loads((work / f"data-{lora.name}.json").read_text())
-            out[i] = (load_file(str(path))["latents"], meta["prompts"])
-            continue
-        lat, prompts = lora_latents(pipe, lora, cfg.images_per_lora, cfg, cfg.seed + i)
-        save_file({"latents": lat.contiguous()}, str(path))
-        (work / f"data-{lora.name}.json").write_text(json.dumps({"prompts": prompts}))
-        out[i] = (lat, prompts)
-    return out
+
+    def make(i: int) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
+        return (*lora_latents(pipe, loras[i], cfg.images_per_lora, cfg, cfg.seed + i), {})
+
+    return {
+        i: cached_pictures(work, f"data-{lora.name}", lambda i=i: make(i)) for i, lora in enumerate(loras)
+    }
 
 
 def mix_data(
@@ -149,27 +158,26 @@ def mix_data(
     """Per training pair: linear-mix pictures of fresh two-concept captions that the judge accepts
     (both concepts, the caption's colour and background); cached in ``work``."""
     idx = {c: i for i, c in enumerate(CONCEPT_ORDER)}
+
+    def make(first: str, second: str) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
+        scenes = pair_scenes(first, second, MIX_PICTURES, cfg.seed + 500)
+        prompts = [s.caption() for s in scenes]
+        seeds = [cfg.seed * 7_777 + k for k in range(len(prompts))]
+        pair = [loras[idx[first]], loras[idx[second]]]
+        lat = torch.cat([mix_latents(pipe, pair, prompts[k : k + 16], seeds[k : k + 16], cfg)
+                         for k in range(0, len(prompts), 16)])
+        pred = judge.predict(model, decode_latents(pipe, lat))
+        rows = [judge_pair({a: [v[k]] for a, v in pred.items()}, [scenes[k]], first, second)
+                for k in range(len(scenes))]
+        keep = [k for k, r in enumerate(rows) if r["both_rate"] == 1 and r["prompt_rate"] == 1]
+        print(f"mix data {first}×{second}: kept {len(keep)} of {len(prompts)}", file=sys.stderr)
+        return lat[keep], [prompts[k] for k in keep], {"made": len(prompts)}
+
     out = {}
     for first, second in TRAIN_PAIRS:
-        path = work / f"mix-{first}-{second}.safetensors"
-        if not path.is_file():
-            scenes = pair_scenes(first, second, MIX_PICTURES, cfg.seed + 500)
-            prompts = [s.caption() for s in scenes]
-            seeds = [cfg.seed * 7_777 + k for k in range(len(prompts))]
-            pair = [loras[idx[first]], loras[idx[second]]]
-            lat = torch.cat([mix_latents(pipe, pair, prompts[k : k + 16], seeds[k : k + 16], cfg)
-                             for k in range(0, len(prompts), 16)])
-            pred = judge.predict(model, decode_latents(pipe, lat))
-            rows = [judge_pair({a: [v[k]] for a, v in pred.items()}, [scenes[k]], first, second)
-                    for k in range(len(scenes))]
-            keep = [k for k, r in enumerate(rows) if r["both_rate"] == 1 and r["prompt_rate"] == 1]
-            save_file({"latents": lat[keep].contiguous()}, str(path))
-            (work / f"mix-{first}-{second}.json").write_text(
-                json.dumps({"prompts": [prompts[k] for k in keep], "made": len(prompts)}))
-            print(f"mix data {first}×{second}: kept {len(keep)} of {len(prompts)}", file=sys.stderr)
-        meta = json.loads((work / f"mix-{first}-{second}.json").read_text())
-        if meta["prompts"]:
-            out[(idx[first], idx[second])] = (load_file(str(path))["latents"], meta["prompts"])
+        lat, prompts = cached_pictures(work, f"mix-{first}-{second}", lambda f=first, s=second: make(f, s))
+        if prompts:
+            out[(idx[first], idx[second])] = (lat, prompts)
     return out
 
 

@@ -403,11 +403,14 @@ def fit_report(
 
 def bench_classifier(catalog, queries: list[BenchQuery], cache: Path, progress: bool):  # type: ignore[no-untyped-def]
     """The prompt classifier trained on the catalog without any query's image (cached per query set)."""
+    import adapters_db.classifier as module
     from adapters_db.classifier import ClassifierConfig, PromptClassifier, train_classifier
     from adapters_db.search_index import read_catalog
 
     held = sorted({q.image_id for q in queries})
-    key = hashlib.sha256(json.dumps([held, repr(ClassifierConfig())]).encode()).hexdigest()[:12]
+    code = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()  # the training code, too
+    ident = [held, repr(ClassifierConfig()), file_digest(CATALOG_FILE), code]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
     path = cache / f"classifier-{key}.safetensors"
     if path.is_file():
         return PromptClassifier.load(path)

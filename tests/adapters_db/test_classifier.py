@@ -24,6 +24,7 @@ from adapters_db.classifier import (
 )
 from adapters_db.retrieval import SearchOptions, score_all
 from adapters_db.search_index import read_catalog
+from tests.adapters_db.conftest import civitai_record
 
 SMALL = ClassifierConfig(dim=32, epochs=40, token_dropout=0.0, batch_size=8)
 
@@ -61,11 +62,11 @@ def test_learns_prompts_and_round_trips(filled_catalog: Catalog, tmp_path: Path)
     back = PromptClassifier.load(saved)
     assert back.vocab == clf.vocab and back.config == SMALL
     np.testing.assert_allclose(back.log_probs("neon rain"), clf.log_probs("neon rain"), rtol=1e-6)
-    # adapters it never saw (added after training) get its lowest score; unknown text gets zeros
+    # adapters it never saw (added after training) get its lowest score; unknown text gets nothing
     scores = back.scores_for("neon rain", np.array([ids[3], 10_000]))
     lp = back.log_probs("neon rain")
     assert scores[0] == pytest.approx(lp[3]) and scores[1] == pytest.approx(lp.min())  # type: ignore[index]
-    assert not back.scores_for("zzzz", ids).any()
+    assert back.scores_for("zzzz", ids) is None
     other = tmp_path / "not.safetensors"
     save_file({"x": np.zeros(2, np.float32)}, str(other), metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not a prompt classifier"):
@@ -77,7 +78,7 @@ def test_search_uses_the_saved_classifier(filled_catalog: Catalog) -> None:
     query = "aqua hair, singing on stage"  # Miku's prompt without its trigger words
     with cat.session() as s:
         _, ctx, feats, _ = score_all(s, cat, query)
-        assert ctx.class_scores is None and not feats["k_lp"].any() and load_classifier(cat) is None
+        assert ctx.class_scores is None and not feats["k_lp"].any() and load_classifier(s, cat) is None
         build_classifier(s, cat, SMALL)
     assert classifier_path(cat).is_file()
     with cat.session() as s:
@@ -92,6 +93,39 @@ def test_search_uses_the_saved_classifier(filled_catalog: Catalog) -> None:
         assert not score_all(s, cat, query, off)[2]["k_lp"].any()
         cold = SearchOptions(channels=("meta", "triggers", "fts", "classifier"))
         assert score_all(s, cat, query, cold)[1].class_scores is None
+        # leaving pictures out (evaluation) never uses the saved classifier: it learned from them
+        image = int(index.prompt_image_ids[0])
+        assert score_all(s, cat, query, SearchOptions(exclude_image_ids=(image,)))[1].class_scores is None
+        # a query with no word it knows: no classifier evidence, no "classifier" reason
+        _, ctx, _, _ = score_all(s, cat, "zzzz qqqq")
+        assert ctx.class_scores is None
+        assert all("classifier" not in h.why for h in adapters_db.search(s, cat, "zzzz qqqq", k=3))
+
+
+def test_deleted_adapters_lose_their_class_even_when_the_id_is_reused(
+    sqlite_catalog: Catalog, small_records: list[dict]
+) -> None:
+    cat = sqlite_catalog
+    with cat.session() as s:
+        adapters_db.import_civitai_records(s, cat, ((str(r["id"]), r) for r in small_records))
+    with cat.session() as s:
+        build_classifier(s, cat, SMALL)
+        miku = adapters_db.find_by_civitai_id(s, cat, 3).id
+        assert load_classifier(s, cat).valid.all()  # type: ignore[union-attr]
+        last = max(int(i) for i in load_classifier(s, cat).adapter_ids)  # type: ignore[union-attr]
+        assert adapters_db.delete_adapter(s, cat, last)
+    with cat.session() as s:  # SQLite hands the freed id to the next import: a different adapter
+        new = civitai_record(7, "New One", trained=["newone"], tags=["style"], prompts=["newone, a cat"])
+        adapters_db.import_civitai_records(s, cat, [("7", new)])
+        assert adapters_db.find_by_civitai_id(s, cat, 7).id == last
+    with cat.session() as s:
+        clf = load_classifier(s, cat)
+        assert clf is not None and not clf.valid[clf.adapter_ids == last].any() and clf.valid.sum() == 5
+        floor = clf.log_probs("newone cat").min()  # type: ignore[union-attr]
+        assert clf.scores_for("newone cat", np.array([last]))[0] == pytest.approx(floor)  # type: ignore[index]
+        assert clf.scores_for("aqua hair", np.array([miku]))[0] == pytest.approx(
+            clf.log_probs("aqua hair")[list(clf.adapter_ids).index(miku)]  # type: ignore[index]
+        )
 
 
 def test_generalises_to_held_out_prompts_of_real_loras(shared_data: Path, tmp_path: Path) -> None:
