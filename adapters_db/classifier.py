@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.orm import Session
 
-from adapters_db.search_index import META_FIELDS, CatalogRows
+from adapters_db.search_index import META_FIELDS, CatalogRows, positions_in
 from adapters_db.text import remove_phrases, terms
 
 if TYPE_CHECKING:
@@ -131,8 +131,9 @@ class PromptClassifier:
         lp = self.log_probs(text)
         if lp is None:
             return None
-        pos = np.clip(np.searchsorted(self.adapter_ids, adapter_ids), 0, len(self.adapter_ids) - 1)
-        known = (self.adapter_ids[pos] == adapter_ids) & self.valid[pos]
+        pos = positions_in(self.adapter_ids, adapter_ids)
+        known = pos >= 0
+        known[known] = self.valid[pos[known]]
         out = np.full(len(adapter_ids), float(lp.min()), np.float32)
         out[known] = lp[pos[known]]
         return out
@@ -289,16 +290,16 @@ def _identities(session: Session) -> dict[int, str]:
 _LOADED: dict[str, tuple[tuple[int, int, int, int], PromptClassifier]] = {}
 
 
-def load_classifier(session: Session, catalog: Catalog) -> PromptClassifier | None:
+def load_classifier(session: Session, catalog: Catalog, revision: int) -> PromptClassifier | None:
     """The catalog's saved classifier, or None without one. Cached while its file and the catalog
-    revision are unchanged; classes of adapters deleted since training (or whose id an import reused)
-    are switched off."""
+    ``revision`` (the caller's, e.g. its up-to-date search index's) are unchanged; classes of adapters
+    deleted since training (or whose id an import reused) are switched off."""
     path = classifier_path(catalog)
     try:
         st = path.stat()
     except OSError:
         return None
-    key = (st.st_mtime_ns, st.st_size, st.st_ino, catalog.revision(session))
+    key = (st.st_mtime_ns, st.st_size, st.st_ino, revision)
     cached = _LOADED.get(str(path))
     if cached is None or cached[0] != key:
         same_file = cached is not None and cached[0][:3] == key[:3]

@@ -511,15 +511,20 @@ def packaged_fusion(embedder_name: str, dense: bool, classifier: bool = False) -
     return _REGISTRY.pick(embedder_name, dense, classifier)
 
 
-def active_classifier(session: Session, catalog: Catalog, options: SearchOptions) -> PromptClassifier | None:
-    """The prompt classifier a search uses: the given one, else the catalog's saved one. None when
+def active_classifier(
+    session: Session, catalog: Catalog, index: SearchIndex, options: SearchOptions
+) -> PromptClassifier | None:
+    """The prompt classifier a search uses: the given one, else the catalog's saved one (checked
+    against the catalog at the up-to-date ``index``'s revision). None when
     the channel or the prompts channel is off (it learned from prompts), and when preview images are
     left out but no classifier is given (the saved one learned from them)."""
     if "classifier" not in options.channels or "prompts" not in options.channels:
         return None
     if options.classifier is not None:
         return options.classifier
-    return None if options.exclude_image_ids else load_classifier(session, catalog)
+    if options.exclude_image_ids or index.manifest is None:
+        return None
+    return load_classifier(session, catalog, index.manifest.revision)
 
 
 def resolve_fusion(catalog: Catalog, options: SearchOptions, classifier: bool = False) -> Fusion:
@@ -546,7 +551,7 @@ def prepare(
         use_prompts=use_prompts,
         exclude_rows=index.prompt_rows_of(np.array(options.exclude_image_ids, np.int64)),
     )
-    classifier = active_classifier(session, catalog, options)
+    classifier = active_classifier(session, catalog, index, options)
     if classifier is not None:  # None for a query with no term it knows: then ranked as without it
         ctx.class_scores = classifier.scores_for(query, index.adapter_ids)
     scorer = resolve_fusion(catalog, options, ctx.class_scores is not None).for_mode(use_prompts)

@@ -519,24 +519,25 @@ class SearchIndex:
     # ------------------------------------------------------------------ lookups
     def rows_of(self, adapter_ids: np.ndarray) -> np.ndarray:
         """Row numbers of adapter ids (−1 for ids not in the index)."""
-        ids = np.asarray(adapter_ids, np.int64)
-        if len(self.adapter_ids) == 0:
-            return np.full(len(ids), -1, np.int64)
-        pos = np.clip(np.searchsorted(self.adapter_ids, ids), 0, len(self.adapter_ids) - 1)
-        return np.where(self.adapter_ids[pos] == ids, pos, -1)
+        return positions_in(self.adapter_ids, adapter_ids)
 
     def prompt_rows_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Prompt row numbers of preview-image ids (−1 where the image has no indexed prompt)."""
-        ids = np.asarray(image_ids, np.int64)
-        if len(self.prompt_image_ids) == 0 or len(ids) == 0:
-            return np.full(len(ids), -1, np.int64)
-        pos = np.clip(np.searchsorted(self.prompt_image_ids, ids), 0, len(self.prompt_image_ids) - 1)
-        return np.where(self.prompt_image_ids[pos] == ids, pos, -1)
+        return positions_in(self.prompt_image_ids, image_ids)
 
     @property
     def size(self) -> int:
         """Number of adapters indexed."""
         return len(self.adapter_ids)
+
+
+def positions_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of ``ids`` in the ascending array ``sorted_ids`` (−1 for ids not in it)."""
+    ids = np.asarray(ids, np.int64)
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1, np.int64)
+    pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
 
 
 def _revision(session: Session) -> int:

@@ -401,8 +401,11 @@ def fit_report(
     return Fusion(scorers["warm"], scorers["cold"], embedder, note).to_json()
 
 
-def bench_classifier(catalog, queries: list[BenchQuery], cache: Path, progress: bool):  # type: ignore[no-untyped-def]
-    """The prompt classifier trained on the catalog without any query's image (cached per query set)."""
+def bench_classifier(  # type: ignore[no-untyped-def]
+    catalog, queries: list[BenchQuery], images: dict[int, int], cache: Path, progress: bool
+):
+    """The prompt classifier trained on the catalog without any query's image (cached per query set;
+    ``images``: Civitai image id → preview-image id, from :func:`catalog_maps`)."""
     import adapters_db.classifier as module
     from adapters_db.classifier import ClassifierConfig, PromptClassifier, train_classifier
     from adapters_db.search_index import read_catalog
@@ -417,7 +420,6 @@ def bench_classifier(catalog, queries: list[BenchQuery], cache: Path, progress: 
     started = time.time()
     with catalog.session() as s:
         rows = read_catalog(s)
-    _, images = catalog_maps(catalog)
     excluded = [images[i] for i in held if i in images]
     classifier = train_classifier(rows, exclude_image_ids=excluded, show_progress=progress)
     classifier.save(path)
@@ -644,7 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = load_queries(catalog, args.queries, args.split)
     models, images = catalog_maps(catalog)
     drop = ("dense",) if args.no_dense else ()
-    classifier = None if args.no_classifier else bench_classifier(catalog, queries, args.cache, progress)
+    classifier = (
+        None if args.no_classifier else bench_classifier(catalog, queries, images, args.cache, progress)
+    )
     started = time.time()
     result = run_ours(
         catalog,

@@ -78,7 +78,8 @@ def test_search_uses_the_saved_classifier(filled_catalog: Catalog) -> None:
     query = "aqua hair, singing on stage"  # Miku's prompt without its trigger words
     with cat.session() as s:
         _, ctx, feats, _ = score_all(s, cat, query)
-        assert ctx.class_scores is None and not feats["k_lp"].any() and load_classifier(s, cat) is None
+        assert ctx.class_scores is None and not feats["k_lp"].any()
+        assert load_classifier(s, cat, cat.revision(s)) is None
         build_classifier(s, cat, SMALL)
     assert classifier_path(cat).is_file()
     with cat.session() as s:
@@ -111,15 +112,16 @@ def test_deleted_adapters_lose_their_class_even_when_the_id_is_reused(
     with cat.session() as s:
         build_classifier(s, cat, SMALL)
         miku = adapters_db.find_by_civitai_id(s, cat, 3).id
-        assert load_classifier(s, cat).valid.all()  # type: ignore[union-attr]
-        last = max(int(i) for i in load_classifier(s, cat).adapter_ids)  # type: ignore[union-attr]
+        clf = load_classifier(s, cat, cat.revision(s))
+        assert clf is not None and clf.valid.all()
+        last = max(int(i) for i in clf.adapter_ids)
         assert adapters_db.delete_adapter(s, cat, last)
     with cat.session() as s:  # SQLite hands the freed id to the next import: a different adapter
         new = civitai_record(7, "New One", trained=["newone"], tags=["style"], prompts=["newone, a cat"])
         adapters_db.import_civitai_records(s, cat, [("7", new)])
         assert adapters_db.find_by_civitai_id(s, cat, 7).id == last
     with cat.session() as s:
-        clf = load_classifier(s, cat)
+        clf = load_classifier(s, cat, cat.revision(s))
         assert clf is not None and not clf.valid[clf.adapter_ids == last].any() and clf.valid.sum() == 5
         floor = clf.log_probs("newone cat").min()  # type: ignore[union-attr]
         assert clf.scores_for("newone cat", np.array([last]))[0] == pytest.approx(floor)  # type: ignore[index]
