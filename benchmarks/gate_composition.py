@@ -7,6 +7,10 @@ training pairs and on the HELD-OUT pairs (star, outline) and (heart, striped): b
 (``both_rate``) and the prompt's own colour and background kept (``prompt_rate``). The rows
 ``first alone`` / ``second alone`` (skip with ``--no-alone``) run each LoRA by itself on the pair's
 prompts: how often it draws its own concept is about as high as any fusion can be expected to go.
+``--static-grid`` adds every pair of static weights from ``STATIC_GRID`` (rows ``static a/b``) and the
+per-block weightings of ``BLOCK_GRID`` (rows ``blocks …``: down / mid / up weights of the object LoRA,
+then of the style LoRA): the best of them per pair, chosen with hindsight, is what scaling each adapter,
+or each adapter per UNet block, can reach.
 
 Resumable: the LoRAs' own pictures, each gate and each judged (policy, pair) row are cached under
 ``--work`` (default runs/gate/<model>); delete a file to redo that part.
@@ -61,6 +65,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the two-concept term alone: the gate learns only from accepted compositions
     "mix_only": {"use_time": True, "use_prompt": True, "mixes": True, "fit_weight": 0.0, "hinge_weight": 0.0},
 }
+STATIC_GRID = [(a, b) for a in (1.0, 1.25, 1.5) for b in (0.75, 1.0, 1.25) if (a, b) != (1.0, 1.0)]
+# (down, mid, up) weights of the first (object) and the second (style) LoRA: is there a split of the
+# UNet where the object is drawn and one where the style is, as B-LoRA found for SDXL?
+BLOCK_GRID = [
+    ((1.5, 1.5, 1.0), (0.5, 0.5, 1.0)),
+    ((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)),
+    ((1.0, 1.0, 1.0), (1.0, 1.0, 0.5)),
+    ((1.0, 1.0, 0.0), (1.0, 1.0, 1.0)),
+]
 MIX_PICTURES = 64  # linear-mix pictures made per training pair before the judge keeps the good ones
 
 
@@ -80,6 +93,16 @@ def quick_config() -> AblationConfig:
     """Tiny pipeline, random LoRAs, a handful of steps: checks the machinery in a couple of minutes."""
     train = GateTrainConfig(steps=6, batch_size=2, images_per_lora=2, sample_steps=2)
     return AblationConfig("tiny", 2, 31, SampleConfig(steps=3, guidance=5.0, batch_size=2), train, None)
+
+
+def block_spec(weights: tuple[float, float, float]) -> dict[str, float]:
+    """(down, mid, up) weights as a diffusers ``set_adapters`` dict for the ``blocks`` policy."""
+    return dict(zip(("down", "mid", "up"), weights, strict=True))
+
+
+def block_row_name(first: tuple[float, ...], second: tuple[float, ...]) -> str:
+    """The row name of a per-block weighting, e.g. ``blocks 1.5/1.5/1 + 0.5/0.5/1``."""
+    return "blocks " + " + ".join("/".join(f"{w:g}" for w in ws) for ws in (first, second))
 
 
 def gate_pairs() -> list[tuple[int, int]]:
@@ -164,11 +187,17 @@ def mix_data(
         prompts = [s.caption() for s in scenes]
         seeds = [cfg.seed * 7_777 + k for k in range(len(prompts))]
         pair = [loras[idx[first]], loras[idx[second]]]
-        lat = torch.cat([mix_latents(pipe, pair, prompts[k : k + 16], seeds[k : k + 16], cfg)
-                         for k in range(0, len(prompts), 16)])
+        lat = torch.cat(
+            [
+                mix_latents(pipe, pair, prompts[k : k + 16], seeds[k : k + 16], cfg)
+                for k in range(0, len(prompts), 16)
+            ]
+        )
         pred = judge.predict(model, decode_latents(pipe, lat))
-        rows = [judge_pair({a: [v[k]] for a, v in pred.items()}, [scenes[k]], first, second)
-                for k in range(len(scenes))]
+        rows = [
+            judge_pair({a: [v[k]] for a, v in pred.items()}, [scenes[k]], first, second)
+            for k in range(len(scenes))
+        ]
         keep = [k for k, r in enumerate(rows) if r["both_rate"] == 1 and r["prompt_rate"] == 1]
         print(f"mix data {first}×{second}: kept {len(keep)} of {len(prompts)}", file=sys.stderr)
         return lat[keep], [prompts[k] for k in keep], {"made": len(prompts)}
@@ -182,7 +211,12 @@ def mix_data(
 
 
 def trained_gate(
-    pipe: Any, loras: list[GateLora], variant: str, cfg: AblationConfig, work: Path, data: dict,
+    pipe: Any,
+    loras: list[GateLora],
+    variant: str,
+    cfg: AblationConfig,
+    work: Path,
+    data: dict,
     mixes: dict | None = None,
 ) -> GateNetwork:
     """Gate ``variant`` (trained now, or loaded from ``work``)."""
@@ -193,8 +227,9 @@ def trained_gate(
     use_mixes = options.pop("mixes", False)
     train = replace(cfg.train, **options)
     t0 = time.perf_counter()
-    net, losses = train_gate(pipe, loras, gate_pairs(), train, family=cfg.family, data=data,
-                             mixes=mixes if use_mixes else None)
+    net, losses = train_gate(
+        pipe, loras, gate_pairs(), train, family=cfg.family, data=data, mixes=mixes if use_mixes else None
+    )
     net.save(path)
     log = {"losses": losses, "seconds": time.perf_counter() - t0, "config": asdict(train)}
     (work / f"gate-{variant}.json").write_text(json.dumps(log))
@@ -203,27 +238,48 @@ def trained_gate(
 
 
 def run(
-    cfg: AblationConfig, variants: list[str], work: Path, setup: tuple, quiet: bool, alone: bool = True
+    cfg: AblationConfig,
+    variants: list[str],
+    work: Path,
+    setup: tuple,
+    quiet: bool,
+    alone: bool = True,
+    static_grid: bool = False,
 ) -> list[dict]:
     """Train (or load) the gates, then judge every (policy, pair); rows are cached in rows.jsonl.
     With ``alone``, also each LoRA by itself on the pair's prompts (the other at weight 0): the rate
-    of the weaker one is about as high as any fusion of the two can be expected to go."""
+    of the weaker one is about as high as any fusion of the two can be expected to go. With
+    ``static_grid``, also the static and per-block weights of ``STATIC_GRID`` and ``BLOCK_GRID``."""
     pipe, lora_weights, model = setup
     work.mkdir(parents=True, exist_ok=True)
     loras = [GateLora(c, lora_weights[c], concept_prompts(c, 64, cfg.train.seed)) for c in CONCEPT_ORDER]
-    data = lora_data(pipe, loras, cfg.train, work)
-    mixes = mix_data(pipe, loras, model, cfg.train, work) if any(
-        VARIANTS[v].get("mixes") for v in variants) else None
+    data = lora_data(pipe, loras, cfg.train, work) if variants else {}
+    mixes = (
+        mix_data(pipe, loras, model, cfg.train, work)
+        if any(VARIANTS[v].get("mixes") for v in variants)
+        else None
+    )
     off = ("fit_weight", "hinge_weight")
     only_mixes = {v for v in variants if all(VARIANTS[v].get(k) == 0 for k in off)}
     if not mixes and only_mixes:
         print(f"no mix picture was accepted: {', '.join(sorted(only_mixes))} skipped", file=sys.stderr)
-    gates = {v: trained_gate(pipe, loras, v, cfg, work, data, mixes) for v in variants
-             if mixes or v not in only_mixes}
+    gates = {
+        v: trained_gate(pipe, loras, v, cfg, work, data, mixes)
+        for v in variants
+        if mixes or v not in only_mixes
+    }
     policies: dict[str, tuple[str, dict[str, Any]]] = {"linear": ("linear", {})}
     if alone:
         policies["first alone"] = ("schedule", {"schedule": ["1", "0"]})
         policies["second alone"] = ("schedule", {"schedule": ["0", "1"]})
+    if static_grid:
+        policies |= {
+            f"static {a:g}/{b:g}": ("schedule", {"schedule": [str(a), str(b)]}) for a, b in STATIC_GRID
+        }
+        policies |= {
+            block_row_name(o, st): ("blocks", {"blocks": [block_spec(o), block_spec(st)]})
+            for o, st in BLOCK_GRID
+        }
     policies |= {f"gate-{v}": ("gate", {"network": net}) for v, net in gates.items()}
     cache = work / "rows.jsonl"
     done = {}
@@ -271,26 +327,63 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def best_static(rows: list[dict]) -> list[dict]:
+    """Per pair, the static or per-block weights (``linear`` included) with the highest both-concepts
+    rate: an oracle, chosen on the judged pictures themselves."""
+    out = []
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        grid = [
+            r
+            for r in rows
+            if r["pair"] == pair
+            and (r["policy"] == "linear" or r["policy"].startswith(("static ", "blocks ")))
+        ]
+        if len(grid) > 1:
+            best = max(grid, key=lambda r: (r["both_rate"], r["prompt_rate"]))
+            linear = next(r for r in grid if r["policy"] == "linear")
+            out.append(
+                {
+                    "pair": pair,
+                    "split": best["split"],
+                    "best": best["policy"],
+                    "both_rate": best["both_rate"],
+                    "prompt_rate": best["prompt_rate"],
+                    "linear_both_rate": linear["both_rate"],
+                }
+            )
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     """Per-pair rows, then means per policy and split, with the change against linear."""
-    print(f"{'policy':<15}{'split':<10}{'pair':<16}{'both':>7}{'first':>7}", end="")
+    w = max(15, *(len(r["policy"]) + 2 for r in rows))
+    print(f"{'policy':<{w}}{'split':<10}{'pair':<16}{'both':>7}{'first':>7}", end="")
     print(f"{'second':>8}{'prompt':>8}{'s/img':>8}")
     for r in rows:
         print(
-            f"{r['policy']:<15}{r['split']:<10}{r['pair']:<16}{r['both_rate']:>7.2f}{r['first_rate']:>7.2f}"
+            f"{r['policy']:<{w}}{r['split']:<10}{r['pair']:<16}{r['both_rate']:>7.2f}{r['first_rate']:>7.2f}"
             f"{r['second_rate']:>8.2f}{r['prompt_rate']:>8.2f}{r['s_per_image']:>8.3f}"
         )
     print()
     means = summary(rows)
     linear = {m["split"]: m for m in means if m["policy"] == "linear"}
-    print(f"{'policy':<15}{'split':<10}{'both':>7}{'Δboth':>8}{'prompt':>8}{'Δprompt':>9}")
+    print(f"{'policy':<{w}}{'split':<10}{'both':>7}{'Δboth':>8}{'prompt':>8}{'Δprompt':>9}")
     for m in means:
         ref = linear.get(m["split"], m)
         d_both, d_prompt = m["both_rate"] - ref["both_rate"], m["prompt_rate"] - ref["prompt_rate"]
         print(
-            f"{m['policy']:<15}{m['split']:<10}{m['both_rate']:>7.2f}{d_both:>+8.2f}"
+            f"{m['policy']:<{w}}{m['split']:<10}{m['both_rate']:>7.2f}{d_both:>+8.2f}"
             f"{m['prompt_rate']:>8.2f}{d_prompt:>+9.2f}"
         )
+    best = best_static(rows)
+    if best:
+        head = "best static or per-block"
+        print(f"\n{'pair':<16}{'split':<10}{head:<{w}}{'both':>7}{'linear':>8}{'prompt':>8}")
+        for b in best:
+            print(
+                f"{b['pair']:<16}{b['split']:<10}{b['best']:<{w}}{b['both_rate']:>7.2f}"
+                f"{b['linear_both_rate']:>8.2f}{b['prompt_rate']:>8.2f}"
+            )
 
 
 def main() -> int:
@@ -304,6 +397,7 @@ def main() -> int:
     ap.add_argument("--lora-dir", type=Path, default=LORA_DIR)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-alone", action="store_true", help="skip the rows of each LoRA by itself")
+    ap.add_argument("--static-grid", action="store_true", help="also judge static and per-block weights")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -320,9 +414,12 @@ def main() -> int:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}: use {', '.join(VARIANTS)}")
     work = args.work or Path("runs/gate") / ("tiny-quick" if args.quick else cfg.model)
     setup = tiny_setup() if args.quick else pocket_setup(args.lora_dir)
-    rows = run(cfg, variants, work, setup, quiet=args.json, alone=not args.no_alone)
+    rows = run(
+        cfg, variants, work, setup, quiet=args.json, alone=not args.no_alone, static_grid=args.static_grid
+    )
     if args.json:
-        print(json.dumps({"rows": rows, "summary": summary(rows), "config": asdict(cfg), "work": str(work)}))
+        out = {"rows": rows, "summary": summary(rows), "best_static": best_static(rows)}
+        print(json.dumps({**out, "config": asdict(cfg), "work": str(work)}))
     else:
         print_table(rows)
     return 0

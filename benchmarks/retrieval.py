@@ -185,7 +185,8 @@ def run_ours(
     drop: tuple[str, ...] = (),
     classifier=None,  # type: ignore[no-untyped-def]
 ) -> dict:
-    """Ranks on both tracks and both prompt variants (and, with ``collect``, features for tuning)."""
+    """Ranks on both tracks and both prompt variants (and, with ``collect``, features for tuning), and
+    for the warm track's misses (gold below 10th) :func:`miss_reasons`."""
     from adapters_db.retrieval import CHANNELS, SearchOptions, score_all
 
     warm_channels = tuple(c for c in CHANNELS if c not in drop)
@@ -194,6 +195,7 @@ def run_ours(
         t: {"with_triggers": [], "without_triggers": []} for t in ("warm", "cold")
     }
     tuning: dict[str, list] = {"warm": [], "cold": []}
+    misses: dict[str, list[dict[str, bool]]] = {"with_triggers": [], "without_triggers": []}
     rng = np.random.default_rng(0)
     iterator: Iterable[BenchQuery] = queries
     if progress:
@@ -202,6 +204,7 @@ def run_ours(
         iterator = tqdm(queries, desc="ranking", unit="query")
     with catalog.session() as s:
         catalog.search_index(s, show_progress=progress)
+        styles = style_adapter_ids(s)
     with catalog.session() as s:
         for q in iterator:
             exclude = (images[q.image_id],) if q.image_id in images else ()
@@ -217,9 +220,62 @@ def run_ours(
                     index, _, feats, scores = score_all(s, catalog, text or " ", options)
                     row = int(index.rows_of(np.array([models[q.model_id]]))[0])
                     ranks[track][variant].append(gold_rank(scores, row))
+                    if track == "warm" and ranks[track][variant][-1] > 10:
+                        style = models[q.model_id] in styles
+                        misses[variant].append(miss_reasons(text, scores, row, index.creator, feats, style))
                     if collect:
                         tuning[track].append(_candidates(feats, row, rng))
-    return {"ranks": ranks, "tuning": tuning}
+    return {"ranks": ranks, "tuning": tuning, "misses": misses}
+
+
+MISS_REASONS = ("short_query", "creator_series", "few_prompts", "style_adapter")
+
+
+def style_adapter_ids(session) -> set[int]:  # type: ignore[no-untyped-def]
+    """Ids of the adapters tagged ``style``."""
+    from sqlalchemy import select
+
+    from adapters_db.models import Adapter, Tag, adapter_tags
+
+    query = select(Adapter.id).join(adapter_tags).join(Tag).where(Tag.name == "style")
+    return set(session.scalars(query))
+
+
+def miss_reasons(
+    text: str,
+    scores: np.ndarray,
+    row: int,
+    creator: np.ndarray,
+    feats: dict[str, np.ndarray],
+    style: bool = False,
+) -> dict[str, bool]:
+    """What makes a missed gold adapter hard to find: the prompt keeps at most three distinct words
+    (``short_query``), the top hit is another adapter of the gold one's creator (``creator_series``: a
+    series whose preview prompts share a template), at most one other preview prompt of the gold
+    adapter is indexed (``few_prompts``), or the gold adapter is a style (``style_adapter``, given by
+    the caller: its pictures' prompts describe whatever was drawn in that style)."""
+    from adapters_db.text import words
+
+    top = int(np.argmax(scores))
+    others = round(float(np.expm1(feats["n_prompts"][row]))) if "n_prompts" in feats else 0
+    return {
+        "short_query": len(set(words(text))) <= 3,
+        "creator_series": top != row and bool(creator[top] == creator[row]),
+        "few_prompts": others <= 1,
+        "style_adapter": style,
+    }
+
+
+def summarise_misses(misses: dict[str, list[dict[str, bool]]]) -> dict[str, dict[str, int]]:
+    """Per prompt variant: the number of warm misses, of each reason, and of misses with any reason."""
+    return {
+        variant: {
+            "misses": len(rows),
+            **{k: sum(r[k] for r in rows) for k in MISS_REASONS},
+            "any": sum(any(r.values()) for r in rows),
+        }
+        for variant, rows in misses.items()
+    }
 
 
 def _candidates(
@@ -680,6 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "catalog_size": size,
         "queries": len(queries),
         "split_B_held_out": ours_b,
+        "warm_misses": summarise_misses(result["misses"]),
         "tfidf_baseline": base,
         "reference": REFERENCE,
         "targets": TARGETS,
@@ -705,6 +762,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(CPU time p50 {latency['cpu_p50_ms']} ms); target p50 ≤ {TARGETS['p50_ms']} ms"
         )
         print(f"reference (issue, held-out split): {json.dumps(REFERENCE)}")
+        print(f"\nwarm misses (gold below 10th) of {len(queries)} queries, by what makes them hard:")
+        for variant, counts in summary["warm_misses"].items():
+            print(f"  {variant:17} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 

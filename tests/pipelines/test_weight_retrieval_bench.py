@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmark_modules import load_benchmark
 
 
 def _bench() -> Any:
-    path = ROOT / "benchmarks" / "weight_retrieval.py"
-    spec = importlib.util.spec_from_file_location("weight_retrieval", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["weight_retrieval"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("weight_retrieval")
 
 
 def test_training_captions_leave_out_what_the_variant_pins(tmp_path: Path) -> None:

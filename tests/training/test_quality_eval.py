@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,12 @@ import torch
 from pipelines.pocket.classifier import ConceptClassifier
 from pipelines.tiny import build_tiny_pipeline
 from pipelines.training import train_lora
+from tests.benchmark_modules import load_benchmark
 from tests.training.conftest import fast_spec
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("train_quality", ROOT / "benchmarks" / "train_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_quality")
 
 
 def test_prompts_rename_the_concept_and_folder_captions_use_the_trigger(tmp_path: Path) -> None:
