@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.orm import Session
 
-from adapters_db.search_index import META_FIELDS, CatalogRows, positions_in
-from adapters_db.text import remove_phrases, terms
+from adapters_db.examples import training_examples
+from adapters_db.search_index import CatalogRows, positions_in
+from adapters_db.text import terms
 
 if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
@@ -46,35 +47,6 @@ class ClassifierConfig:
     batch_size: int = 256
     seed: int = 0
     meta_chars: int = 2000
-
-
-def training_examples(
-    rows: CatalogRows, exclude_image_ids: Collection[int] = (), meta_chars: int = 2000
-) -> tuple[list[str], list[int]]:
-    """(text, adapter row) pairs: each adapter's metadata and each preview prompt (minus excluded
-    images), plus a copy of each with the adapter's trigger words taken out where that changes it."""
-    excluded = np.isin(rows.prompt_image_ids, np.fromiter(exclude_image_ids, np.int64))
-    texts: list[str] = []
-    labels: list[int] = []
-
-    def add(text: str, row: int) -> None:
-        if not text.strip():
-            return
-        texts.append(text)
-        labels.append(row)
-        triggers = rows.triggers[row]
-        if triggers:
-            stripped = remove_phrases(text, triggers)
-            if stripped != text and stripped.strip():
-                texts.append(stripped)
-                labels.append(row)
-
-    for row in range(len(rows.adapter_ids)):
-        add("\n".join(rows.fields[f][row] for f in META_FIELDS)[:meta_chars], row)
-    for prompt, owner, skip in zip(rows.prompts, rows.prompt_owner.tolist(), excluded.tolist(), strict=True):
-        if not skip:
-            add(prompt, owner)
-    return texts, labels
 
 
 class PromptClassifier:

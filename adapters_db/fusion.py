@@ -220,12 +220,19 @@ class FusionRegistry:
         data = json.loads(path.read_text(encoding="utf-8"))
         return cls({name: Fusion.from_json(d) for name, d in data.items()})
 
-    def pick(self, embedder_name: str, dense: bool, classifier: bool = False) -> Fusion:
+    def pick(
+        self, embedder_name: str, dense: bool, classifier: bool = False, matcher: bool = False
+    ) -> Fusion:
         """The model fitted with this embedder's dense features if ``dense`` and one exists, else
-        lexical; with ``classifier``, the ``+classifier`` variant of that model when one is packaged."""
+        lexical; with ``classifier`` and/or ``matcher``, the variant fitted with those channels'
+        features (``+classifier``, ``+matcher``, ``+classifier+matcher``), the most complete packaged."""
         name = embedder_name if dense and embedder_name in self.models else "lexical"
-        if classifier and f"{name}+classifier" in self.models:
-            return self.models[f"{name}+classifier"]
+        suffixes = [("+classifier" if classifier else "") + ("+matcher" if matcher else "")]
+        if classifier and matcher:
+            suffixes += ["+classifier", "+matcher"]
+        for suffix in suffixes:
+            if suffix and f"{name}{suffix}" in self.models:
+                return self.models[f"{name}{suffix}"]
         return self.models.get(name, HAND_SET)
 
     def save(self, path: Path = MODELS_FILE) -> None:

@@ -51,13 +51,16 @@ class NotFoundError(LookupError):
 # ----------------------------------------------------------------------------------------- reading
 
 
-def _full_query() -> Select[tuple[Adapter]]:
-    return select(Adapter).options(
+def _full_query(images: bool = True) -> Select[tuple[Adapter]]:
+    versions = selectinload(Adapter.versions)
+    options = [
         selectinload(Adapter.tags),
-        selectinload(Adapter.versions).selectinload(AdapterVersion.files),
-        selectinload(Adapter.versions).selectinload(AdapterVersion.trigger_words),
-        selectinload(Adapter.versions).selectinload(AdapterVersion.images),
-    )
+        versions.selectinload(AdapterVersion.files),
+        versions.selectinload(AdapterVersion.trigger_words),
+    ]
+    if images:
+        options.append(versions.selectinload(AdapterVersion.images))
+    return select(Adapter).options(*options)
 
 
 def _file_record(row: AdapterFile, store: FileStore) -> FileRecord:
@@ -98,7 +101,7 @@ def _image_record(row: PreviewImage, store: FileStore) -> ImageRecord:
     )
 
 
-def _version_record(row: AdapterVersion, store: FileStore) -> VersionRecord:
+def _version_record(row: AdapterVersion, store: FileStore, images: bool = True) -> VersionRecord:
     return VersionRecord(
         id=row.id,
         name=row.name,
@@ -108,24 +111,55 @@ def _version_record(row: AdapterVersion, store: FileStore) -> VersionRecord:
         download_url=row.download_url,
         trigger_words=tuple(t.word for t in row.trigger_words),
         files=tuple(_file_record(f, store) for f in row.files),
-        images=tuple(_image_record(i, store) for i in row.images),
+        images=tuple(_image_record(i, store) for i in row.images) if images else (),
         created_at=row.created_at,
     )
 
 
+def _is_cover(image: ImageRecord, max_nsfw: int) -> bool:
+    return image.kind != "caption" and image.nsfw_level <= max_nsfw and bool(image.url or image.local_path)
+
+
 def to_record(row: Adapter, store: FileStore, *, full: bool = True, max_nsfw: int = 3) -> AdapterRecord:
-    """An ORM adapter (with versions loaded) → :class:`AdapterRecord` (``full=False``: no versions)."""
+    """An ORM adapter (with versions and their pictures loaded) → :class:`AdapterRecord` (``full=False``:
+    no versions)."""
     versions = tuple(_version_record(v, store) for v in row.versions)
-    triggers = tuple(dict.fromkeys(w for v in versions for w in v.trigger_words))
-    cover = next(
-        (
-            i
-            for v in versions
-            for i in v.images
-            if i.kind != "caption" and i.nsfw_level <= max_nsfw and (i.url or i.local_path)
-        ),
-        None,
+    cover = next((i for v in versions for i in v.images if _is_cover(i, max_nsfw)), None)
+    return _adapter_record(row, versions, cover, keep_versions=full)
+
+
+def _summary_record(row: Adapter, store: FileStore, cover: ImageRecord | None) -> AdapterRecord:
+    """A summary (no versions) of an ORM adapter loaded without pictures, with its cover picture."""
+    versions = tuple(_version_record(v, store, images=False) for v in row.versions)
+    return _adapter_record(row, versions, cover, keep_versions=False)
+
+
+def _covers(session: Session, store: FileStore, ids: Sequence[int], max_nsfw: int) -> dict[int, ImageRecord]:
+    """Each adapter's cover: its first shown picture (versions, then pictures, in their order) within
+    ``max_nsfw`` — one row per adapter, picked in SQL by a window function."""
+    order = (AdapterVersion.position, AdapterVersion.id, PreviewImage.position, PreviewImage.id)
+    ranked = (
+        select(
+            PreviewImage.id,
+            func.row_number().over(partition_by=PreviewImage.adapter_id, order_by=order).label("n"),
+        )
+        .join(AdapterVersion, PreviewImage.version_id == AdapterVersion.id)
+        .where(
+            PreviewImage.adapter_id.in_(list(ids)),
+            PreviewImage.kind != "caption",
+            PreviewImage.nsfw_level <= max_nsfw,
+            (func.coalesce(PreviewImage.url, "") != "") | PreviewImage.local_sha256.is_not(None),
+        )
+        .subquery()
     )
+    first = select(PreviewImage).join(ranked, ranked.c.id == PreviewImage.id).where(ranked.c.n == 1)
+    return {row.adapter_id: _image_record(row, store) for row in session.scalars(first)}
+
+
+def _adapter_record(
+    row: Adapter, versions: tuple[VersionRecord, ...], cover: ImageRecord | None, keep_versions: bool
+) -> AdapterRecord:
+    triggers = tuple(dict.fromkeys(w for v in versions for w in v.trigger_words))
     return AdapterRecord(
         id=row.id,
         name=row.name,
@@ -153,7 +187,7 @@ def to_record(row: Adapter, store: FileStore, *, full: bool = True, max_nsfw: in
         source_url=row.source_url,
         created_at=row.created_at,
         updated_at=row.updated_at,
-        versions=versions if full else (),
+        versions=versions if keep_versions else (),
         has_local_file=any(f.is_local for v in versions for f in v.files),
         cover_image=cover,
         extra=dict(row.extra or {}),
@@ -169,11 +203,15 @@ def get_adapter(session: Session, catalog: Catalog, adapter_id: int) -> AdapterR
 def get_adapters(
     session: Session, catalog: Catalog, ids: Sequence[int], *, full: bool = False, max_nsfw: int = 3
 ) -> dict[int, AdapterRecord]:
-    """Several adapters by id in one round trip (``full=False``: summaries without versions)."""
+    """Several adapters by id (``full=False``: summaries without versions, whose pictures are never
+    loaded but for the cover of each)."""
     if not ids:
         return {}
-    rows = session.execute(_full_query().where(Adapter.id.in_(list(ids)))).scalars().all()
-    return {r.id: to_record(r, catalog.store, full=full, max_nsfw=max_nsfw) for r in rows}
+    rows = session.execute(_full_query(images=full).where(Adapter.id.in_(list(ids)))).scalars().all()
+    if full:
+        return {r.id: to_record(r, catalog.store, max_nsfw=max_nsfw) for r in rows}
+    covers = _covers(session, catalog.store, ids, max_nsfw)
+    return {r.id: _summary_record(r, catalog.store, covers.get(r.id)) for r in rows}
 
 
 def find_by_hash(session: Session, catalog: Catalog, digest: str) -> AdapterRecord | None:

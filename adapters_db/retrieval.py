@@ -22,6 +22,10 @@ Channels (each a per-adapter feature, see :data:`FEATURES`):
 - the prompt classifier (``k_lp``, warm only, when the catalog has one: ``adapters_db.classifier``):
   log p(adapter | prompt) of a bag-of-n-grams softmax trained on every adapter's prompts and metadata.
 
+- the prompt ↔ metadata matcher (``s_meta``, warm and cold, when the catalog has one:
+  ``adapters_db.matcher``): cosine of the prompt to each adapter's metadata in a two-tower space learned
+  from the catalog's prompts, so adapters without prompts of their own are scored too.
+
 Reciprocal-rank versions of the main channels (``r_*``) and creator-level prompt evidence
 (``c_max``, ``c_doc``: creators reuse their prompt templates) complete the feature set. A learned
 :class:`~adapters_db.fusion.Fusion` turns features into one score (see ``adapters_db.fusion``).
@@ -46,6 +50,7 @@ from adapters_db.dto import AdapterRecord, SearchHit
 from adapters_db.families import normalize_family
 from adapters_db.fusion import Fusion, FusionRegistry, LinearScorer, Scorer
 from adapters_db.lexical import Query
+from adapters_db.matcher import PromptMatcher, load_matcher
 from adapters_db.models import Adapter, PreviewImage
 from adapters_db.repository import SORTS, adapter_ids_matching, filter_conditions, get_adapters
 from adapters_db.search_index import FAMILY_CODES, META_FIELDS, SearchIndex
@@ -54,7 +59,7 @@ from adapters_db.text import clean_prompt, words
 if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
 
-CHANNELS = ("prompts", "meta", "triggers", "fts", "dense", "weightspace", "classifier")
+CHANNELS = ("prompts", "meta", "triggers", "fts", "dense", "weightspace", "classifier", "matcher")
 BASE_FEATURES = (
     "p_max",
     "p_kde",
@@ -80,6 +85,7 @@ BASE_FEATURES = (
     "tf_meta",
     "tf_pmax",
     "k_lp",
+    "s_meta",
 )
 RANKED = (
     "p_max",
@@ -94,6 +100,7 @@ RANKED = (
     "tf_meta",
     "tf_pmax",
     "k_lp",
+    "s_meta",
 )
 RANK_DEPTH = 200
 CANDIDATE_DEPTH = 50  # candidates per feature for the fusion (fitting used the top 40 of each)
@@ -123,6 +130,7 @@ class QueryContext:
     best_dense_prompt: dict[int, tuple[float, int]] = field(default_factory=dict)
     weight_channels: bool = False
     class_scores: np.ndarray | None = None
+    match_scores: np.ndarray | None = None
 
 
 def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
@@ -235,6 +243,8 @@ class FeatureBuilder:
             self.weight_features(ctx, out)
         if ctx.class_scores is not None:
             out["k_lp"] = ctx.class_scores
+        if ctx.match_scores is not None:
+            out["s_meta"] = ctx.match_scores
         return out
 
     @staticmethod
@@ -489,26 +499,30 @@ def _fts_rows(session: Session, index: SearchIndex, query: str) -> np.ndarray:
 @dataclass(frozen=True)
 class SearchOptions:
     """How a search runs: channels, the fusion (default: the packaged one for the catalog's embedder),
-    preview images to leave out (a ``classifier`` given here must not have learned from them either),
-    and ``all_features`` (compute every channel even if the scorer does not read it: for fitting)."""
+    preview images to leave out (a ``classifier`` or ``matcher`` given here must not have learned from
+    them either), and ``all_features`` (compute every channel even if the scorer does not read it: for
+    fitting)."""
 
     channels: tuple[str, ...] = CHANNELS
     fusion: Fusion | None = None
     exclude_image_ids: tuple[int, ...] = ()
     all_features: bool = False
     classifier: PromptClassifier | None = None  # default: the catalog's saved one, if any
+    matcher: PromptMatcher | None = None  # default: the catalog's saved one, if any
 
 
 _REGISTRY: FusionRegistry | None = None
 
 
-def packaged_fusion(embedder_name: str, dense: bool, classifier: bool = False) -> Fusion:
+def packaged_fusion(
+    embedder_name: str, dense: bool, classifier: bool = False, matcher: bool = False
+) -> Fusion:
     """The packaged fusion model for an embedder (the lexical one when ``dense`` is off or none fits;
-    with ``classifier``, the one fitted with the prompt classifier's features if there is one)."""
+    with ``classifier`` / ``matcher``, the one fitted with those channels' features if there is one)."""
     global _REGISTRY
     if _REGISTRY is None:
         _REGISTRY = FusionRegistry.load()
-    return _REGISTRY.pick(embedder_name, dense, classifier)
+    return _REGISTRY.pick(embedder_name, dense, classifier, matcher)
 
 
 def active_classifier(
@@ -527,11 +541,38 @@ def active_classifier(
     return load_classifier(session, catalog, index.manifest.revision)
 
 
-def resolve_fusion(catalog: Catalog, options: SearchOptions, classifier: bool = False) -> Fusion:
+def active_matcher(catalog: Catalog, options: SearchOptions) -> PromptMatcher | None:
+    """The prompt ↔ metadata matcher a search uses: the given one, else the catalog's saved one. None
+    when the channel is off, and when preview images are left out but no matcher is given (the saved
+    one learned from them). Metadata-only searches use it too: it scores adapters from metadata."""
+    if "matcher" not in options.channels:
+        return None
+    if options.matcher is not None:
+        return options.matcher
+    if options.exclude_image_ids:
+        return None
+    return load_matcher(catalog)
+
+
+def matcher_vectors(index: SearchIndex, matcher: PromptMatcher) -> np.ndarray:
+    """The matcher's vectors of the index's adapters (cached per index build and matcher)."""
+    key = (id(index.manifest), id(matcher))
+    cached = getattr(index, "_matcher_vectors", None)
+    if cached is None or cached[0] != key:
+        lex = index.lexical
+        assert lex is not None, "search index not built"
+        cached = (key, matcher.adapter_vectors(lex.meta_counts, lex.vocab.hashes))
+        index._matcher_vectors = cached  # type: ignore[attr-defined]
+    return cached[1]
+
+
+def resolve_fusion(
+    catalog: Catalog, options: SearchOptions, classifier: bool = False, matcher: bool = False
+) -> Fusion:
     """The fusion a search uses."""
     if options.fusion is not None:
         return options.fusion
-    return packaged_fusion(catalog.embedder.name, "dense" in options.channels, classifier)
+    return packaged_fusion(catalog.embedder.name, "dense" in options.channels, classifier, matcher)
 
 
 def prepare(
@@ -554,7 +595,10 @@ def prepare(
     classifier = active_classifier(session, catalog, index, options)
     if classifier is not None:  # None for a query with no term it knows: then ranked as without it
         ctx.class_scores = classifier.scores_for(query, index.adapter_ids)
-    scorer = resolve_fusion(catalog, options, ctx.class_scores is not None).for_mode(use_prompts)
+    matcher = active_matcher(catalog, options)
+    if matcher is not None and index.size:  # likewise None for a query with no term it knows
+        ctx.match_scores = matcher.similarities(query, matcher_vectors(index, matcher))
+    scorer = _scorer(catalog, options, ctx)
     wants = set(scorer.features)
     if "dense" in options.channels and (options.all_features or wants & DENSE_FEATURES):
         ctx.vector = catalog.embedder.embed_texts([query])
@@ -567,6 +611,12 @@ def prepare(
     if "fts" in options.channels and (options.all_features or "fts" in wants):
         ctx.fts_rows = _fts_rows(session, index, query)
     return index, ctx
+
+
+def _scorer(catalog: Catalog, options: SearchOptions, ctx: QueryContext) -> Scorer:
+    """The fusion's scorer for this query's mode and the learned channels it has evidence from."""
+    fusion = resolve_fusion(catalog, options, ctx.class_scores is not None, ctx.match_scores is not None)
+    return fusion.for_mode(ctx.use_prompts)
 
 
 def score_all(
@@ -592,7 +642,7 @@ def score_all(
         for name in ("d_meta", "d_prompt", "d_image"):
             feats[name][:] = 0.0
     FeatureBuilder.add_ranks(feats)
-    scorer = resolve_fusion(catalog, options, ctx.class_scores is not None).for_mode(ctx.use_prompts)
+    scorer = _scorer(catalog, options, ctx)
     wanted = set(scorer.features) - {"pop", "n_prompts", "has_prompts"}
     scores = fused_scores(scorer, feats, candidate_rows(feats, allowed, wanted=wanted))
     if ctx.weight_channels:
@@ -772,11 +822,12 @@ class Evidence:
     description_match: float
     dense_meta: float
     classifier_prob: float = 0.0
+    matcher_rank: float = 0.0  # r_s_meta: 1 / (1 + rank / 10) in the matcher's ranking, 0 below its depth
 
 
 def explain(evidence: Evidence, query: str) -> str:
     """A short reason, strongest first: trigger words, a similar prompt, name words, tags, description,
-    the prompt classifier's confidence.
+    the prompt classifier's confidence, the prompt matcher's ranking (its top three).
 
     Trigger phrases count when specific: rarity at least 40% of the rarest possible ("pixel art" yes,
     "1girl" no, in the real catalog).
@@ -802,6 +853,8 @@ def explain(evidence: Evidence, query: str) -> str:
     if evidence.classifier_prob >= 0.2:
         prob = evidence.classifier_prob
         reasons.append((0.9 + prob, f"prompts like its own (classifier {prob:.0%})"))
+    if evidence.matcher_rank >= 0.8:
+        reasons.append((0.8, "described like adapters people use with such prompts (matcher)"))
     if not reasons and evidence.trigger_phrases:
         reasons.append((0.1, f'trigger word "{evidence.trigger_phrases[0][0]}"'))
     reasons.sort(key=lambda r: -r[0])
@@ -885,6 +938,7 @@ def _hits(
             description_match=float(feats["m_description"][row]),
             dense_meta=float(feats["d_meta"][row]),
             classifier_prob=float(np.exp(feats["k_lp"][row])) if ctx.class_scores is not None else 0.0,
+            matcher_rank=float(feats["r_s_meta"][row]) if ctx.match_scores is not None else 0.0,
         )
         shown = (*FEATURES, *(f for f in WEIGHT_FEATURES if f in feats))
         channels = {name: round(float(feats[name][row]), 4) for name in shown}

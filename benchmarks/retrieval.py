@@ -8,6 +8,11 @@ and with the gold model's trained words removed — on two tracks:
 - warm: every channel, other images' prompts included, the query's own image always left out;
 - cold: every preview-image prompt left out (names, tags, trained words, file names, descriptions).
 
+The learned channels are trained here, never on what they are judged on: the prompt classifier (warm
+only) without any query's picture; the prompt ↔ metadata matcher (warm and cold) once per split, on the
+prompts of that split's adapters only (query pictures left out), and each query is ranked with the
+matcher of the OTHER split — so it has never seen a prompt of the gold adapter, on either track.
+
 Baselines are computed here on the same queries: TF-IDF (word 1–2-grams, sublinear tf) over metadata
 + other images' prompts (warm) and over metadata alone (cold). The fusion models in
 ``adapters_db/fusion_models.json`` were fitted with ``--fit`` on split A (half of the gold
@@ -67,6 +72,9 @@ class BenchQuery:
     prompt: str
     prompt_without: str
     split: str
+
+
+OTHER_SPLIT = {"A": "B", "B": "A"}
 
 
 def split_of(model_id: int) -> str:
@@ -184,12 +192,14 @@ def run_ours(
     collect: bool = False,
     drop: tuple[str, ...] = (),
     classifier=None,  # type: ignore[no-untyped-def]
+    matchers: dict | None = None,
 ) -> dict:
     """Ranks on both tracks and both prompt variants (and, with ``collect``, features for tuning), and
-    for the warm track's misses (gold below 10th) :func:`miss_reasons`."""
+    for the warm track's misses (gold below 10th) :func:`miss_reasons`. ``matchers``: split → matcher
+    trained on that split's adapters; a query uses the other split's."""
     from adapters_db.retrieval import CHANNELS, SearchOptions, score_all
 
-    warm_channels = tuple(c for c in CHANNELS if c not in drop)
+    warm_channels = tuple(c for c in CHANNELS if c not in drop and (c != "matcher" or matchers))
     cold_channels = tuple(c for c in warm_channels if c != "prompts")
     ranks: dict[str, dict[str, list[int]]] = {
         t: {"with_triggers": [], "without_triggers": []} for t in ("warm", "cold")
@@ -216,6 +226,7 @@ def run_ours(
                         exclude_image_ids=exclude,
                         all_features=collect,
                         classifier=classifier,
+                        matcher=matchers[OTHER_SPLIT[q.split]] if matchers else None,
                     )
                     index, _, feats, scores = score_all(s, catalog, text or " ", options)
                     row = int(index.rows_of(np.array([models[q.model_id]]))[0])
@@ -483,6 +494,47 @@ def bench_classifier(  # type: ignore[no-untyped-def]
     return classifier
 
 
+def bench_matchers(  # type: ignore[no-untyped-def]
+    catalog,
+    queries: list[BenchQuery],
+    models: dict[int, int],
+    images: dict[int, int],
+    cache: Path,
+    progress: bool,
+) -> dict:
+    """Split → the prompt ↔ metadata matcher trained on the prompts of that split's adapters only,
+    without any query's picture (cached per query set; ``models``/``images`` from :func:`catalog_maps`)."""
+    import adapters_db.examples as examples_module
+    import adapters_db.matcher as module
+    from adapters_db.matcher import MatcherConfig, PromptMatcher, train_matcher
+    from adapters_db.search_index import read_catalog
+
+    held = sorted({q.image_id for q in queries})
+    code = hashlib.sha256(
+        Path(module.__file__).read_bytes() + Path(examples_module.__file__).read_bytes()
+    ).hexdigest()
+    with catalog.session() as s:
+        rows = read_catalog(s)
+    civitai = {a: c for c, a in models.items()}
+    split = np.array([split_of(civitai[int(a)]) if int(a) in civitai else "" for a in rows.adapter_ids])
+    out = {}
+    for part in ("A", "B"):
+        ident = [held, part, repr(MatcherConfig()), file_digest(CATALOG_FILE), code]
+        key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
+        path = cache / f"matcher-{part}-{key}.safetensors"
+        if path.is_file():
+            out[part] = PromptMatcher.load(path)
+            continue
+        started = time.time()
+        excluded = [images[i] for i in held if i in images]
+        out[part] = train_matcher(
+            rows, exclude_image_ids=excluded, adapters=split == part, show_progress=progress
+        )
+        out[part].save(path)
+        print(f"trained the split-{part} prompt matcher in {time.time() - started:.0f} s", file=sys.stderr)
+    return out
+
+
 # ------------------------------------------------------------------------------ baselines
 def run_tfidf(queries: list[BenchQuery], progress: bool) -> dict[str, dict[str, list[int]]]:
     """TF-IDF baseline (word 1–2-grams, sublinear tf; leave the query's own image out)."""
@@ -607,8 +659,10 @@ def run_fit(args: argparse.Namespace) -> int:
     from adapters_db.retrieval import FEATURES
 
     feats = args.features.split(",") if args.features else list(FEATURES)
-    if not (args.fit_name or "").endswith("+classifier"):
+    if "+classifier" not in (args.fit_name or ""):
         feats = [f for f in feats if f not in ("k_lp", "r_k_lp")]
+    if "+matcher" not in (args.fit_name or ""):
+        feats = [f for f in feats if f not in ("s_meta", "r_s_meta")]
     if args.fit_embedder is None:
         feats = [f for f in feats if not f.startswith(("d_", "r_d_"))]
     model = fit_report(args.fit, feats, args.hidden, args.fit_embedder, args.seeds)
@@ -659,12 +713,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--fit-name",
         default=None,
-        help="--fit: the registry name to write (lexical+classifier also fits the classifier's features)",
+        help="--fit: the registry name to write (+classifier / +matcher also fit those channels' features)",
     )
     parser.add_argument(
         "--no-classifier",
         action="store_true",
         help="leave the prompt classifier out (by default one is trained without the queries' images)",
+    )
+    parser.add_argument(
+        "--no-matcher",
+        action="store_true",
+        help="leave the prompt matcher out (by default one is trained per split, see above)",
     )
     parser.add_argument(
         "--install", action="store_true", help="--fit: write the model into adapters_db/fusion_models.json"
@@ -705,6 +764,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     classifier = (
         None if args.no_classifier else bench_classifier(catalog, queries, images, args.cache, progress)
     )
+    matchers = (
+        None if args.no_matcher else bench_matchers(catalog, queries, models, images, args.cache, progress)
+    )
     started = time.time()
     result = run_ours(
         catalog,
@@ -716,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         collect=args.dump_features is not None,
         drop=drop,
         classifier=classifier,
+        matchers=matchers,
     )
     elapsed = time.time() - started
     if args.dump_features:

@@ -227,6 +227,14 @@ def cmd_catalog(args: argparse.Namespace) -> int:
                 f"trained the prompt classifier on {len(classifier.adapter_ids)} adapters "
                 f"({len(classifier.vocab)} terms): {classifier_path(catalog)}"
             )
+        elif args.action == "matcher":
+            from adapters_db.matcher import build_matcher, matcher_path
+
+            matcher = build_matcher(s, catalog, show_progress=True)
+            print(
+                f"trained the prompt matcher ({len(matcher.query_vocab)} prompt terms, "
+                f"{len(matcher.meta_vocab)} metadata terms): {matcher_path(catalog)}"
+            )
         elif args.action in ("show", "delete"):
             if args.id is None:
                 raise ValueError(f"catalog {args.action} needs --id")
@@ -331,10 +339,13 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p = sub.add_parser(
         "catalog",
         parents=[parent],
-        help="catalog stats, repair, reindex, classifier (train the prompt classifier), show, delete",
+        help="catalog stats, repair, reindex, classifier / matcher (train a learned search channel), "
+        "show, delete",
         description=cmd_catalog.__doc__,
     )
-    p.add_argument("action", choices=("stats", "repair", "reindex", "classifier", "show", "delete"))
+    p.add_argument(
+        "action", choices=("stats", "repair", "reindex", "classifier", "matcher", "show", "delete")
+    )
     p.add_argument("--id", type=int, default=None, help="adapter id (show, delete)")
     p.add_argument(
         "--grace", type=float, default=3600.0, help="repair: keep orphan files younger than this (s)"

@@ -60,6 +60,9 @@ def test_import_search_and_batch_json(
     assert code == 0 and "trained the prompt classifier on 7 adapters" in out
     code, out, _ = run(capsys, "search", "aqua hair, singing on stage", "-k", "1", "--json", *data)
     assert code == 0 and json.loads(out)["hits"][0]["civitai_model_id"] == 3
+    code, out, _ = run(capsys, "catalog", "matcher", *data)
+    assert code == 0 and "trained the prompt matcher" in out
+    assert (tmp_path / "data" / "index" / "matcher.safetensors").is_file()
     code, out, _ = run(capsys, "catalog", "show", "--id", str(first["id"]), *data)
     assert json.loads(out)["name"] == "My Ink Style"
     code, out, _ = run(capsys, "catalog", "delete", "--id", str(first["id"]), *data)

@@ -46,12 +46,39 @@ def test_registry_picks_the_classifier_model_only_when_asked_and_packaged() -> N
     assert FusionRegistry({}).pick("minilm", False, classifier=True) is HAND_SET
 
 
+def test_registry_picks_the_most_complete_learned_channel_variant() -> None:
+    models = {
+        name: Fusion(_mlp(i), _mlp(i + 10))
+        for i, name in enumerate(
+            ("lexical", "lexical+classifier", "lexical+matcher", "lexical+classifier+matcher")
+        )
+    }
+    reg = FusionRegistry(dict(models))
+    for classifier, matcher, name in (
+        (False, False, "lexical"),
+        (True, False, "lexical+classifier"),
+        (False, True, "lexical+matcher"),
+        (True, True, "lexical+classifier+matcher"),
+    ):
+        assert reg.pick("minilm", False, classifier, matcher) is models[name]
+    del reg.models["lexical+classifier+matcher"]
+    assert reg.pick("minilm", False, True, True) is models["lexical+classifier"]
+    del reg.models["lexical+classifier"]
+    assert reg.pick("minilm", False, True, True) is models["lexical+matcher"]
+
+
 def test_packaged_models_read_known_features() -> None:
     reg = FusionRegistry.load()
-    assert {"lexical", "lexical+classifier"} <= set(reg.models)
+    assert {"lexical", "lexical+classifier", "lexical+matcher", "lexical+classifier+matcher"} <= set(
+        reg.models
+    )
     clf = reg.models["lexical+classifier"]
     assert {"k_lp", "r_k_lp"} <= set(clf.warm.features)
     assert not {"k_lp", "r_k_lp"} & set(clf.cold.features)  # metadata-only queries never use it
+    for name in ("lexical+matcher", "lexical+classifier+matcher"):
+        model = reg.models[name]
+        assert {"s_meta", "r_s_meta"} <= set(model.warm.features) & set(model.cold.features)
+    assert {"k_lp", "r_k_lp"} <= set(reg.models["lexical+classifier+matcher"].warm.features)
     for model in reg.models.values():
         for scorer in (model.warm, model.cold):
             assert set(scorer.features) <= set(FEATURES)
