@@ -32,6 +32,7 @@ from adapters_db.models import (
     SearchDocument,
     Tag,
     TriggerWord,
+    adapter_tags,
 )
 from adapters_db.sanitize import html_to_text, sanitize_html
 from adapters_db.specs import AdapterSpec, FileSpec, ImageSpec, VersionSpec
@@ -51,16 +52,14 @@ class NotFoundError(LookupError):
 # ----------------------------------------------------------------------------------------- reading
 
 
-def _full_query(images: bool = True) -> Select[tuple[Adapter]]:
+def _full_query() -> Select[tuple[Adapter]]:
     versions = selectinload(Adapter.versions)
-    options = [
+    return select(Adapter).options(
         selectinload(Adapter.tags),
         versions.selectinload(AdapterVersion.files),
         versions.selectinload(AdapterVersion.trigger_words),
-    ]
-    if images:
-        options.append(versions.selectinload(AdapterVersion.images))
-    return select(Adapter).options(*options)
+        versions.selectinload(AdapterVersion.images),
+    )
 
 
 def _file_record(row: AdapterFile, store: FileStore) -> FileRecord:
@@ -101,7 +100,10 @@ def _image_record(row: PreviewImage, store: FileStore) -> ImageRecord:
     )
 
 
-def _version_record(row: AdapterVersion, store: FileStore, images: bool = True) -> VersionRecord:
+def _version_record(
+    row: Any, store: FileStore, trigger_words: Iterable[str], files: Iterable[Any], images: Iterable[Any]
+) -> VersionRecord:
+    """A version (ORM object or Core row) with its trigger words, files and pictures → a record."""
     return VersionRecord(
         id=row.id,
         name=row.name,
@@ -109,9 +111,9 @@ def _version_record(row: AdapterVersion, store: FileStore, images: bool = True) 
         base_family=row.base_family,
         civitai_version_id=row.civitai_version_id,
         download_url=row.download_url,
-        trigger_words=tuple(t.word for t in row.trigger_words),
-        files=tuple(_file_record(f, store) for f in row.files),
-        images=tuple(_image_record(i, store) for i in row.images) if images else (),
+        trigger_words=tuple(trigger_words),
+        files=tuple(_file_record(f, store) for f in files),
+        images=tuple(_image_record(i, store) for i in images),
         created_at=row.created_at,
     )
 
@@ -123,42 +125,97 @@ def _is_cover(image: ImageRecord, max_nsfw: int) -> bool:
 def to_record(row: Adapter, store: FileStore, *, full: bool = True, max_nsfw: int = 3) -> AdapterRecord:
     """An ORM adapter (with versions and their pictures loaded) → :class:`AdapterRecord` (``full=False``:
     no versions)."""
-    versions = tuple(_version_record(v, store) for v in row.versions)
+    versions = tuple(
+        _version_record(v, store, (t.word for t in v.trigger_words), v.files, v.images) for v in row.versions
+    )
     cover = next((i for v in versions for i in v.images if _is_cover(i, max_nsfw)), None)
-    return _adapter_record(row, versions, cover, keep_versions=full)
+    return _adapter_record(row, tuple(t.name for t in row.tags), versions, cover, keep_versions=full)
 
 
-def _summary_record(row: Adapter, store: FileStore, cover: ImageRecord | None) -> AdapterRecord:
-    """A summary (no versions) of an ORM adapter loaded without pictures, with its cover picture."""
-    versions = tuple(_version_record(v, store, images=False) for v in row.versions)
-    return _adapter_record(row, versions, cover, keep_versions=False)
+def _grouped(rows: Iterable[Any], key: str) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
+    for row in rows:
+        out.setdefault(getattr(row, key), []).append(row)
+    return out
+
+
+def _summaries(
+    session: Session, store: FileStore, ids: Sequence[int], max_nsfw: int
+) -> dict[int, AdapterRecord]:
+    """Summary records (no versions kept, no pictures but the cover) read with plain Core queries, one
+    per table and no ORM objects: a search's ten hits cost a few milliseconds, not a dozen."""
+    if session.autoflush:
+        session.flush()  # Core statements do not autoflush; pending changes must be visible as with ORM reads
+    a, v, f, t, tag = (m.__table__ for m in (Adapter, AdapterVersion, AdapterFile, TriggerWord, Tag))
+    ids = list(ids)
+    adapters = session.execute(select(a).where(a.c.id.in_(ids))).all()
+    tags = _grouped(
+        session.execute(
+            select(adapter_tags.c.adapter_id, tag.c.name)
+            .join(tag, tag.c.id == adapter_tags.c.tag_id)
+            .where(adapter_tags.c.adapter_id.in_(ids))
+            .order_by(tag.c.name)
+        ),
+        "adapter_id",
+    )
+    version_columns = (v.c.id, v.c.adapter_id, v.c.name, v.c.base_model, v.c.base_family)
+    version_columns += (v.c.civitai_version_id, v.c.download_url, v.c.created_at)
+    versions = _grouped(
+        session.execute(
+            select(*version_columns).where(v.c.adapter_id.in_(ids)).order_by(v.c.position, v.c.id)
+        ),
+        "adapter_id",
+    )
+    triggers = _grouped(
+        session.execute(
+            select(t.c.version_id, t.c.word).where(t.c.adapter_id.in_(ids)).order_by(t.c.position, t.c.id)
+        ),
+        "version_id",
+    )
+    version_ids = [row.id for rows in versions.values() for row in rows]
+    files = _grouped(
+        session.execute(select(f).where(f.c.version_id.in_(version_ids)).order_by(f.c.id)), "version_id"
+    )
+    covers = _covers(session, store, ids, max_nsfw)
+    out = {}
+    for row in adapters:
+        records = tuple(
+            _version_record(ver, store, (w.word for w in triggers.get(ver.id, ())), files.get(ver.id, ()), ())
+            for ver in versions.get(row.id, ())
+        )
+        names = tuple(x.name for x in tags.get(row.id, ()))
+        out[row.id] = _adapter_record(row, names, records, covers.get(row.id), keep_versions=False)
+    return out
 
 
 def _covers(session: Session, store: FileStore, ids: Sequence[int], max_nsfw: int) -> dict[int, ImageRecord]:
     """Each adapter's cover: its first shown picture (versions, then pictures, in their order) within
     ``max_nsfw`` — one row per adapter, picked in SQL by a window function."""
-    order = (AdapterVersion.position, AdapterVersion.id, PreviewImage.position, PreviewImage.id)
+    p, v = PreviewImage.__table__, AdapterVersion.__table__
+    order = (v.c.position, v.c.id, p.c.position, p.c.id)
     ranked = (
-        select(
-            PreviewImage.id,
-            func.row_number().over(partition_by=PreviewImage.adapter_id, order_by=order).label("n"),
-        )
-        .join(AdapterVersion, PreviewImage.version_id == AdapterVersion.id)
+        select(p.c.id, func.row_number().over(partition_by=p.c.adapter_id, order_by=order).label("n"))
+        .join(v, p.c.version_id == v.c.id)
         .where(
-            PreviewImage.adapter_id.in_(list(ids)),
-            PreviewImage.kind != "caption",
-            PreviewImage.nsfw_level <= max_nsfw,
-            (func.coalesce(PreviewImage.url, "") != "") | PreviewImage.local_sha256.is_not(None),
+            p.c.adapter_id.in_(list(ids)),
+            p.c.kind != "caption",
+            p.c.nsfw_level <= max_nsfw,
+            (func.coalesce(p.c.url, "") != "") | p.c.local_sha256.is_not(None),
         )
         .subquery()
     )
-    first = select(PreviewImage).join(ranked, ranked.c.id == PreviewImage.id).where(ranked.c.n == 1)
-    return {row.adapter_id: _image_record(row, store) for row in session.scalars(first)}
+    first = select(p).join(ranked, ranked.c.id == p.c.id).where(ranked.c.n == 1)
+    return {row.adapter_id: _image_record(row, store) for row in session.execute(first)}
 
 
 def _adapter_record(
-    row: Adapter, versions: tuple[VersionRecord, ...], cover: ImageRecord | None, keep_versions: bool
+    row: Any,
+    tags: tuple[str, ...],
+    versions: tuple[VersionRecord, ...],
+    cover: ImageRecord | None,
+    keep_versions: bool,
 ) -> AdapterRecord:
+    """An adapter (ORM object or Core row) with its tags, versions and cover → :class:`AdapterRecord`."""
     triggers = tuple(dict.fromkeys(w for v in versions for w in v.trigger_words))
     return AdapterRecord(
         id=row.id,
@@ -169,7 +226,7 @@ def _adapter_record(
         description_text=row.description_text,
         base_family=row.base_family,
         base_model=row.base_model,
-        tags=tuple(t.name for t in row.tags),
+        tags=tags,
         trigger_words=triggers,
         nsfw_level=row.nsfw_level,
         creator=row.creator,
@@ -207,11 +264,10 @@ def get_adapters(
     loaded but for the cover of each)."""
     if not ids:
         return {}
-    rows = session.execute(_full_query(images=full).where(Adapter.id.in_(list(ids)))).scalars().all()
-    if full:
-        return {r.id: to_record(r, catalog.store, max_nsfw=max_nsfw) for r in rows}
-    covers = _covers(session, catalog.store, ids, max_nsfw)
-    return {r.id: _summary_record(r, catalog.store, covers.get(r.id)) for r in rows}
+    if not full:
+        return _summaries(session, catalog.store, ids, max_nsfw)
+    rows = session.execute(_full_query().where(Adapter.id.in_(list(ids)))).scalars().all()
+    return {r.id: to_record(r, catalog.store, max_nsfw=max_nsfw) for r in rows}
 
 
 def find_by_hash(session: Session, catalog: Catalog, digest: str) -> AdapterRecord | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ from sqlalchemy import func, select
 import adapters_db
 from adapters_db import Catalog, LicenceFlags
 from adapters_db.models import Adapter, Embedding, PreviewImage, TriggerWord
+from adapters_db.repository import get_adapters
+from tests.adapters_db.conftest import civitai_record
 
 
 def test_civitai_records_become_full_records(filled_catalog: Catalog) -> None:
@@ -182,3 +186,46 @@ def test_reimport_is_idempotent_and_updates(
         assert rec.name == "Pixel Art Style v2" and rec.trigger_words == ("pxl",)
         assert s.execute(select(func.count(Adapter.id))).scalar() == 6
         assert adapters_db.search(s, catalog, "pxl sprite", k=1)[0].adapter.id == rec.id
+
+
+def test_summaries_are_full_records_without_versions(
+    catalog: Catalog, lora_file: Callable[..., Path]
+) -> None:
+    """Search hits and listings read summaries with Core queries: the same record as the full one (its
+    versions left out), the cover picked within the NSFW limit across versions, triggers merged."""
+    two = civitai_record(7, "Two Versions", trained=["tvstyle", "shared"], tags=["style", "b", "a"])
+    older = civitai_record(8, "older", trained=["shared", "oldword"], prompts=["tvstyle, a fox"])
+    older["modelVersions"][0]["id"] = 71
+    two["modelVersions"][0]["images"] = [
+        {"id": 700, "url": "https://image.example/7/x.jpeg", "nsfw": "X", "meta": {"prompt": "tvstyle"}},
+        {"id": 701, "url": "https://image.example/7/y.jpeg", "nsfw": "Mature", "meta": {"prompt": "tvstyle"}},
+    ]
+    two["modelVersions"].append(older["modelVersions"][0])
+    plain = civitai_record(9, "No Pictures", trained=["nopics"])
+    with catalog.session() as s:
+        summary = adapters_db.import_civitai_records(s, catalog, [("7", two), ("9", plain)])
+        assert summary.count("imported") == 2, summary.results
+        local = adapters_db.import_file(s, catalog, lora_file("mine.safetensors"), tags=["mine"])
+        assert local.status == "imported", local.message
+    with catalog.session() as s:
+        ids = list(s.scalars(select(Adapter.id).order_by(Adapter.id)))
+        assert len(ids) == 3
+        for max_nsfw in (0, 2, 3):
+            full = get_adapters(s, catalog, ids, full=True, max_nsfw=max_nsfw)
+            summaries = get_adapters(s, catalog, ids, max_nsfw=max_nsfw)
+            assert summaries == {i: dataclasses.replace(r, versions=()) for i, r in full.items()}
+        by_name = {r.name: r for r in summaries.values()}
+    assert by_name["Two Versions"].trigger_words == ("tvstyle", "shared", "oldword")
+    assert by_name["Two Versions"].tags == ("a", "b", "style")
+    assert by_name["Two Versions"].civitai_version_ids == (70, 71)
+    assert by_name["No Pictures"].cover_image is None and not by_name["No Pictures"].has_local_file
+    assert summaries[local.adapter_id].has_local_file and summaries[local.adapter_id].tags == ("mine",)
+    with catalog.session() as s:
+        covers = {m: get_adapters(s, catalog, ids, max_nsfw=m) for m in (0, 2, 3)}
+    seven = next(i for i, r in summaries.items() if r.name == "Two Versions")
+    urls = {m: covers[m][seven].cover_image.url for m in covers}  # type: ignore[union-attr]
+    assert urls == {
+        0: "https://image.example/8/0.jpeg",  # both of the newer version's pictures are over the limit
+        2: "https://image.example/7/y.jpeg",
+        3: "https://image.example/7/x.jpeg",
+    }
