@@ -554,16 +554,27 @@ def active_matcher(catalog: Catalog, options: SearchOptions) -> PromptMatcher | 
     return load_matcher(catalog)
 
 
+MATCHER_CACHE_SIZE = 4
+
+
 def matcher_vectors(index: SearchIndex, matcher: PromptMatcher) -> np.ndarray:
-    """The matcher's vectors of the index's adapters (cached per index build and matcher)."""
-    key = (id(index.manifest), id(matcher))
+    """The matcher's vectors of the index's adapters (cached per index build, for the last few matchers:
+    an evaluation alternates between two)."""
     cached = getattr(index, "_matcher_vectors", None)
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] is not index.manifest:
+        cached = (index.manifest, OrderedDict())
+        index._matcher_vectors = cached  # type: ignore[attr-defined]
+    entries: OrderedDict[int, tuple[PromptMatcher, np.ndarray]] = cached[1]
+    entry = entries.get(id(matcher))
+    if entry is None or entry[0] is not matcher:  # the entry holds its matcher, so ids are not reused
         lex = index.lexical
         assert lex is not None, "search index not built"
-        cached = (key, matcher.adapter_vectors(lex.meta_counts, lex.vocab.hashes))
-        index._matcher_vectors = cached  # type: ignore[attr-defined]
-    return cached[1]
+        entry = (matcher, matcher.adapter_vectors(lex.meta_counts, lex.vocab.hashes))
+        entries[id(matcher)] = entry
+        while len(entries) > MATCHER_CACHE_SIZE:
+            entries.popitem(last=False)
+    entries.move_to_end(id(matcher))
+    return entry[1]
 
 
 def resolve_fusion(

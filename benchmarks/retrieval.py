@@ -9,9 +9,10 @@ and with the gold model's trained words removed — on two tracks:
 - cold: every preview-image prompt left out (names, tags, trained words, file names, descriptions).
 
 The learned channels are trained here, never on what they are judged on: the prompt classifier (warm
-only) without any query's picture; the prompt ↔ metadata matcher (warm and cold) once per split, on the
-prompts of that split's adapters only (query pictures left out), and each query is ranked with the
-matcher of the OTHER split — so it has never seen a prompt of the gold adapter, on either track.
+only) without any query's picture; the prompt ↔ metadata matcher three times, without any query's
+picture: on every adapter's prompts (the warm track's, as ``studio catalog matcher`` trains it), and on
+the prompts of each split's adapters only — a cold query is ranked with the matcher of the OTHER split,
+so it has never seen a prompt of the gold adapter.
 
 Baselines are computed here on the same queries: TF-IDF (word 1–2-grams, sublinear tf) over metadata
 + other images' prompts (warm) and over metadata alone (cold). The fusion models in
@@ -196,7 +197,8 @@ def run_ours(
 ) -> dict:
     """Ranks on both tracks and both prompt variants (and, with ``collect``, features for tuning), and
     for the warm track's misses (gold below 10th) :func:`miss_reasons`. ``matchers``: split → matcher
-    trained on that split's adapters; a query uses the other split's."""
+    trained on that split's adapters, ``"all"`` → trained on every adapter's: a warm query uses the latter
+    (as the product does), a cold one the other split's (it never saw a prompt of the gold adapter)."""
     from adapters_db.retrieval import CHANNELS, SearchOptions, score_all
 
     warm_channels = tuple(c for c in CHANNELS if c not in drop and (c != "matcher" or matchers))
@@ -226,7 +228,7 @@ def run_ours(
                         exclude_image_ids=exclude,
                         all_features=collect,
                         classifier=classifier,
-                        matcher=matchers[OTHER_SPLIT[q.split]] if matchers else None,
+                        matcher=_track_matcher(matchers, track, q.split),
                     )
                     index, _, feats, scores = score_all(s, catalog, text or " ", options)
                     row = int(index.rows_of(np.array([models[q.model_id]]))[0])
@@ -237,6 +239,12 @@ def run_ours(
                     if collect:
                         tuning[track].append(_candidates(feats, row, rng))
     return {"ranks": ranks, "tuning": tuning, "misses": misses}
+
+
+def _track_matcher(matchers: dict | None, track: str, split: str):  # type: ignore[no-untyped-def]
+    if not matchers:
+        return None
+    return matchers["all"] if track == "warm" else matchers[OTHER_SPLIT[split]]
 
 
 MISS_REASONS = ("short_query", "creator_series", "few_prompts", "style_adapter")
@@ -455,7 +463,7 @@ def fit_report(
         train = [(m[:, cols], g) for (m, g), s_ in zip(tuning[track], split, strict=True) if s_ == "A"]
         fitted = [fit_scorer(train, use, hidden=hidden, seed=seed) for seed in range(seeds)]
         scorers[track] = average_mlps(fitted) if seeds > 1 and hidden else fitted[0]
-        for part in ("A", "B"):
+        for part in ("A", "B", "all"):
             for v in ("with_triggers", "without_triggers"):
                 sel = [
                     (m, g)
@@ -502,7 +510,8 @@ def bench_matchers(  # type: ignore[no-untyped-def]
     cache: Path,
     progress: bool,
 ) -> dict:
-    """Split → the prompt ↔ metadata matcher trained on the prompts of that split's adapters only,
+    """Split → the prompt ↔ metadata matcher trained on the prompts of that split's adapters only, and
+    ``"all"`` → the one trained on every adapter's prompts (what ``studio catalog matcher`` makes), each
     without any query's picture (cached per query set; ``models``/``images`` from :func:`catalog_maps`)."""
     import adapters_db.examples as examples_module
     import adapters_db.matcher as module
@@ -518,7 +527,7 @@ def bench_matchers(  # type: ignore[no-untyped-def]
     civitai = {a: c for c, a in models.items()}
     split = np.array([split_of(civitai[int(a)]) if int(a) in civitai else "" for a in rows.adapter_ids])
     out = {}
-    for part in ("A", "B"):
+    for part in ("A", "B", "all"):
         ident = [held, part, repr(MatcherConfig()), file_digest(CATALOG_FILE), code]
         key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
         path = cache / f"matcher-{part}-{key}.safetensors"
@@ -528,7 +537,10 @@ def bench_matchers(  # type: ignore[no-untyped-def]
         started = time.time()
         excluded = [images[i] for i in held if i in images]
         out[part] = train_matcher(
-            rows, exclude_image_ids=excluded, adapters=split == part, show_progress=progress
+            rows,
+            exclude_image_ids=excluded,
+            adapters=None if part == "all" else split == part,
+            show_progress=progress,
         )
         out[part].save(path)
         print(f"trained the split-{part} prompt matcher in {time.time() - started:.0f} s", file=sys.stderr)

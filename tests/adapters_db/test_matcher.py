@@ -192,6 +192,33 @@ def test_search_uses_the_saved_matcher_warm_and_cold(topic_catalog: Catalog) -> 
         assert feats["s_meta"][row] > feats["s_meta"][mecha]
 
 
+def test_alternating_matchers_each_keep_their_vectors(
+    topic_catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evaluation alternates two matchers (warm and cold track): each one's adapter vectors are
+    computed once per index build and never served to the other."""
+    rows = _rows(topic_catalog)
+    mecha = np.array(["mecha" in tags for tags in rows.fields["tags"]])
+    matchers = [train_matcher(rows, SMALL), train_matcher(rows, SMALL, adapters=~mecha)]
+    calls: list[int] = []
+    real = PromptMatcher.adapter_vectors
+
+    def counted(self: PromptMatcher, *args: object) -> np.ndarray:
+        calls.append(id(self))
+        return real(self, *args)
+
+    monkeypatch.setattr(PromptMatcher, "adapter_vectors", counted)
+    query = "giant robot, cockpit, chinese clothes"
+    with topic_catalog.session() as s:
+        first = [score_all(s, topic_catalog, query, SearchOptions(matcher=m))[2]["s_meta"] for m in matchers]
+        assert not np.allclose(first[0], first[1])
+        for _ in range(3):
+            for m, expected in zip(matchers, first, strict=True):
+                got = score_all(s, topic_catalog, query, SearchOptions(matcher=m))[2]["s_meta"]
+                np.testing.assert_array_equal(got, expected)
+    assert sorted(calls) == sorted(id(m) for m in matchers)
+
+
 def test_finds_real_loras_whose_prompts_it_never_saw(shared_data: Path, tmp_path: Path) -> None:
     """On 1,000 real Civitai LoRAs: trained on the prompts of half of them, the trigger-free prompts of
     the other half find their LoRA from its metadata alone far above chance."""
