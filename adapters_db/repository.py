@@ -62,7 +62,8 @@ def _full_query() -> Select[tuple[Adapter]]:
     )
 
 
-def _file_record(row: AdapterFile, store: FileStore) -> FileRecord:
+def _file_record(row: Any, store: FileStore) -> FileRecord:
+    """A file (ORM object or Core row) → :class:`FileRecord`."""
     local = store.path_for(row.sha256) if row.stored and row.sha256 else None
     return FileRecord(
         id=row.id,
@@ -80,7 +81,8 @@ def _file_record(row: AdapterFile, store: FileStore) -> FileRecord:
     )
 
 
-def _image_record(row: PreviewImage, store: FileStore) -> ImageRecord:
+def _image_record(row: Any, store: FileStore) -> ImageRecord:
+    """A preview picture (ORM object or Core row) → :class:`ImageRecord`."""
     local = None
     if row.local_sha256:
         local = store.path_for(row.local_sha256, "images", row.local_ext or "")
