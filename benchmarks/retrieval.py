@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -463,7 +464,7 @@ def fit_report(
         train = [(m[:, cols], g) for (m, g), s_ in zip(tuning[track], split, strict=True) if s_ == "A"]
         fitted = [fit_scorer(train, use, hidden=hidden, seed=seed) for seed in range(seeds)]
         scorers[track] = average_mlps(fitted) if seeds > 1 and hidden else fitted[0]
-        for part in ("A", "B", "all"):
+        for part in ("A", "B"):
             for v in ("with_triggers", "without_triggers"):
                 sel = [
                     (m, g)
@@ -476,20 +477,27 @@ def fit_report(
     return Fusion(scorers["warm"], scorers["cold"], embedder, note).to_json()
 
 
+def trained_model_path(cache: Path, stem: str, ident: list[object], modules: Sequence[ModuleType]) -> Path:
+    """Cache file of a model trained here, keyed by what it was trained on (``ident``), the catalog dump
+    and its training code (the source of ``modules``)."""
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
+    key = hashlib.sha256(json.dumps([*ident, file_digest(CATALOG_FILE), code]).encode()).hexdigest()[:12]
+    return cache / f"{stem}-{key}.safetensors"
+
+
 def bench_classifier(  # type: ignore[no-untyped-def]
     catalog, queries: list[BenchQuery], images: dict[int, int], cache: Path, progress: bool
 ):
     """The prompt classifier trained on the catalog without any query's image (cached per query set;
     ``images``: Civitai image id → preview-image id, from :func:`catalog_maps`)."""
     import adapters_db.classifier as module
+    import adapters_db.examples as examples_module
     from adapters_db.classifier import ClassifierConfig, PromptClassifier, train_classifier
     from adapters_db.search_index import read_catalog
 
     held = sorted({q.image_id for q in queries})
-    code = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()  # the training code, too
-    ident = [held, repr(ClassifierConfig()), file_digest(CATALOG_FILE), code]
-    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
-    path = cache / f"classifier-{key}.safetensors"
+    ident = [held, repr(ClassifierConfig())]
+    path = trained_model_path(cache, "classifier", ident, (module, examples_module))
     if path.is_file():
         return PromptClassifier.load(path)
     started = time.time()
@@ -518,19 +526,16 @@ def bench_matchers(  # type: ignore[no-untyped-def]
     from adapters_db.matcher import MatcherConfig, PromptMatcher, train_matcher
     from adapters_db.search_index import read_catalog
 
+    modules = (module, examples_module)
+
     held = sorted({q.image_id for q in queries})
-    code = hashlib.sha256(
-        Path(module.__file__).read_bytes() + Path(examples_module.__file__).read_bytes()
-    ).hexdigest()
     with catalog.session() as s:
         rows = read_catalog(s)
     civitai = {a: c for c, a in models.items()}
     split = np.array([split_of(civitai[int(a)]) if int(a) in civitai else "" for a in rows.adapter_ids])
     out = {}
     for part in ("A", "B", "all"):
-        ident = [held, part, repr(MatcherConfig()), file_digest(CATALOG_FILE), code]
-        key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
-        path = cache / f"matcher-{part}-{key}.safetensors"
+        path = trained_model_path(cache, f"matcher-{part}", [held, part, repr(MatcherConfig())], modules)
         if path.is_file():
             out[part] = PromptMatcher.load(path)
             continue
