@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.orm import Session
 
-from adapters_db.examples import training_examples
+from adapters_db.channel_files import load_tagged, save_tagged
+from adapters_db.examples import bag_inputs, token_dropout, training_examples
 from adapters_db.search_index import CatalogRows, positions_in
 from adapters_db.text import terms
 
@@ -112,10 +113,6 @@ class PromptClassifier:
 
     def save(self, path: Path) -> Path:
         """Write as one safetensors file (vocabulary and config in its metadata), atomically."""
-        from safetensors.numpy import save_file
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         tensors = {
             "embeddings": self.embeddings,
             "weight": self.weight,
@@ -123,26 +120,17 @@ class PromptClassifier:
             "adapter_ids": self.adapter_ids,
         }
         meta = {
-            "format": FORMAT,
             "config": json.dumps(asdict(self.config)),
             "vocab": json.dumps(sorted(self.vocab, key=self.vocab.__getitem__), ensure_ascii=False),
         }
         if self.identity is not None:
             meta["identity"] = json.dumps(self.identity, ensure_ascii=False)
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return save_tagged(path, tensors, FORMAT, meta)
 
     @classmethod
     def load(cls, path: Path) -> PromptClassifier:
         """Inverse of :meth:`save` (safetensors only; nothing is unpickled)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a prompt classifier")
-            arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        arrays, meta = load_tagged(path, FORMAT, "prompt classifier")
         terms_ = json.loads(meta["vocab"])
         return cls(
             {t: i for i, t in enumerate(terms_)},
@@ -162,7 +150,7 @@ def _batches(
     rng.shuffle(data)
     for start in range(0, len(data), cfg.batch_size):
         chunk = data[start : start + cfg.batch_size]
-        kept = [[i for i in x if rng.random() >= cfg.token_dropout] or [rng.choice(x)] for x, _ in chunk]
+        kept = [token_dropout(x, cfg.token_dropout, rng) for x, _ in chunk]
         yield kept, [y for _, y in chunk]
 
 
@@ -203,10 +191,7 @@ def train_classifier(
     bar = tqdm(total=steps, desc="prompt classifier", unit="batch", disable=not show_progress)
     for _ in range(config.epochs):
         for kept, ys in _batches(data, config, rng):
-            flat = torch.tensor([i for x in kept for i in x])
-            starts = np.concatenate([[0], np.cumsum([len(x) for x in kept[:-1]])])
-            offsets = torch.tensor(starts, dtype=torch.long)
-            loss = torch.nn.functional.cross_entropy(out(emb(flat, offsets)), torch.tensor(ys))
+            loss = torch.nn.functional.cross_entropy(out(emb(*bag_inputs(kept))), torch.tensor(ys))
             opt_emb.zero_grad()
             opt_out.zero_grad()
             loss.backward()

@@ -3,12 +3,13 @@
 Each adapter's metadata text and each preview prompt people used with it, plus a copy of each with the
 adapter's trigger words taken out (where that changes it), so a model learns what else in a prompt
 points to an adapter. Shared by the prompt classifier (``adapters_db.classifier``) and the prompt ↔
-metadata matcher (``adapters_db.matcher``).
+metadata matcher (``adapters_db.matcher``), with the batching helpers both train with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import random
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -51,3 +52,17 @@ def training_examples(
         if not skip and keep[owner]:
             add(prompt, owner)
     return texts, labels
+
+
+def token_dropout(ids: Sequence[int], rate: float, rng: random.Random) -> list[int]:
+    """Each id dropped with probability ``rate``, at least one kept (fastText-style word dropout)."""
+    kept = [i for i in ids if rng.random() >= rate]
+    return kept or [ids[rng.randrange(len(ids))]]
+
+
+def bag_inputs(ids: Sequence[Sequence[int]]):  # type: ignore[no-untyped-def]
+    """``torch.nn.EmbeddingBag`` inputs (flat ids, offsets) of a batch of id lists."""
+    import torch
+
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids[:-1]])]).astype(np.int64)
+    return torch.from_numpy(np.concatenate(ids).astype(np.int64)), torch.from_numpy(offsets)

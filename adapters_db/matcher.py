@@ -21,6 +21,7 @@ Inference is plain NumPy; training needs torch (sparse embedding gradients, minu
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -31,7 +32,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from adapters_db import lexical
-from adapters_db.examples import training_examples
+from adapters_db.channel_files import load_tagged, save_tagged
+from adapters_db.examples import bag_inputs, token_dropout, training_examples
 from adapters_db.lexical import Vocabulary
 from adapters_db.search_index import META_FIELDS, CatalogRows, positions_in
 
@@ -132,34 +134,18 @@ class PromptMatcher:
     def save(self, path: Path) -> Path:
         """Write as one safetensors file (hashed vocabularies as arrays, config in the metadata),
         atomically."""
-        import json
-
-        from safetensors.numpy import save_file
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         tensors = {
             "query_hashes": self.query_vocab.hashes,
             "query_embeddings": self.query_embeddings,
             "meta_hashes": self.meta_vocab.hashes,
             "meta_embeddings": self.meta_embeddings,
         }
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(asdict(self.config))})
-        tmp.replace(path)
-        return path
+        return save_tagged(path, tensors, FORMAT, {"config": json.dumps(asdict(self.config))})
 
     @classmethod
     def load(cls, path: Path) -> PromptMatcher:
         """Inverse of :meth:`save` (safetensors only; nothing is unpickled)."""
-        import json
-
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a prompt matcher")
-            arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        arrays, meta = load_tagged(path, FORMAT, "prompt matcher")
         return cls(
             Vocabulary(arrays["query_hashes"]),
             arrays["query_embeddings"],
@@ -222,11 +208,11 @@ def train_matcher(
         rng.shuffle(examples)
         for start in range(0, len(examples), config.batch_size):
             chunk = examples[start : start + config.batch_size]
-            kept = [_token_dropout(x, config.token_dropout, rng) for x, _ in chunk]
+            kept = [token_dropout(x, config.token_dropout, rng) for x, _ in chunk]
             golds = [class_of[y] for _, y in chunk]
             negatives = rng.sample(range(len(classes)), min(config.negatives, len(classes)))
             pool = sorted(set(golds) | set(negatives))
-            q = torch.nn.functional.normalize(q_emb(*_bag(kept)), dim=-1)
+            q = torch.nn.functional.normalize(q_emb(*bag_inputs(kept)), dim=-1)
             d = m_emb(*_weighted_bag(docs[pool]))
             d = torch.nn.functional.normalize(d, dim=-1)
             where = {c: i for i, c in enumerate(pool)}
@@ -247,20 +233,6 @@ def train_matcher(
         m_emb.weight.detach().numpy().copy(),
         config,
     )
-
-
-def _token_dropout(ids: np.ndarray, rate: float, rng: random.Random) -> np.ndarray:
-    """Each id dropped with probability ``rate``, at least one kept (fastText-style word dropout)."""
-    kept = ids[[rng.random() >= rate for _ in range(len(ids))]]
-    return kept if len(kept) else ids[[rng.randrange(len(ids))]]
-
-
-def _bag(ids: list[np.ndarray]):  # type: ignore[no-untyped-def]
-    """EmbeddingBag inputs (flat ids, offsets) of a batch of id lists."""
-    import torch
-
-    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids[:-1]])]).astype(np.int64)
-    return torch.from_numpy(np.concatenate(ids).astype(np.int64)), torch.from_numpy(offsets)
 
 
 def _weighted_bag(rows: sp.csr_matrix):  # type: ignore[no-untyped-def]

@@ -121,17 +121,18 @@ def _version_record(
 
 
 def _is_cover(image: ImageRecord, max_nsfw: int) -> bool:
+    """Whether a picture may be an adapter's cover (the same rule in SQL: :func:`_covers`)."""
     return image.kind != "caption" and image.nsfw_level <= max_nsfw and bool(image.url or image.local_path)
 
 
-def to_record(row: Adapter, store: FileStore, *, full: bool = True, max_nsfw: int = 3) -> AdapterRecord:
-    """An ORM adapter (with versions and their pictures loaded) → :class:`AdapterRecord` (``full=False``:
-    no versions)."""
+def to_record(row: Adapter, store: FileStore, *, max_nsfw: int = 3) -> AdapterRecord:
+    """An ORM adapter (with versions and their pictures loaded) → its full :class:`AdapterRecord`
+    (summaries without versions: :func:`get_adapters`)."""
     versions = tuple(
         _version_record(v, store, (t.word for t in v.trigger_words), v.files, v.images) for v in row.versions
     )
     cover = next((i for v in versions for i in v.images if _is_cover(i, max_nsfw)), None)
-    return _adapter_record(row, tuple(t.name for t in row.tags), versions, cover, keep_versions=full)
+    return _adapter_record(row, tuple(t.name for t in row.tags), versions, cover, keep_versions=True)
 
 
 def _grouped(rows: Iterable[Any], key: str) -> dict[int, list[Any]]:
@@ -192,7 +193,7 @@ def _summaries(
 
 def _covers(session: Session, store: FileStore, ids: Sequence[int], max_nsfw: int) -> dict[int, ImageRecord]:
     """Each adapter's cover: its first shown picture (versions, then pictures, in their order) within
-    ``max_nsfw`` — one row per adapter, picked in SQL by a window function."""
+    ``max_nsfw`` (the rule of :func:`_is_cover`) — one row per adapter, picked in SQL by a window function."""
     p, v = PreviewImage.__table__, AdapterVersion.__table__
     order = (v.c.position, v.c.id, p.c.position, p.c.id)
     ranked = (
@@ -202,7 +203,7 @@ def _covers(session: Session, store: FileStore, ids: Sequence[int], max_nsfw: in
             p.c.adapter_id.in_(list(ids)),
             p.c.kind != "caption",
             p.c.nsfw_level <= max_nsfw,
-            (func.coalesce(p.c.url, "") != "") | p.c.local_sha256.is_not(None),
+            (func.coalesce(p.c.url, "") != "") | (func.coalesce(p.c.local_sha256, "") != ""),
         )
         .subquery()
     )

@@ -37,7 +37,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -554,25 +554,38 @@ def active_matcher(catalog: Catalog, options: SearchOptions) -> PromptMatcher | 
     return load_matcher(catalog)
 
 
+def _build_cache(index: SearchIndex, name: str) -> OrderedDict[Any, Any]:
+    """A dict kept on the index for one build (a catalog change makes a new build, so nothing stale is
+    served), in recency order for :func:`_trim`."""
+    manifest = index.manifest
+    key = (manifest.revision, manifest.built_at) if manifest is not None else None
+    cached = getattr(index, name, None)
+    if cached is None or cached[0] != key:
+        cached = (key, OrderedDict())
+        setattr(index, name, cached)
+    return cached[1]
+
+
+def _trim(cache: OrderedDict[Any, Any], size: int) -> None:
+    """Drop the least recently used entries beyond ``size``."""
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
 MATCHER_CACHE_SIZE = 4
 
 
 def matcher_vectors(index: SearchIndex, matcher: PromptMatcher) -> np.ndarray:
     """The matcher's vectors of the index's adapters (cached per index build, for the last few matchers:
     an evaluation alternates between two)."""
-    cached = getattr(index, "_matcher_vectors", None)
-    if cached is None or cached[0] is not index.manifest:
-        cached = (index.manifest, OrderedDict())
-        index._matcher_vectors = cached  # type: ignore[attr-defined]
-    entries: OrderedDict[int, tuple[PromptMatcher, np.ndarray]] = cached[1]
+    entries: OrderedDict[int, tuple[PromptMatcher, np.ndarray]] = _build_cache(index, "_matcher_vectors")
     entry = entries.get(id(matcher))
     if entry is None or entry[0] is not matcher:  # the entry holds its matcher, so ids are not reused
         lex = index.lexical
         assert lex is not None, "search index not built"
         entry = (matcher, matcher.adapter_vectors(lex.meta_counts, lex.vocab.hashes))
         entries[id(matcher)] = entry
-        while len(entries) > MATCHER_CACHE_SIZE:
-            entries.popitem(last=False)
+        _trim(entries, MATCHER_CACHE_SIZE)
     entries.move_to_end(id(matcher))
     return entry[1]
 
@@ -893,15 +906,9 @@ RECORD_CACHE_SIZE = 4096
 def _summaries(
     session: Session, catalog: Catalog, index: SearchIndex, ids: list[int], max_nsfw: int
 ) -> dict[int, AdapterRecord]:
-    """Summary records of hits, cached per index build (a catalog change makes a new index, so a
-    stale record is never served); the cache keeps the ``RECORD_CACHE_SIZE`` most recently used."""
-    manifest = index.manifest
-    key = (manifest.revision, manifest.built_at) if manifest is not None else None
-    cached = getattr(index, "_record_cache", None)
-    if cached is None or cached[0] != key:
-        cached = (key, OrderedDict())
-        index._record_cache = cached  # type: ignore[attr-defined]
-    cache: OrderedDict[tuple[int, int], AdapterRecord] = cached[1]
+    """Summary records of hits, cached per index build (:func:`_build_cache`); the cache keeps the
+    ``RECORD_CACHE_SIZE`` most recently used."""
+    cache: OrderedDict[tuple[int, int], AdapterRecord] = _build_cache(index, "_record_cache")
     missing = [i for i in ids if (i, max_nsfw) not in cache]
     if missing:
         for adapter_id, record in get_adapters(session, catalog, missing, max_nsfw=max_nsfw).items():
@@ -912,8 +919,7 @@ def _summaries(
         if record is not None:
             cache.move_to_end((i, max_nsfw))
             out[i] = record
-    while len(cache) > RECORD_CACHE_SIZE:
-        cache.popitem(last=False)
+    _trim(cache, RECORD_CACHE_SIZE)
     return out
 
 
