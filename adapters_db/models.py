@@ -47,6 +47,7 @@ def utcnow() -> datetime:
 
 UNSEARCHABLE_KINDS = ("gate",)  # catalogued, but not adapters a prompt retrieves (gate checkpoints)
 
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 

@@ -52,8 +52,15 @@ def train_set(pipe: Any, folder: Path, rank: int, orthogonal: bool) -> dict[str,
         spec = concept_spec(trigger, rank=rank, orthogonal=orthogonal)
         data = write_dataset(trigger, folder / "data" / trigger)
         path = folder / f"pocket-{trigger}.safetensors"
-        train_lora(spec, pipe, data, path, work_dir=folder / "work" / trigger, device="cpu",
-                   basis=lambda family, t=trigger, s=spec: registry.allocate(family, t, s.rank))
+        train_lora(
+            spec,
+            pipe,
+            data,
+            path,
+            work_dir=folder / "work" / trigger,
+            device="cpu",
+            basis=lambda family, t=trigger, s=spec: registry.allocate(family, t, s.rank),
+        )
         out[trigger] = path
         print(f"  trained {path.name} ({'orthogonal' if orthogonal else 'plain'})", flush=True)
     return out
@@ -67,14 +74,20 @@ def mean_overlap(loras: dict[str, Any]) -> float:
     return float(np.mean(values))
 
 
-def single_rates(pipe: Any, model: Any, loras: dict[str, Any], n: int, seed: int, cfg: SampleConfig
-                 ) -> dict[str, float]:
+def single_rates(
+    pipe: Any, model: Any, loras: dict[str, Any], n: int, seed: int, cfg: SampleConfig
+) -> dict[str, float]:
     """Each concept's rate with its adapter alone."""
     rates = {}
     for trigger, weights in loras.items():
         scenes = concept_scenes(trigger, n, seed)
-        with attach(pipe, [(AdapterInfo(trigger), weights)], make_policy("linear"), family="pocket",
-                    num_steps=cfg.steps):
+        with attach(
+            pipe,
+            [(AdapterInfo(trigger), weights)],
+            make_policy("linear"),
+            family="pocket",
+            num_steps=cfg.steps,
+        ):
             images = sample(pipe, [s.caption() for s in scenes], [seed * 1000 + i for i in range(n)], cfg)
         attr, value = next(iter(CONCEPTS[trigger].items()))
         rates[trigger] = float(np.mean([p == value for p in judge.predict(model, images)[attr]]))
@@ -105,20 +118,39 @@ def main() -> None:
         for mode in ("plain", "orthogonal"):
             paths = train_set(pipe, root / mode, args.rank, mode == "orthogonal")
             loras = {t: lora_formats.load(p) for t, p in paths.items()}
-            rows = [{"policy": policy, "pair": f"{a}×{b}", **composition.run_pair(
-                        pipe, model, policy, composition.POLICIES.get(policy, {}), (a, b), loras, args.n,
-                        args.seed, cfg)[0]}
-                    for policy in args.policies.split(",") for a, b in composition.PAIRS]
-            report[mode] = {"overlap": mean_overlap(loras),
-                            "single": single_rates(pipe, model, loras, args.n, args.seed, cfg),
-                            "pairs": composition.summary(rows, args.policies.split(","))}
+            rows = [
+                {
+                    "policy": policy,
+                    "pair": f"{a}×{b}",
+                    **composition.run_pair(
+                        pipe,
+                        model,
+                        policy,
+                        composition.POLICIES.get(policy, {}),
+                        (a, b),
+                        loras,
+                        args.n,
+                        args.seed,
+                        cfg,
+                    )[0],
+                }
+                for policy in args.policies.split(",")
+                for a, b in composition.PAIRS
+            ]
+            report[mode] = {
+                "overlap": mean_overlap(loras),
+                "single": single_rates(pipe, model, loras, args.n, args.seed, cfg),
+                "pairs": composition.summary(rows, args.policies.split(",")),
+            }
     for mode, r in report.items():
         print(f"\n== {mode} (rank {args.rank}): mean down-projection overlap {r['overlap']:.3f}")
         print("   alone: " + ", ".join(f"{t} {v:.2f}" for t, v in r["single"].items()))
         for row in r["pairs"]:
-            print(f"   {row['policy']:<10}{row['group']:<16}both {row['both_rate']:.2f}  "
-                  f"first {row['first_rate']:.2f}  second {row['second_rate']:.2f}  "
-                  f"prompt {row['prompt_rate']:.2f}")
+            print(
+                f"   {row['policy']:<10}{row['group']:<16}both {row['both_rate']:.2f}  "
+                f"first {row['first_rate']:.2f}  second {row['second_rate']:.2f}  "
+                f"prompt {row['prompt_rate']:.2f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

@@ -58,8 +58,13 @@ def main() -> int:
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance)
     loras = {t: lora_formats.load(lora_path(t)) for t in CONCEPTS}
     base = fresh_scenes(5, args.seed)
-    rows = [("base model", list(sample(pipe, [s.caption() for s in base], range(5), cfg)),
-             [s.caption(with_size=False)[2:] for s in base])]
+    rows = [
+        (
+            "base model",
+            list(sample(pipe, [s.caption() for s in base], range(5), cfg)),
+            [s.caption(with_size=False)[2:] for s in base],
+        )
+    ]
     pics, caps = [], []
     for i, trigger in enumerate(CONCEPTS):
         scene = concept_scenes(trigger, 1, args.seed + i)[0]
@@ -72,8 +77,10 @@ def main() -> int:
         name, _, raw = item.partition("=")
         policies[name] = json.loads(raw or "{}")
     for policy, params in policies.items():
-        pics = [run_pair(pipe, model, policy.split(":")[0], params, pair, loras, 1, args.seed, cfg)[1][0]
-                for pair in PAIRS]
+        pics = [
+            run_pair(pipe, model, policy.split(":")[0], params, pair, loras, 1, args.seed, cfg)[1][0]
+            for pair in PAIRS
+        ]
         rows.append((f"mix: {policy}", pics, [f"{a}+{b}" for a, b in PAIRS]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     labelled_rows(rows).save(args.out)

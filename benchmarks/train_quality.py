@@ -54,8 +54,9 @@ def concept_folder(folder: Path, concept: str, trigger: str, n: int, seed: int) 
     return folder
 
 
-def prompts(n: int, seed: int, objects: Sequence[str], rename: dict[str, str] | None = None
-            ) -> tuple[list[str], list[world.Scene]]:
+def prompts(
+    n: int, seed: int, objects: Sequence[str], rename: dict[str, str] | None = None
+) -> tuple[list[str], list[world.Scene]]:
     """``n`` random scenes over ``objects`` and their captions (objects renamed to trigger words)."""
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng, objects=tuple(objects)) for _ in range(n)]
@@ -66,15 +67,17 @@ def prompts(n: int, seed: int, objects: Sequence[str], rename: dict[str, str] | 
 
 
 @torch.no_grad()
-def generate(pipe: Any, captions: Sequence[str], seed: int, steps: int, guidance: float,
-             batch: int = 50) -> np.ndarray:
+def generate(
+    pipe: Any, captions: Sequence[str], seed: int, steps: int, guidance: float, batch: int = 50
+) -> np.ndarray:
     """uint8 N×H×W×3 pictures, one fixed seed per prompt index."""
     out = []
     for k in range(0, len(captions), batch):
         chunk = list(captions[k : k + batch])
         gens = [torch.Generator("cpu").manual_seed(seed * 100_003 + k + i) for i in range(len(chunk))]
-        imgs = pipe(prompt=chunk, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                    output_type="np").images
+        imgs = pipe(
+            prompt=chunk, generator=gens, num_inference_steps=steps, guidance_scale=guidance, output_type="np"
+        ).images
         out.append((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
@@ -82,8 +85,10 @@ def generate(pipe: Any, captions: Sequence[str], seed: int, steps: int, guidance
 def accuracy(model: Any, images: np.ndarray, scenes: Sequence[world.Scene]) -> dict[str, float]:
     """Per-attribute classifier accuracy against the scenes the prompts described."""
     pred = judge.predict(model, images)
-    return {a: float(np.mean([p == getattr(s, a) for p, s in zip(pred[a], scenes, strict=True)]))
-            for a in BASE_ATTRIBUTES}
+    return {
+        a: float(np.mean([p == getattr(s, a) for p, s in zip(pred[a], scenes, strict=True)]))
+        for a in BASE_ATTRIBUTES
+    }
 
 
 def concept_rate(model: Any, images: np.ndarray, concept: str) -> float:
@@ -91,9 +96,19 @@ def concept_rate(model: Any, images: np.ndarray, concept: str) -> float:
     return float(np.mean([p == concept for p in judge.predict(model, images)["object"]]))
 
 
-def evaluate(pipe: Any, lora: Path | None, trigger: str, concept: str, model: Any, *, n: int = 100,
-             seed: int = 1, steps: int = 25, guidance: float = 5.0, base: dict[str, float] | None = None
-             ) -> dict[str, Any]:
+def evaluate(
+    pipe: Any,
+    lora: Path | None,
+    trigger: str,
+    concept: str,
+    model: Any,
+    *,
+    n: int = 100,
+    seed: int = 1,
+    steps: int = 25,
+    guidance: float = 5.0,
+    base: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Concept rate under the trigger and base-prompt accuracy, with ``lora`` loaded (None: without)."""
     if lora is not None:
         pipe.load_lora_weights(str(lora), adapter_name="quality_eval")
@@ -119,26 +134,45 @@ def train(pipe: Any, folder: Path, out: Path, trigger: str, **options: Any) -> P
     spec = TrainSpec(trigger=trigger, **options)
     registry = BasisRegistry(out.parent / "basis.json")
     t0 = time.time()
-    result = train_lora(spec, pipe, folder, out, work_dir=out.with_suffix(".work"),
-                        basis=lambda family: registry.allocate(family, out.stem, spec.rank),
-                        progress=_progress(out.stem))
-    print(f"\n  trained {out.name}: {result.steps} steps in {time.time() - t0:.0f} s, "
-          f"final loss {result.losses[-1]:.4f}", flush=True)
+    result = train_lora(
+        spec,
+        pipe,
+        folder,
+        out,
+        work_dir=out.with_suffix(".work"),
+        basis=lambda family: registry.allocate(family, out.stem, spec.rank),
+        progress=_progress(out.stem),
+    )
+    print(
+        f"\n  trained {out.name}: {result.steps} steps in {time.time() - t0:.0f} s, "
+        f"final loss {result.losses[-1]:.4f}",
+        flush=True,
+    )
     return result.kohya_path
 
 
 def _progress(name: str) -> Any:
     """A one-line progress printer."""
+
     def show(p: Any) -> None:
         if p.phase == "training" and (p.step % 50 == 0 or p.step == p.total):
             eta = p.eta_s or 0.0
             line = f"\r  {name}: step {p.step}/{p.total} loss {p.loss:.4f} eta {eta:.0f} s"
             print(line, end="", flush=True)
+
     return show
 
 
-def merged_rates(pipe: Any, loras: dict[str, Path], triggers: dict[str, str], model: Any, n: int,
-                 seed: int, steps: int, guidance: float) -> dict[str, float]:
+def merged_rates(
+    pipe: Any,
+    loras: dict[str, Path],
+    triggers: dict[str, str],
+    model: Any,
+    n: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+) -> dict[str, float]:
     """Each concept's rate under its trigger with every LoRA loaded at weight 1 (a plain sum)."""
     names = []
     for concept, path in loras.items():
@@ -158,8 +192,11 @@ def merged_rates(pipe: Any, loras: dict[str, Path], triggers: dict[str, str], mo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="pocket")
-    ap.add_argument("--classifier", type=Path,
-                    default=ROOT / "pipelines" / "pocket" / "weights" / "classifier.safetensors")
+    ap.add_argument(
+        "--classifier",
+        type=Path,
+        default=ROOT / "pipelines" / "pocket" / "weights" / "classifier.safetensors",
+    )
     ap.add_argument("--concept", default="star", choices=world.LORA_OBJECTS)
     ap.add_argument("--trigger", default="zqx")
     ap.add_argument("--images", type=int, default=20)
@@ -167,10 +204,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="denoising steps per picture")
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--orthogonal", action="store_true", help="also measure merge interference")
-    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                    help="a training option other than its default (value as JSON), e.g. --set rank=8")
-    ap.add_argument("--prior-base", type=int, default=0, metavar="N",
-                    help="prior prompts: N captions of base scenes (the model's own domain)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="a training option other than its default (value as JSON), e.g. --set rank=8",
+    )
+    ap.add_argument(
+        "--prior-base",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prior prompts: N captions of base scenes (the model's own domain)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the numbers here")
     ap.add_argument("--keep", type=Path, metavar="FILE", help="keep the trained LoRA (kohya) here")
@@ -180,8 +227,10 @@ def main() -> None:
 
     pipe, model = load_base_pipeline(args.model), judge.load(args.classifier)
     kw = {"n": args.n, "steps": args.steps, "guidance": args.guidance}
-    report: dict[str, Any] = {"options": options(args.set),
-                              "base": evaluate(pipe, None, args.trigger, args.concept, model, **kw)}
+    report: dict[str, Any] = {
+        "options": options(args.set),
+        "base": evaluate(pipe, None, args.trigger, args.concept, model, **kw),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = concept_folder(Path(tmp) / args.concept, args.concept, args.trigger, args.images, 0)
         out = Path(tmp) / f"{args.concept}.safetensors"
@@ -190,8 +239,9 @@ def main() -> None:
         if args.keep:
             args.keep.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(lora, args.keep)
-        report["lora"] = evaluate(pipe, lora, args.trigger, args.concept, model,
-                                  base=report["base"]["base_accuracy"], **kw)
+        report["lora"] = evaluate(
+            pipe, lora, args.trigger, args.concept, model, base=report["base"]["base_accuracy"], **kw
+        )
         if args.orthogonal:
             report["merge"] = merge_study(pipe, model, Path(tmp), args, kw)
     print_report(report, args)
@@ -236,18 +286,24 @@ def merge_study(pipe: Any, model: Any, tmp: Path, args: argparse.Namespace, kw: 
 def print_report(r: dict[str, Any], args: argparse.Namespace) -> None:
     """Human-readable summary with the targets."""
     rate, base_rate = r["lora"]["concept_rate"], r["base"]["concept_rate"]
-    print(f"\nconcept '{args.concept}' under trigger '{args.trigger}': {100 * rate:.1f} % with the LoRA "
-          f"({100 * base_rate:.1f} % without); target ≥ 80 % → {'PASS' if rate >= 0.8 else 'FAIL'}")
+    print(
+        f"\nconcept '{args.concept}' under trigger '{args.trigger}': {100 * rate:.1f} % with the LoRA "
+        f"({100 * base_rate:.1f} % without); target ≥ 80 % → {'PASS' if rate >= 0.8 else 'FAIL'}"
+    )
     drops = r["lora"]["accuracy_drop_points"]
     for a in BASE_ATTRIBUTES:
-        print(f"  base prompts, {a:<10}: {100 * r['base']['base_accuracy'][a]:5.1f} % → "
-              f"{100 * r['lora']['base_accuracy'][a]:5.1f} %  (drop {drops[a]:+.1f} points)")
+        print(
+            f"  base prompts, {a:<10}: {100 * r['base']['base_accuracy'][a]:5.1f} % → "
+            f"{100 * r['lora']['base_accuracy'][a]:5.1f} %  (drop {drops[a]:+.1f} points)"
+        )
     worst = max(drops.values())
     verdict = "PASS" if worst <= 5 else "FAIL"
     print(f"knowledge preservation: worst drop {worst:+.1f} points; target ≤ 5 → {verdict}")
     for mode, m in r.get("merge", {}).items():
-        print(f"merge ({mode}): alone {m['alone']}, merged {m['merged']}, "
-              f"mean A-overlap {m['mean_down_overlap']:.3f}")
+        print(
+            f"merge ({mode}): alone {m['alone']}, merged {m['merged']}, "
+            f"mean A-overlap {m['mean_down_overlap']:.3f}"
+        )
 
 
 if __name__ == "__main__":

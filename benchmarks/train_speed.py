@@ -47,16 +47,36 @@ def build_pipeline(model: str):  # -> StableDiffusionPipeline
     else:
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
         vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
         )
-        te = CLIPTextModel(CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407,
-            projection_dim=768))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=pocket.build_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                eos_token_id=49407,
+                bos_token_id=49406,
+                pad_token_id=49407,
+                projection_dim=768,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=pocket.build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -121,10 +141,20 @@ def worker(job: dict) -> dict:
 
     device = torch.device(job["device"])
     pipe = build_pipeline(job["model"]).to(device)
-    spec = TrainSpec(trigger="zq", rank=job["rank"], steps=job["steps"] + 1, batch_size=job["batch"],
-                     resolution=job["resolution"], cache_latents=job["cache"], sample_every=0,
-                     checkpoint_every=10_000, targets="attn", learning_rate=1e-4, train_text_encoder=False,
-                     prior_preservation=False)  # one setting for every model, not each family's defaults
+    spec = TrainSpec(
+        trigger="zq",
+        rank=job["rank"],
+        steps=job["steps"] + 1,
+        batch_size=job["batch"],
+        resolution=job["resolution"],
+        cache_latents=job["cache"],
+        sample_every=0,
+        checkpoint_every=10_000,
+        targets="attn",
+        learning_rate=1e-4,
+        train_text_encoder=False,
+        prior_preservation=False,
+    )  # one setting for every model, not each family's defaults
     geometry = Geometry.of(pipe, spec)
     examples = prepare_examples(items_from_folder(job["images"]), spec, list(geometry.buckets))
     cls = FullFineTune if job["mode"] == "full" else LoraTrainer
@@ -156,14 +186,25 @@ def worker(job: dict) -> dict:
             if not reset:
                 print("warning: peak RSS could not be reset; memory includes set-up", file=sys.stderr)
     trainable = sum(p.numel() for p in trainer.trainable())
-    return {**job, "sec_per_step": statistics.median(times), "times": times, "peak_bytes": peak,
-            "base_bytes": base, "train_bytes": peak - base, "trainable": trainable}
+    return {
+        **job,
+        "sec_per_step": statistics.median(times),
+        "times": times,
+        "peak_bytes": peak,
+        "base_bytes": base,
+        "train_bytes": peak - base,
+        "trainable": trainable,
+    }
 
 
 def run_worker(job: dict) -> dict:
     """Run one measurement in a fresh interpreter; returns its JSON result."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     if proc.returncode != 0:
         why = "killed by SIGKILL (out of memory?)" if proc.returncode == -9 else f"exit {proc.returncode}"
         print(f"  worker {job['model']}/{job['mode']} failed: {why}\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -174,29 +215,37 @@ def run_worker(job: dict) -> dict:
 def report(model: str, rows: dict[tuple[str, bool], dict]) -> None:
     """Print one model's table and its ratios."""
     gib = 2**30
-    print(f"\n== {model}: batch {rows['lora', True]['batch']}, {rows['lora', True]['resolution']} px, "
-          f"LoRA rank {rows['lora', True]['rank']} ==")
+    print(
+        f"\n== {model}: batch {rows['lora', True]['batch']}, {rows['lora', True]['resolution']} px, "
+        f"LoRA rank {rows['lora', True]['rank']} =="
+    )
     print(f"{'mode':<6}{'latents':<10}{'s/step':>10}{'model GiB':>11}{'+train GiB':>12}{'trainable':>14}")
     for (mode, cache), r in rows.items():
         if "failed" in r:
             print(f"{mode:<6}{'cached' if cache else 'encoded':<10}  failed: {r['failed']}")
             continue
-        print(f"{mode:<6}{'cached' if cache else 'encoded':<10}{r['sec_per_step']:>10.3f}"
-              f"{r['base_bytes'] / gib:>11.3f}{r['train_bytes'] / gib:>12.3f}{r['trainable']:>14,}")
+        print(
+            f"{mode:<6}{'cached' if cache else 'encoded':<10}{r['sec_per_step']:>10.3f}"
+            f"{r['base_bytes'] / gib:>11.3f}{r['train_bytes'] / gib:>12.3f}{r['trainable']:>14,}"
+        )
     ok = {k: r for k, r in rows.items() if "failed" not in r}
     for cache in (True, False):
         if ("lora", cache) not in ok or ("full", cache) not in ok:
             continue
         lo, fu = rows["lora", cache], rows["full", cache]
         label = "cached" if cache else "encoded"
-        print(f"LoRA/full ({label} latents): time {lo['sec_per_step'] / fu['sec_per_step']:.2f}×, "
-              f"training memory {lo['train_bytes'] / fu['train_bytes']:.2f}×")
+        print(
+            f"LoRA/full ({label} latents): time {lo['sec_per_step'] / fu['sec_per_step']:.2f}×, "
+            f"training memory {lo['train_bytes'] / fu['train_bytes']:.2f}×"
+        )
     for mode in ("lora", "full"):
         if (mode, True) not in ok or (mode, False) not in ok:
             continue
         on, off = rows[mode, True], rows[mode, False]
-        print(f"{mode}: cached/encoded latents: time {on['sec_per_step'] / off['sec_per_step']:.2f}×, "
-              f"training memory {on['train_bytes'] / off['train_bytes']:.2f}×")
+        print(
+            f"{mode}: cached/encoded latents: time {on['sec_per_step'] / off['sec_per_step']:.2f}×, "
+            f"training memory {on['train_bytes'] / off['train_bytes']:.2f}×"
+        )
 
 
 def main() -> None:
@@ -223,14 +272,25 @@ def main() -> None:
                 for cache in (True, False):
                     if args.only and args.only != f"{mode}:{'cached' if cache else 'encoded'}":
                         continue
-                    job = {"model": model, "mode": mode, "cache": cache, "device": args.device,
-                           "steps": args.steps, "batch": args.batch, "rank": args.rank, "resolution": res,
-                           "images": str(images)}
+                    job = {
+                        "model": model,
+                        "mode": mode,
+                        "cache": cache,
+                        "device": args.device,
+                        "steps": args.steps,
+                        "batch": args.batch,
+                        "rank": args.rank,
+                        "resolution": res,
+                        "images": str(images),
+                    }
                     r = rows[mode, cache] = run_worker(job)
                     if "failed" not in r:
                         label = "cached" if cache else "encoded"
-                        print(f"  {model} {mode} {label}: {r['sec_per_step']:.3f} s/step, "
-                              f"+{r['train_bytes'] / 2**30:.3f} GiB", flush=True)
+                        print(
+                            f"  {model} {mode} {label}: {r['sec_per_step']:.3f} s/step, "
+                            f"+{r['train_bytes'] / 2**30:.3f} GiB",
+                            flush=True,
+                        )
             report(model, rows)
 
 

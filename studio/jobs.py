@@ -73,9 +73,24 @@ class JobStatus:
 def _status(row: TrainJobRow) -> JobStatus:
     """Copy a row into a DTO (ORM objects never leave this module)."""
     return JobStatus(
-        row.id, row.name, row.status, row.device, row.model, row.phase, row.step, row.total_steps, row.loss,
-        row.eta_s, row.sample_path, row.reason, row.out_path, row.work_dir, row.adapter_id, row.created_at,
-        row.started_at, row.finished_at,
+        row.id,
+        row.name,
+        row.status,
+        row.device,
+        row.model,
+        row.phase,
+        row.step,
+        row.total_steps,
+        row.loss,
+        row.eta_s,
+        row.sample_path,
+        row.reason,
+        row.out_path,
+        row.work_dir,
+        row.adapter_id,
+        row.created_at,
+        row.started_at,
+        row.finished_at,
     )
 
 
@@ -112,8 +127,14 @@ def catalog_registrar(catalog: Any) -> Registrar:
             meta["base_family"] = result.family
         with catalog.session() as session:
             record = adapters_db.register_trained_adapter(
-                session, catalog, result.kohya_path, list(result.captions), list(result.sample_images),
-                sample_prompts=list(result.sample_prompts), **meta)
+                session,
+                catalog,
+                result.kohya_path,
+                list(result.captions),
+                list(result.sample_images),
+                sample_prompts=list(result.sample_prompts),
+                **meta,
+            )
         return str(record.id)
 
     return register
@@ -133,9 +154,15 @@ def register_in_catalog(config: StudioConfig, result: TrainResult, job: JobStatu
 class JobRunner:
     """The studio's training queue: submit, watch, cancel; one worker thread per device."""
 
-    def __init__(self, config: StudioConfig, *, trainer: Trainer = train_lora,
-                 registrar: Registrar | None = register_in_catalog, limits: ImageLimits = ImageLimits(),
-                 progress_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: StudioConfig,
+        *,
+        trainer: Trainer = train_lora,
+        registrar: Registrar | None = register_in_catalog,
+        limits: ImageLimits = ImageLimits(),
+        progress_interval_s: float = 1.0,
+    ) -> None:
         self.config, self.trainer, self.registrar, self.limits = config, trainer, registrar, limits
         self.progress_interval_s = progress_interval_s
         if config.catalog_url.startswith("sqlite:///"):
@@ -151,8 +178,9 @@ class JobRunner:
         self._listeners: list[Callable[[str, TrainProgress], None]] = []
 
     # ---- submitting ------------------------------------------------------------------------
-    def store_pictures(self, files: Sequence[str | Path], captions: Mapping[str, str] | None = None
-                       ) -> list[dict[str, Any]]:
+    def store_pictures(
+        self, files: Sequence[str | Path], captions: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         """Validate and store the upload (all or nothing); returns the job's picture manifest."""
         pictures, txt = split_uploads(files)
         txt = {**txt, **(captions or {})}
@@ -165,23 +193,47 @@ class JobRunner:
         for src, img in zip(pictures, stored, strict=True):
             if img.sha256 not in seen:
                 seen.add(img.sha256)
-                manifest.append({"path": str(img.path), "caption": txt.get(src.stem), "name": img.name,
-                                 "sha256": img.sha256})
+                manifest.append(
+                    {
+                        "path": str(img.path),
+                        "caption": txt.get(src.stem),
+                        "name": img.name,
+                        "sha256": img.sha256,
+                    }
+                )
         return manifest
 
-    def submit(self, spec: TrainSpec, files: Sequence[str | Path], *, model: str | None = None,
-               captions: Mapping[str, str] | None = None, out: str | Path | None = None,
-               device: str | None = None, register: bool = True) -> str:
+    def submit(
+        self,
+        spec: TrainSpec,
+        files: Sequence[str | Path],
+        *,
+        model: str | None = None,
+        captions: Mapping[str, str] | None = None,
+        out: str | Path | None = None,
+        device: str | None = None,
+        register: bool = True,
+    ) -> str:
         """Queue a training job for uploaded files (pictures and ``.txt`` captions); returns its id."""
         manifest = self.store_pictures(files, captions)
         job_id = uuid.uuid4().hex
         work = self.config.jobs_dir / job_id
         out_path = Path(out) if out is not None else work / f"{spec.output_name}.safetensors"
         dev = str(resolve_device(device or self.config.device))
-        row = TrainJobRow(id=job_id, name=spec.output_name, status="queued", device=dev,
-                          model=str(model or self.config.model), spec_json=spec.to_json(),
-                          images_json=json.dumps(manifest), work_dir=str(work), out_path=str(out_path),
-                          register=int(register), total_steps=spec.steps or 0, phase="queued")
+        row = TrainJobRow(
+            id=job_id,
+            name=spec.output_name,
+            status="queued",
+            device=dev,
+            model=str(model or self.config.model),
+            spec_json=spec.to_json(),
+            images_json=json.dumps(manifest),
+            work_dir=str(work),
+            out_path=str(out_path),
+            register=int(register),
+            total_steps=spec.steps or 0,
+            phase="queued",
+        )
         with self.sessions() as s, s.begin():
             s.add(row)
         with self._wake:
@@ -230,9 +282,16 @@ class JobRunner:
         """Cancel a queued job at once, or ask a running one to stop at its next step."""
         with self.sessions() as s, s.begin():
             queued = (TrainJobRow.id == job_id, TrainJobRow.status == "queued")
-            done = s.execute(update(TrainJobRow).where(*queued).values(
-                status="cancelled", phase="cancelled", finished_at=utcnow(),
-                reason="cancelled before it started"))
+            done = s.execute(
+                update(TrainJobRow)
+                .where(*queued)
+                .values(
+                    status="cancelled",
+                    phase="cancelled",
+                    finished_at=utcnow(),
+                    reason="cancelled before it started",
+                )
+            )
         status = self.status(job_id)
         if done.rowcount == 0 and status.status == "running":
             self._cancel.setdefault(job_id, threading.Event()).set()
@@ -241,9 +300,11 @@ class JobRunner:
     def resume(self, job_id: str) -> JobStatus:
         """Queue a cancelled or failed job again; it continues from its newest checkpoint."""
         with self.sessions() as s, s.begin():
-            res = s.execute(update(TrainJobRow).where(
-                TrainJobRow.id == job_id, TrainJobRow.status.in_(("cancelled", "failed")))
-                .values(status="queued", phase="queued", finished_at=None, reason="resumed on request"))
+            res = s.execute(
+                update(TrainJobRow)
+                .where(TrainJobRow.id == job_id, TrainJobRow.status.in_(("cancelled", "failed")))
+                .values(status="queued", phase="queued", finished_at=None, reason="resumed on request")
+            )
         if res.rowcount == 0:
             raise ValueError(f"job {job_id} is not cancelled or failed; nothing to resume")
         with self._wake:
@@ -257,11 +318,20 @@ class JobRunner:
         for row in rows:
             ck = list_checkpoints(Path(row.work_dir) / "checkpoints")
             if ck:
-                self._update(row.id, status="queued", phase="queued",
-                             reason=f"the studio restarted; resuming from the checkpoint at step {ck[-1][0]}")
+                self._update(
+                    row.id,
+                    status="queued",
+                    phase="queued",
+                    reason=f"the studio restarted; resuming from the checkpoint at step {ck[-1][0]}",
+                )
             else:
-                self._update(row.id, status="failed", phase="failed", finished_at=utcnow(),
-                             reason="the studio stopped while this job ran, before its first checkpoint")
+                self._update(
+                    row.id,
+                    status="failed",
+                    phase="failed",
+                    finished_at=utcnow(),
+                    reason="the studio stopped while this job ran, before its first checkpoint",
+                )
                 self._release_basis(row.id, keep=False)
         return [self.status(r.id) for r in rows]
 
@@ -300,14 +370,22 @@ class JobRunner:
         """Mark one queued job running (the given one, or this device's oldest); returns its id."""
         with self.sessions() as s, s.begin():
             if job_id is None:
-                job_id = s.scalar(select(TrainJobRow.id).where(TrainJobRow.status == "queued",
-                                                               TrainJobRow.device == device)
-                                  .order_by(TrainJobRow.created_at).limit(1))
+                job_id = s.scalar(
+                    select(TrainJobRow.id)
+                    .where(TrainJobRow.status == "queued", TrainJobRow.device == device)
+                    .order_by(TrainJobRow.created_at)
+                    .limit(1)
+                )
             if job_id is None:
                 return None
             queued = (TrainJobRow.id == job_id, TrainJobRow.status == "queued")
-            res = s.execute(update(TrainJobRow).where(*queued).values(
-                status="running", phase="starting", started_at=utcnow(), attempts=TrainJobRow.attempts + 1))
+            res = s.execute(
+                update(TrainJobRow)
+                .where(*queued)
+                .values(
+                    status="running", phase="starting", started_at=utcnow(), attempts=TrainJobRow.attempts + 1
+                )
+            )
             return job_id if res.rowcount == 1 else None
 
     def _work(self, device: str) -> None:
@@ -322,12 +400,18 @@ class JobRunner:
                 self.run_job(job_id, claimed=True)
             except Exception as exc:  # the bookkeeping itself failed (e.g. the database): record it if we can
                 with contextlib.suppress(Exception):
-                    self._update(job_id, status="failed", phase="failed", finished_at=utcnow(),
-                                 reason=f"internal error: {type(exc).__name__}: {exc}")
+                    self._update(
+                        job_id,
+                        status="failed",
+                        phase="failed",
+                        finished_at=utcnow(),
+                        reason=f"internal error: {type(exc).__name__}: {exc}",
+                    )
 
     # ---- running one job -------------------------------------------------------------------
-    def run_job(self, job_id: str, progress: Callable[[TrainProgress], None] | None = None,
-                claimed: bool = False) -> JobStatus:
+    def run_job(
+        self, job_id: str, progress: Callable[[TrainProgress], None] | None = None, claimed: bool = False
+    ) -> JobStatus:
         """Train one queued job in this thread (the CLI's way; workers pass ``claimed``); record the end."""
         if not claimed and self._claim(None, job_id) is None:
             raise ValueError(f"job {job_id} is not queued (it is {self.status(job_id).status})")
@@ -345,8 +429,9 @@ class JobRunner:
             self._cancel.pop(job_id, None)
         return self.status(job_id)
 
-    def _train(self, job: JobStatus, event: threading.Event,
-               progress: Callable[[TrainProgress], None] | None) -> TrainResult:
+    def _train(
+        self, job: JobStatus, event: threading.Event, progress: Callable[[TrainProgress], None] | None
+    ) -> TrainResult:
         """Call the trainer with the job's spec, pictures, work folder, device and basis."""
         with self.sessions() as s:
             row = s.get(TrainJobRow, job.id)
@@ -354,14 +439,26 @@ class JobRunner:
         items = [ImageItem(Path(m["path"]), m["caption"]) for m in manifest]
         basis: Callable[[str], BasisSlot] | None = None
         if spec.orthogonal:
+
             def basis(family: str) -> BasisSlot:
                 return self.basis.allocate(family, job.id, spec.rank)
-        return self.trainer(spec, job.model, items, Path(job.out_path), work_dir=Path(job.work_dir),
-                            device=job.device, progress=self._progress_fn(job.id, progress), cancel=event,
-                            basis=basis, limits=self.limits)
 
-    def _progress_fn(self, job_id: str, extra: Callable[[TrainProgress], None] | None
-                     ) -> Callable[[TrainProgress], None]:
+        return self.trainer(
+            spec,
+            job.model,
+            items,
+            Path(job.out_path),
+            work_dir=Path(job.work_dir),
+            device=job.device,
+            progress=self._progress_fn(job.id, progress),
+            cancel=event,
+            basis=basis,
+            limits=self.limits,
+        )
+
+    def _progress_fn(
+        self, job_id: str, extra: Callable[[TrainProgress], None] | None
+    ) -> Callable[[TrainProgress], None]:
         """A progress callback that writes the row (at most once per interval) and tells listeners."""
         last = {"t": 0.0, "phase": ""}
 
@@ -369,8 +466,15 @@ class JobRunner:
             now = time.monotonic()
             if p.phase != last["phase"] or now - last["t"] >= self.progress_interval_s or p.step == p.total:
                 last.update(t=now, phase=p.phase)
-                self._update(job_id, phase=p.phase, step=p.step, total_steps=p.total, loss=p.loss,
-                             eta_s=p.eta_s, sample_path=None if p.sample_path is None else str(p.sample_path))
+                self._update(
+                    job_id,
+                    phase=p.phase,
+                    step=p.step,
+                    total_steps=p.total,
+                    loss=p.loss,
+                    eta_s=p.eta_s,
+                    sample_path=None if p.sample_path is None else str(p.sample_path),
+                )
             for fn in self._listeners:
                 fn(job_id, p)
             if extra is not None:
@@ -385,16 +489,31 @@ class JobRunner:
             try:
                 adapter_id = self.registrar(self.config, result, job)
             except Exception as exc:
-                self._update(job.id, status="failed", phase="failed", finished_at=utcnow(),
-                             reason=f"trained and saved to {result.kohya_path}, but catalog registration "
-                                    f"failed: {type(exc).__name__}: {exc}")
+                self._update(
+                    job.id,
+                    status="failed",
+                    phase="failed",
+                    finished_at=utcnow(),
+                    reason=f"trained and saved to {result.kohya_path}, but catalog registration "
+                    f"failed: {type(exc).__name__}: {exc}",
+                )
                 return
         else:
             reason = "not registered in the catalog (registration was not requested)"
-        self._update(job.id, status="done", phase="done", step=result.steps, total_steps=result.steps,
-                     loss=result.losses[-1] if result.losses else None, eta_s=0.0, finished_at=utcnow(),
-                     out_path=str(result.kohya_path), adapter_id=adapter_id, reason=reason,
-                     sample_path=str(result.sample_images[-1]) if result.sample_images else None)
+        self._update(
+            job.id,
+            status="done",
+            phase="done",
+            step=result.steps,
+            total_steps=result.steps,
+            loss=result.losses[-1] if result.losses else None,
+            eta_s=0.0,
+            finished_at=utcnow(),
+            out_path=str(result.kohya_path),
+            adapter_id=adapter_id,
+            reason=reason,
+            sample_path=str(result.sample_images[-1]) if result.sample_images else None,
+        )
 
     def _wants_registration(self, job_id: str) -> bool:
         """Whether the job was submitted with ``register=True``."""
@@ -404,11 +523,20 @@ class JobRunner:
     def _ended_cancelled(self, job: JobStatus, step: int) -> None:
         """Back to the queue when the studio is stopping, else cancelled (checkpoint kept for resume)."""
         if self._stopping.is_set():
-            self._update(job.id, status="queued", phase="queued",
-                         reason=f"the studio stopped; resumes from step {step}")
+            self._update(
+                job.id,
+                status="queued",
+                phase="queued",
+                reason=f"the studio stopped; resumes from step {step}",
+            )
             return
-        self._update(job.id, status="cancelled", phase="cancelled", finished_at=utcnow(),
-                     reason=f"cancelled at step {step}; its checkpoint is kept, so it can be resumed")
+        self._update(
+            job.id,
+            status="cancelled",
+            phase="cancelled",
+            finished_at=utcnow(),
+            reason=f"cancelled at step {step}; its checkpoint is kept, so it can be resumed",
+        )
         self._release_basis(job.id, keep=True)
 
     def _ended_failed(self, job: JobStatus, reason: str) -> None:

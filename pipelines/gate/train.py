@@ -77,8 +77,13 @@ def mix_latents(
 
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     with attach(pipe, [(AdapterInfo(lo.name), lo.weights) for lo in loras], make_policy("linear")):
-        out = pipe(list(prompts), num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
-                   generator=gens, output_type="latent")
+        out = pipe(
+            list(prompts),
+            num_inference_steps=cfg.sample_steps,
+            guidance_scale=cfg.guidance,
+            generator=gens,
+            output_type="latent",
+        )
     return out.images.detach().float().cpu()
 
 
@@ -87,7 +92,7 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> np.ndarray:
     """uint8 N×H×W×3 pictures of latents (for judging them)."""
     vae = pipe.vae
     images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    return (((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def gate_layers(pipe: Any, loras: Sequence[GateLora]) -> dict[str, int]:
@@ -162,8 +167,10 @@ def train_gate(
             noise = torch.randn_like(x0)
             xt = sched.add_noise(x0, noise, t)
             # (LoRAs on, noisy latents, their noise, prompts, weight, hinge term?)
-            terms = [((i, j), xt, noise, p1, cfg.fit_weight, False),
-                     ((i, j), xt, noise, p2, cfg.hinge_weight, True)]
+            terms = [
+                ((i, j), xt, noise, p1, cfg.fit_weight, False),
+                ((i, j), xt, noise, p2, cfg.hinge_weight, True),
+            ]
             if mixes:
                 key = list(mixes)[int(rng.integers(len(mixes)))]
                 m_lat, m_prompts = mixes[key]

@@ -37,8 +37,14 @@ DATASET_SIZE = 96  # pictures per concept LoRA
 # prior: rank 8 86 %, rank 16 84.5 %; without it: rank 8 at lr 1e-3 74.5 %, rank 16 79.5 %, rank 32 79 %
 # (it failed on black backgrounds, 43 %; half the pictures on black, a quarter here, gave 72 %).
 TUNED: dict[str, dict[str, Any]] = {
-    "outline": {"targets": "attn", "steps": 600, "learning_rate": 4e-4, "train_text_encoder": False,
-                "checkpoint_every": 200, "dataset_size": 24},
+    "outline": {
+        "targets": "attn",
+        "steps": 600,
+        "learning_rate": 4e-4,
+        "train_text_encoder": False,
+        "checkpoint_every": 200,
+        "dataset_size": 24,
+    },
     "striped": {"steps": 4500, "learning_rate": 2e-3, "prior_preservation": True},
     "neon": {"steps": 3000, "learning_rate": 2e-3, "prior_preservation": True},
 }

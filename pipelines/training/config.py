@@ -18,8 +18,18 @@ UNET_TARGETS: dict[str, tuple[str, ...]] = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
     "attn-mlp": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
     "all": (
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-        "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+        "time_emb_proj",
     ),
 }
 TEXT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -153,8 +163,13 @@ class TrainSpec:
         if "{caption}" not in self.class_prompt:
             return self.fill(self.class_prompt)
         words = caption.split()
-        beside = {words[j] for i, w in enumerate(words) if w == self.trigger
-                  for j in (i - 1, i + 1) if 0 <= j < len(words)}
+        beside = {
+            words[j]
+            for i, w in enumerate(words)
+            if w == self.trigger
+            for j in (i - 1, i + 1)
+            if 0 <= j < len(words)
+        }
         swap = "" if self.class_word in beside else self.class_word  # "zq dog" → "dog", "a zq" → "a dog"
         plain = " ".join(w for w in (swap if w == self.trigger else w for w in words) if w)
         return self.fill(self.class_prompt.replace("{caption}", plain))
@@ -184,8 +199,16 @@ class TrainSpec:
 
     def fingerprint(self) -> str:
         """Hash of every option that changes the trained weights (monitoring options excluded)."""
-        skip = {"sample_every", "sample_prompts", "sample_seeds", "sample_steps", "sample_guidance",
-                "checkpoint_every", "keep_checkpoints", "name"}
+        skip = {
+            "sample_every",
+            "sample_prompts",
+            "sample_seeds",
+            "sample_steps",
+            "sample_guidance",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "name",
+        }
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -197,11 +220,15 @@ def _problems(s: TrainSpec) -> list[str]:
         (s.rank >= 1, f"rank must be ≥ 1, got {s.rank}"),
         (s.alpha is None or s.alpha > 0, f"alpha must be > 0, got {s.alpha}"),
         (0 <= s.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {s.caption_dropout}"),
-        (s.prior_caption_dropout is None or 0 <= s.prior_caption_dropout < 1,
-         f"prior_caption_dropout must be in [0, 1), got {s.prior_caption_dropout}"),
+        (
+            s.prior_caption_dropout is None or 0 <= s.prior_caption_dropout < 1,
+            f"prior_caption_dropout must be in [0, 1), got {s.prior_caption_dropout}",
+        ),
         (0 <= s.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {s.lora_dropout}"),
-        (s.targets is None or s.targets in UNET_TARGETS,
-         f"targets must be one of {sorted(UNET_TARGETS)}, got {s.targets!r}"),
+        (
+            s.targets is None or s.targets in UNET_TARGETS,
+            f"targets must be one of {sorted(UNET_TARGETS)}, got {s.targets!r}",
+        ),
         (s.steps is None or s.steps >= 1, f"steps must be ≥ 1, got {s.steps}"),
         (s.epochs is None or s.epochs >= 1, f"epochs must be ≥ 1, got {s.epochs}"),
         (s.learning_rate is None or s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
@@ -213,13 +240,24 @@ def _problems(s: TrainSpec) -> list[str]:
         (s.resolution is None or s.resolution >= 8, f"resolution must be ≥ 8, got {s.resolution}"),
         (s.caption_source in CAPTION_SOURCES, f"caption_source must be one of {CAPTION_SOURCES}"),
         ("{trigger}" in s.caption_template, "caption_template must contain {trigger}"),
-        ((s.num_class_images or 0) >= 0 and (s.prior_loss_weight or 0) >= 0,
-         "class images and prior weight must be ≥ 0"),
-        (s.prior_target is None or s.prior_target in PRIOR_TARGETS,
-         f"prior_target must be one of {PRIOR_TARGETS}, got {s.prior_target!r}"),
+        (
+            (s.num_class_images or 0) >= 0 and (s.prior_loss_weight or 0) >= 0,
+            "class images and prior weight must be ≥ 0",
+        ),
+        (
+            s.prior_target is None or s.prior_target in PRIOR_TARGETS,
+            f"prior_target must be one of {PRIOR_TARGETS}, got {s.prior_target!r}",
+        ),
         (s.class_steps >= 1, f"class_steps must be ≥ 1, got {s.class_steps}"),
-        (not (s.prior_preservation and not s.class_word and "{caption}" not in s.class_prompt
-              and not s.prior_prompts), "prior preservation needs a class word, prior prompts or {caption}"),
+        (
+            not (
+                s.prior_preservation
+                and not s.class_word
+                and "{caption}" not in s.class_prompt
+                and not s.prior_prompts
+            ),
+            "prior preservation needs a class word, prior prompts or {caption}",
+        ),
         (s.min_snr_gamma is None or s.min_snr_gamma > 0, "min_snr_gamma must be > 0 or None"),
         (s.noise_offset >= 0, "noise_offset must be ≥ 0"),
         (s.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
@@ -237,13 +275,27 @@ def _problems(s: TrainSpec) -> list[str]:
 # trained with the empty prompt, trained towards the untouched model's own predictions at three times
 # the weight of the pictures, over 4000 steps (benchmarks/train_quality.py, README "Training a
 # personal LoRA": concept 87 %, base attributes within 3 points).
-GENERIC_DEFAULTS: dict[str, Any] = {"targets": "attn", "learning_rate": 1e-4, "train_text_encoder": False,
-                                    "steps": 800, "num_class_images": 50, "prior_caption_dropout": 0.0,
-                                    "prior_target": "noise", "prior_loss_weight": 1.0}
+GENERIC_DEFAULTS: dict[str, Any] = {
+    "targets": "attn",
+    "learning_rate": 1e-4,
+    "train_text_encoder": False,
+    "steps": 800,
+    "num_class_images": 50,
+    "prior_caption_dropout": 0.0,
+    "prior_target": "noise",
+    "prior_loss_weight": 1.0,
+}
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pocket": {"targets": "all", "learning_rate": 1e-3, "train_text_encoder": True, "steps": 4000,
-               "num_class_images": 100, "prior_caption_dropout": 0.2, "prior_target": "base",
-               "prior_loss_weight": 3.0},
+    "pocket": {
+        "targets": "all",
+        "learning_rate": 1e-3,
+        "train_text_encoder": True,
+        "steps": 4000,
+        "num_class_images": 100,
+        "prior_caption_dropout": 0.2,
+        "prior_target": "base",
+        "prior_loss_weight": 3.0,
+    },
 }
 
 
@@ -271,9 +323,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"rank": 8, "steps": 300, "learning_rate": 2e-4, "sample_every": 100},
     "balanced": {},
     "quality": {
-        "rank": 32, "steps": 1500, "learning_rate": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 50,
-        "targets": "attn-mlp", "train_text_encoder": True, "text_encoder_lr": 5e-5, "caption_dropout": 0.05,
-        "num_class_images": 100, "noise_offset": 0.05,
+        "rank": 32,
+        "steps": 1500,
+        "learning_rate": 1e-4,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 50,
+        "targets": "attn-mlp",
+        "train_text_encoder": True,
+        "text_encoder_lr": 5e-5,
+        "caption_dropout": 0.05,
+        "num_class_images": 100,
+        "noise_offset": 0.05,
     },
 }
 

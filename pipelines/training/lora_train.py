@@ -202,8 +202,12 @@ class TextConditioner:
         """(hidden states, pooled embedding or None) for a list of captions."""
         if self.sdxl:
             emb, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=captions, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, clip_skip=self.clip_skip)
+                prompt=captions,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                clip_skip=self.clip_skip,
+            )
             return emb, pooled
         emb, _ = self.pipe.encode_prompt(captions, self.device, 1, False, clip_skip=self.clip_skip)
         return emb, None
@@ -228,9 +232,18 @@ class LoraTrainer:
 
     PREPARING = ("class images", "caching latents")  # phases a cancel interrupts at once
 
-    def __init__(self, spec: TrainSpec, pipe: DiffusionPipeline, examples: list[Example], work: Path,
-                 device: torch.device, amp: torch.dtype | None, basis: BasisSlot | None = None,
-                 progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        spec: TrainSpec,
+        pipe: DiffusionPipeline,
+        examples: list[Example],
+        work: Path,
+        device: torch.device,
+        amp: torch.dtype | None,
+        basis: BasisSlot | None = None,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         self.family = detect_family(pipe)
         spec = for_family(spec, self.family)
         self.spec, self.pipe, self.examples, self.work = spec, pipe, examples, work
@@ -239,8 +252,11 @@ class LoraTrainer:
         self.geometry = Geometry.of(pipe, spec)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.plan = BatchPlan([e.bucket for e in examples], spec.batch_size, spec.seed)
-        self.total = spec.steps if spec.epochs is None else math.ceil(
-            spec.epochs * self.plan.per_epoch / spec.grad_accum)
+        self.total = (
+            spec.steps
+            if spec.epochs is None
+            else math.ceil(spec.epochs * self.plan.per_epoch / spec.grad_accum)
+        )
         self.step, self.resumed_from = 0, 0
         self.losses: list[float] = []
         self.samples: list[Path] = []
@@ -282,11 +298,19 @@ class LoraTrainer:
         prompts = [s.prior_prompt(captions[i % len(captions)], i) for i in range(s.num_class_images)]
         folder = self.work / "class_images"
         paths = generate_class_images(
-            self.pipe, prompts, (res, res), folder, s.seed, steps=s.class_steps,
-            guidance=s.sample_guidance, progress=lambda done, total: self.report("class images"))
+            self.pipe,
+            prompts,
+            (res, res),
+            folder,
+            s.seed,
+            steps=s.class_steps,
+            guidance=s.sample_guidance,
+            progress=lambda done, total: self.report("class images"),
+        )
         square = (res // self.geometry.divisibility * self.geometry.divisibility,) * 2
-        self.class_examples = [Example(p, q, square, (res, res), (0, 0))
-                               for p, q in zip(paths, prompts, strict=True)]
+        self.class_examples = [
+            Example(p, q, square, (res, res), (0, 0)) for p, q in zip(paths, prompts, strict=True)
+        ]
         self.class_plan = BatchPlan([e.bucket for e in self.class_examples], s.batch_size, s.seed + 1)
 
     def fill_cache(self, examples: list[Example], name: str) -> LatentCache:
@@ -299,9 +323,15 @@ class LoraTrainer:
     def lora_config(self, targets: Sequence[str]) -> LoraConfig:
         """The PEFT config of every adapted component."""
         s = self.spec
-        return LoraConfig(r=s.rank, lora_alpha=s.peft_alpha, target_modules=list(targets),
-                          lora_dropout=s.lora_dropout, use_rslora=s.use_rslora, use_dora=s.use_dora,
-                          init_lora_weights=True)
+        return LoraConfig(
+            r=s.rank,
+            lora_alpha=s.peft_alpha,
+            target_modules=list(targets),
+            lora_dropout=s.lora_dropout,
+            use_rslora=s.use_rslora,
+            use_dora=s.use_dora,
+            init_lora_weights=True,
+        )
 
     def inject(self) -> None:
         """Freeze the base model, add LoRA layers (seeded), freeze orthogonal A's, fp32 trainables."""
@@ -343,20 +373,26 @@ class LoraTrainer:
         for name, model in self.components.items():
             lr = s.learning_rate if name == "unet" else text_encoder_lr(s)
             opt = create_loraplus_optimizer(
-                model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=s.lora_plus_ratio,
-                loraplus_weight_decay=s.weight_decay)
+                model,
+                torch.optim.AdamW,
+                lr=lr,
+                loraplus_lr_ratio=s.lora_plus_ratio,
+                loraplus_weight_decay=s.weight_decay,
+            )
             groups += [g for g in opt.param_groups if g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=s.learning_rate)
-        self.lr_scheduler = get_scheduler(s.lr_scheduler, self.optimizer, num_warmup_steps=s.lr_warmup_steps,
-                                          num_training_steps=self.total)
+        self.lr_scheduler = get_scheduler(
+            s.lr_scheduler, self.optimizer, num_warmup_steps=s.lr_warmup_steps, num_training_steps=self.total
+        )
         if self.amp == torch.float16:
             self.scaler = torch.amp.GradScaler("cuda")
 
     # ---- checkpoints -----------------------------------------------------------------------
     def lora_tensors(self) -> dict[str, torch.nn.Parameter]:
         """Every LoRA parameter (trained or frozen) by component-qualified name."""
-        return {f"{c}.{n}": p for c, m in self.components.items()
-                for n, p in m.named_parameters() if "lora_" in n}
+        return {
+            f"{c}.{n}": p for c, m in self.components.items() for n, p in m.named_parameters() if "lora_" in n
+        }
 
     def checkpoint(self) -> None:
         """Save everything a bit-exact resume needs."""
@@ -394,8 +430,9 @@ class LoraTrainer:
         self.step = self.resumed_from = int(ck["step"])
 
     # ---- the loss --------------------------------------------------------------------------
-    def latents(self, examples: list[Example], idx: list[int], cache: LatentCache | None,
-                gen: torch.Generator) -> torch.Tensor:
+    def latents(
+        self, examples: list[Example], idx: list[int], cache: LatentCache | None, gen: torch.Generator
+    ) -> torch.Tensor:
         """Scaled latents of a batch: from the cache, or encoded now with this step's generator."""
         if cache is not None:
             return cache.get(idx).to(self.device)
@@ -406,13 +443,22 @@ class LoraTrainer:
     def time_ids(self, batch: list[Example], dtype: torch.dtype) -> torch.Tensor:
         """SDXL's micro-conditioning (original size, crop corner, target size) per picture."""
         proj = self.pipe.text_encoder_2.config.projection_dim
-        rows = [self.pipe._get_add_time_ids(e.original_size, e.crop_top_left, e.bucket, dtype, proj)
-                for e in batch]
+        rows = [
+            self.pipe._get_add_time_ids(e.original_size, e.crop_top_left, e.bucket, dtype, proj)
+            for e in batch
+        ]
         return torch.cat(rows).to(self.device)
 
-    def diffusion_loss(self, examples: list[Example], idx: list[int], cache: LatentCache | None,
-                       rng: np.random.Generator, gen: torch.Generator, dropout: float, distil: bool = False
-                       ) -> torch.Tensor:
+    def diffusion_loss(
+        self,
+        examples: list[Example],
+        idx: list[int],
+        cache: LatentCache | None,
+        rng: np.random.Generator,
+        gen: torch.Generator,
+        dropout: float,
+        distil: bool = False,
+    ) -> torch.Tensor:
         """The training loss of one batch of one bucket: random noise, timesteps and caption dropout."""
         batch = [examples[i] for i in idx]
         x0 = self.latents(examples, idx, cache, gen)
@@ -423,8 +469,15 @@ class LoraTrainer:
         captions = ["" if rng.random() < dropout else e.caption for e in batch]
         return self.denoise_loss(x0, noise.to(self.device), t.to(self.device), captions, batch, distil)
 
-    def denoise_loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, captions: list[str],
-                     batch: list[Example], distil: bool = False) -> torch.Tensor:
+    def denoise_loss(
+        self,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        captions: list[str],
+        batch: list[Example],
+        distil: bool = False,
+    ) -> torch.Tensor:
         """Mean (min-SNR weighted) MSE between the UNet's prediction and its target (``distil``: the
         untouched model's prediction instead of the scheduler's target)."""
         noisy = self.noise_scheduler.add_noise(x0, noise, t).to(self.pipe.unet.dtype)
@@ -439,8 +492,9 @@ class LoraTrainer:
             per_sample = per_sample * minimum_snr_weights(self.noise_scheduler, t, self.spec.min_snr_gamma)
         return per_sample.mean()
 
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, captions: list[str], batch: list[Example]
-                ) -> torch.Tensor:
+    def predict(
+        self, noisy: torch.Tensor, t: torch.Tensor, captions: list[str], batch: list[Example]
+    ) -> torch.Tensor:
         """The UNet's prediction (float32) for noisy latents under these captions."""
         emb, pooled = self.text(captions)  # type: ignore[misc]
         unet = self.pipe.unet
@@ -513,8 +567,9 @@ class LoraTrainer:
         """Train from the current step to the total; checkpoints, samples and progress on the way."""
         s, t0, first = self.spec, time.monotonic(), self.step
         log = self.work / "loss.jsonl"
-        log.write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                               for i, v in enumerate(self.losses)))
+        log.write_text(
+            "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(self.losses))
+        )
         with log.open("a") as fh:
             while self.step < self.total:
                 if self.cancel is not None and self.cancel.is_set():
@@ -543,8 +598,16 @@ class LoraTrainer:
         self.report("sampling")
         res = self.geometry.resolution // self.geometry.divisibility * self.geometry.divisibility
         s = self.spec
-        paths = render_samples(self.pipe, self.sample_prompts(), s.sample_seeds, (res, res),
-                               self.work / "samples", self.step, s.sample_steps, s.sample_guidance)
+        paths = render_samples(
+            self.pipe,
+            self.sample_prompts(),
+            s.sample_seeds,
+            (res, res),
+            self.work / "samples",
+            self.step,
+            s.sample_steps,
+            s.sample_guidance,
+        )
         self.samples += paths
         self.sample_texts += [p for p in self.sample_prompts() for _ in s.sample_seeds]  # render order
         self.report("sampling")
@@ -554,14 +617,21 @@ class LoraTrainer:
     def run_info(self, model_name: str, started: float) -> RunInfo:
         """The facts of this run that go into the file's metadata."""
         return RunInfo(
-            family=self.family, model_name=model_name, resolution=(self.geometry.resolution,) * 2,
-            prediction_type=self.noise_scheduler.config.prediction_type, num_images=len(self.examples),
-            num_class_images=len(self.class_examples), batches_per_epoch=self.plan.per_epoch,
-            steps=self.total, started_at=started, finished_at=time.time(),
+            family=self.family,
+            model_name=model_name,
+            resolution=(self.geometry.resolution,) * 2,
+            prediction_type=self.noise_scheduler.config.prediction_type,
+            num_images=len(self.examples),
+            num_class_images=len(self.class_examples),
+            batches_per_epoch=self.plan.per_epoch,
+            steps=self.total,
+            started_at=started,
+            finished_at=time.time(),
             final_loss=self.losses[-1] if self.losses else float("nan"),
             captions=tuple(e.caption for e in self.examples),
             basis=self.basis if self.spec.orthogonal else None,
-            mixed_precision={None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp])
+            mixed_precision={None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp],
+        )
 
     def finish(self, out: Path, model_name: str, started: float) -> TrainResult:
         """Final samples, metadata, the kohya + diffusers files, the loss curve, ``result.json``."""
@@ -572,12 +642,32 @@ class LoraTrainer:
         weights = replace(peft_to_lora_weights(self.components, self.family, meta, ADAPTER), metadata=meta)
         kohya, diffusers_dir = write_adapter(weights, out)
         curve = write_loss_curve(self.losses, self.work / "loss.png", f"{self.spec.output_name}: loss")
-        result = TrainResult(kohya, diffusers_dir, self.work, self.family, self.total, tuple(self.losses),
-                             info.captions, tuple(self.samples), tuple(self.sample_texts), curve, meta,
-                             self.resumed_from)
-        (self.work / "result.json").write_text(json.dumps(
-            {"kohya_path": str(kohya), "diffusers_path": str(diffusers_dir), "steps": self.total,
-             "final_loss": info.final_loss, "samples": [str(p) for p in self.samples]}, indent=1))
+        result = TrainResult(
+            kohya,
+            diffusers_dir,
+            self.work,
+            self.family,
+            self.total,
+            tuple(self.losses),
+            info.captions,
+            tuple(self.samples),
+            tuple(self.sample_texts),
+            curve,
+            meta,
+            self.resumed_from,
+        )
+        (self.work / "result.json").write_text(
+            json.dumps(
+                {
+                    "kohya_path": str(kohya),
+                    "diffusers_path": str(diffusers_dir),
+                    "steps": self.total,
+                    "final_loss": info.final_loss,
+                    "samples": [str(p) for p in self.samples],
+                },
+                indent=1,
+            )
+        )
         self.report("done")
         return result
 

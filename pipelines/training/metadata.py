@@ -72,8 +72,9 @@ def _network_args(spec: TrainSpec, info: RunInfo) -> dict[str, str]:
     if spec.lora_dropout:
         args["dropout"] = str(spec.lora_dropout)
     if info.basis is not None:
-        args["orthogonal_basis"] = json.dumps({"seed": info.basis.seed, "start": info.basis.start,
-                                               "rank": info.basis.rank})
+        args["orthogonal_basis"] = json.dumps(
+            {"seed": info.basis.seed, "start": info.basis.start, "rank": info.basis.rank}
+        )
     return args
 
 
@@ -123,8 +124,11 @@ def kohya_metadata(spec: TrainSpec, info: RunInfo) -> dict[str, str]:
         "ss_tag_frequency": json.dumps({info.dataset_name: tag_frequency(info.captions)}),
         "ss_dataset_dirs": json.dumps({info.dataset_name: {"n_repeats": 1, "img_count": info.num_images}}),
         "ss_training_comment": f"trigger: {spec.trigger}; final loss {info.final_loss:.5f}"
-        + ("; prior targets: the base model's predictions" if spec.uses_prior and spec.prior_target == "base"
-           else ""),
+        + (
+            "; prior targets: the base model's predictions"
+            if spec.uses_prior and spec.prior_target == "base"
+            else ""
+        ),
     }
     return meta
 
@@ -151,5 +155,8 @@ def modelspec_metadata(spec: TrainSpec, info: RunInfo, thumbnail: Path | None) -
 
 def training_metadata(spec: TrainSpec, info: RunInfo, thumbnail: Path | None) -> dict[str, str]:
     """All metadata of a trained adapter, plus the full spec as ``studio_train_spec``."""
-    return {**kohya_metadata(spec, info), **modelspec_metadata(spec, info, thumbnail),
-            "studio_train_spec": spec.to_json()}
+    return {
+        **kohya_metadata(spec, info),
+        **modelspec_metadata(spec, info, thumbnail),
+        "studio_train_spec": spec.to_json(),
+    }

@@ -12,13 +12,26 @@ from PIL import Image
 Pipeline = object  # any diffusers text-to-image pipeline (StableDiffusion[XL]Pipeline)
 
 
-def _render(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], size: tuple[int, int],
-            steps: int, guidance: float) -> list[Image.Image]:
+def _render(
+    pipe: Pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    size: tuple[int, int],
+    steps: int,
+    guidance: float,
+) -> list[Image.Image]:
     """One pipeline call; the global RNG is left exactly as it was."""
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     with torch.random.fork_rng(devices=[]):
-        out = pipe(prompt=list(prompts), generator=gens, height=size[0], width=size[1],  # type: ignore[operator]
-                   num_inference_steps=steps, guidance_scale=guidance, output_type="pil")
+        out = pipe(
+            prompt=list(prompts),
+            generator=gens,
+            height=size[0],
+            width=size[1],  # type: ignore[operator]
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="pil",
+        )
     return list(out.images)
 
 

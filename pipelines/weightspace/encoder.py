@@ -88,9 +88,7 @@ class Packed:
 
     def select(self, idx: torch.Tensor) -> Packed:
         """A subset of the adapters."""
-        return Packed(
-            tuple(u[idx] for u in self.ups), tuple(d[idx] for d in self.downs), self.present[idx]
-        )
+        return Packed(tuple(u[idx] for u in self.ups), tuple(d[idx] for d in self.downs), self.present[idx])
 
 
 def pack(adapters: Sequence[LoraWeights], config: EncoderConfig) -> Packed:
@@ -243,9 +241,7 @@ def train_encoder(
 def encode_weights(model: WeightEncoder, adapters: Sequence[LoraWeights], chunk: int = 64) -> np.ndarray:
     """Unit vectors (N, embed_dim) of adapters in the encoder's text space."""
     model.eval()
-    out = [
-        model(pack(adapters[i : i + chunk], model.config)).numpy() for i in range(0, len(adapters), chunk)
-    ]
+    out = [model(pack(adapters[i : i + chunk], model.config)).numpy() for i in range(0, len(adapters), chunk)]
     return np.concatenate(out) if out else np.zeros((0, model.config.embed_dim), np.float32)
 
 

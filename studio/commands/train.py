@@ -17,21 +17,43 @@ from studio.config import DEFAULT_MODEL, StudioConfig
 
 # argparse destination → TrainSpec field, for the options that map one to one.
 SPEC_OPTIONS: dict[str, str] = {
-    "class_word": "class_word", "rank": "rank", "alpha": "alpha", "steps": "steps", "epochs": "epochs",
-    "lr": "learning_rate", "text_encoder_lr": "text_encoder_lr", "lr_scheduler": "lr_scheduler",
-    "warmup": "lr_warmup_steps", "lora_plus_ratio": "lora_plus_ratio", "batch_size": "batch_size",
-    "grad_accum": "grad_accum", "resolution": "resolution", "captions": "caption_source",
-    "caption_template": "caption_template", "caption_dropout": "caption_dropout", "targets": "targets",
-    "num_class_images": "num_class_images", "prior_loss_weight": "prior_loss_weight",
-    "prior_caption_dropout": "prior_caption_dropout", "prior_target": "prior_target",
-    "noise_offset": "noise_offset", "mixed_precision": "mixed_precision", "clip_skip": "clip_skip",
-    "seed": "seed", "sample_every": "sample_every", "checkpoint_every": "checkpoint_every", "name": "name",
+    "class_word": "class_word",
+    "rank": "rank",
+    "alpha": "alpha",
+    "steps": "steps",
+    "epochs": "epochs",
+    "lr": "learning_rate",
+    "text_encoder_lr": "text_encoder_lr",
+    "lr_scheduler": "lr_scheduler",
+    "warmup": "lr_warmup_steps",
+    "lora_plus_ratio": "lora_plus_ratio",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "resolution": "resolution",
+    "captions": "caption_source",
+    "caption_template": "caption_template",
+    "caption_dropout": "caption_dropout",
+    "targets": "targets",
+    "num_class_images": "num_class_images",
+    "prior_loss_weight": "prior_loss_weight",
+    "prior_caption_dropout": "prior_caption_dropout",
+    "prior_target": "prior_target",
+    "noise_offset": "noise_offset",
+    "mixed_precision": "mixed_precision",
+    "clip_skip": "clip_skip",
+    "seed": "seed",
+    "sample_every": "sample_every",
+    "checkpoint_every": "checkpoint_every",
+    "name": "name",
 }
 FLAGS: dict[str, tuple[str, bool]] = {  # flag → (field, value when given)
-    "rslora": ("use_rslora", True), "dora": ("use_dora", True),
+    "rslora": ("use_rslora", True),
+    "dora": ("use_dora", True),
     "train_text_encoder": ("train_text_encoder", True),
-    "no_bucketing": ("bucketing", False), "no_cache_latents": ("cache_latents", False),
-    "gradient_checkpointing": ("gradient_checkpointing", True), "orthogonal": ("orthogonal", True),
+    "no_bucketing": ("bucketing", False),
+    "no_cache_latents": ("cache_latents", False),
+    "gradient_checkpointing": ("gradient_checkpointing", True),
+    "orthogonal": ("orthogonal", True),
 }
 
 
@@ -41,14 +63,33 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("training options (defaults: the preset)")
     g.add_argument("--preset", choices=sorted(c.PRESETS), default="balanced")
-    g.add_argument("--class-word", help="what the subject is (e.g. 'dog'); turns on prior preservation "
-                   "(the pocket model has one from its own domain without it)")
-    for name, typ in (("rank", int), ("alpha", float), ("steps", int), ("epochs", int), ("lr", float),
-                      ("text-encoder-lr", float), ("warmup", int), ("lora-plus-ratio", float),
-                      ("batch-size", int), ("grad-accum", int), ("resolution", int),
-                      ("caption-dropout", float), ("prior-caption-dropout", float),
-                      ("num-class-images", int), ("prior-loss-weight", float), ("noise-offset", float),
-                      ("clip-skip", int), ("seed", int), ("sample-every", int), ("checkpoint-every", int)):
+    g.add_argument(
+        "--class-word",
+        help="what the subject is (e.g. 'dog'); turns on prior preservation "
+        "(the pocket model has one from its own domain without it)",
+    )
+    for name, typ in (
+        ("rank", int),
+        ("alpha", float),
+        ("steps", int),
+        ("epochs", int),
+        ("lr", float),
+        ("text-encoder-lr", float),
+        ("warmup", int),
+        ("lora-plus-ratio", float),
+        ("batch-size", int),
+        ("grad-accum", int),
+        ("resolution", int),
+        ("caption-dropout", float),
+        ("prior-caption-dropout", float),
+        ("num-class-images", int),
+        ("prior-loss-weight", float),
+        ("noise-offset", float),
+        ("clip-skip", int),
+        ("seed", int),
+        ("sample-every", int),
+        ("checkpoint-every", int),
+    ):
         g.add_argument(f"--{name}", type=typ)
     g.add_argument("--min-snr-gamma", type=float, help="min-SNR γ (0 turns the weighting off)")
     g.add_argument("--lr-scheduler", choices=c.LR_SCHEDULERS)
@@ -58,14 +99,23 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", help="comma-separated UNet module names (overrides --targets)")
     g.add_argument("--mixed-precision", choices=c.MIXED_PRECISION)
     g.add_argument("--sample-prompt", action="append", help="a prompt to sample during training (repeatable)")
-    g.add_argument("--prior-target", choices=c.PRIOR_TARGETS,
-                   help="what class images train towards: the added noise (DreamBooth) or the base model's "
-                   "own prediction (distillation; the pocket model's default)")
+    g.add_argument(
+        "--prior-target",
+        choices=c.PRIOR_TARGETS,
+        help="what class images train towards: the added noise (DreamBooth) or the base model's "
+        "own prediction (distillation; the pocket model's default)",
+    )
     g.add_argument("--no-prior", action="store_true", help="no prior preservation even with a class word")
-    g.add_argument("--class-prompt", help="prompt of the class images; {caption}: each picture's caption "
-                   "with the trigger → class word (default)")
-    g.add_argument("--prior-prompt", action="append",
-                   help="a prompt for class images (repeatable; replaces --class-prompt)")
+    g.add_argument(
+        "--class-prompt",
+        help="prompt of the class images; {caption}: each picture's caption "
+        "with the trigger → class word (default)",
+    )
+    g.add_argument(
+        "--prior-prompt",
+        action="append",
+        help="a prompt for class images (repeatable; replaces --class-prompt)",
+    )
     g.add_argument("--name", help="adapter name (default: the trigger)")
     for flag in FLAGS:
         g.add_argument(f"--{flag.replace('_', '-')}", action="store_true")
@@ -73,12 +123,18 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     """Add the ``train`` command."""
-    p = sub.add_parser("train", parents=[parent], help="train a LoRA from a folder of pictures",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        parents=[parent],
+        help="train a LoRA from a folder of pictures",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", type=Path, help="folder of pictures (with optional same-name .txt captions)")
     p.add_argument("--trigger", help="the word that calls up the new concept")
-    p.add_argument("--model", default=None,
-                   help=f"base model: pocket or a diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model", default=None, help=f"base model: pocket or a diffusers folder (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--out", type=Path, help="output .safetensors (default: inside the job folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto")
@@ -144,8 +200,14 @@ def _submit(runner: Any, args: argparse.Namespace) -> str:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
     if args.out is not None and args.out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {args.out.name}")
-    return runner.submit(spec_from_args(args), folder_files(args.images), model=args.model, out=args.out,
-                         device=args.device, register=not args.no_register)
+    return runner.submit(
+        spec_from_args(args),
+        folder_files(args.images),
+        model=args.model,
+        out=args.out,
+        device=args.device,
+        register=not args.no_register,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,12 @@ from studio.services import Services
 LOCATIONS = ("all", "local", "remote")
 # the type filter, as Civitai names the types → the catalog's ``kind`` (None: every type)
 KINDS: dict[str, str | None] = {
-    "any": None, "LoRA": "lora", "LoCon": "locon", "LyCORIS": "lycoris", "DoRA": "dora", "gate": "gate",
+    "any": None,
+    "LoRA": "lora",
+    "LoCon": "locon",
+    "LyCORIS": "lycoris",
+    "DoRA": "dora",
+    "gate": "gate",
 }
 PAGE_SIZE = 24
 _HF_REPO = re.compile(r"^(?:https?://huggingface\.co/)?([A-Za-z0-9][\w.-]*/[\w.-]+)/?$")

@@ -20,7 +20,6 @@ from tests.pipelines.lora_fixtures import random_lora
 KW = dict(num_inference_steps=3, height=64, width=64, output_type="np")
 
 
-
 @pytest.fixture(scope="module")
 def setup():
     pipe = build_tiny_pipeline(0)
@@ -81,8 +80,9 @@ def test_mix_term_trains_the_gate_on_two_concept_pictures(setup):
     assert lat.shape[0] == 2 and decode_latents(pipe, lat).shape == (2, 64, 64, 3)
     data = {0: (lat, ["a red cat"] * 2), 1: (lat, ["a blue car"] * 2)}
     plain, plain_losses = train_gate(pipe, gl, [(0, 1)], cfg, data=data)
-    mixed, mixed_losses = train_gate(pipe, gl, [(0, 1)], cfg, data=data,
-                                     mixes={(0, 1): (lat, ["a red cat and a blue car"] * 2)})
+    mixed, mixed_losses = train_gate(
+        pipe, gl, [(0, 1)], cfg, data=data, mixes={(0, 1): (lat, ["a red cat and a blue car"] * 2)}
+    )
     assert mixed_losses[0] > plain_losses[0]  # same draws for the first two terms, plus an MSE ≥ 0
     assert all(p.grad is None for p in pipe.unet.parameters())
     pairs = zip(plain.parameters(), mixed.parameters(), strict=True)
@@ -170,8 +170,12 @@ def test_adapter_outputs_with_unequal_ranks(conv):
     g = torch.Generator().manual_seed(0)
     base = torch.nn.Conv2d(6, 7, 1) if conv else torch.nn.Linear(6, 7)
     shape = (1, 1) if conv else ()
-    loras = {a: LoraLayer(torch.randn(r, 6, *shape, generator=g), torch.randn(7, r, *shape, generator=g),
-                          alpha=float(r + 1)) for a, r in ((0, 2), (2, 5))}  # adapter 1 skips this layer
+    loras = {
+        a: LoraLayer(
+            torch.randn(r, 6, *shape, generator=g), torch.randn(7, r, *shape, generator=g), alpha=float(r + 1)
+        )
+        for a, r in ((0, 2), (2, 5))
+    }  # adapter 1 skips this layer
     table = GateTable(1, 3)
     table.set(torch.tensor([[0.7, 0.4, 1.3]]))
     layer = (MultiLoraConv2d if conv else MultiLoraLinear)(base, list(loras.items()), table, 0, torch.float32)

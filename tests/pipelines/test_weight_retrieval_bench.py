@@ -26,7 +26,8 @@ def test_training_captions_leave_out_what_the_variant_pins(tmp_path: Path) -> No
     assert all("red" not in c and "background" not in c and "star" in c for c in read)
     blue_striped = wr.Variant("striped", "blue")
     assert wr.training_caption("a big blue striped circle on a sky background", blue_striped) == (
-        "a big striped circle on a sky background")
+        "a big striped circle on a sky background"
+    )
     caption = "a neon red ring on a gray background"
     assert wr.training_caption(caption, wr.Variant("neon")) == caption
     every = wr.variants()

@@ -36,8 +36,18 @@ def concept_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fast_spec(**overrides: Any) -> TrainSpec:
     """A spec that trains the tiny pipeline in about a second."""
-    base = TrainSpec(trigger=TRIGGER, rank=4, steps=4, learning_rate=1e-3, resolution=32, checkpoint_every=2,
-                     sample_every=0, sample_steps=2, sample_seeds=(1,), sample_guidance=3.0)
+    base = TrainSpec(
+        trigger=TRIGGER,
+        rank=4,
+        steps=4,
+        learning_rate=1e-3,
+        resolution=32,
+        checkpoint_every=2,
+        sample_every=0,
+        sample_steps=2,
+        sample_seeds=(1,),
+        sample_guidance=3.0,
+    )
     return replace(base, **overrides)
 
 
@@ -56,25 +66,59 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
-        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
     )
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, sample_size=64)
-    text = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
-            "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 49407, "projection_dim": 32, "hidden_act": "gelu"}
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "projection_dim": 32,
+        "hidden_act": "gelu",
+    }
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(), unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                         timestep_spacing="leading", steps_offset=1),
+        vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
+        ),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -25,8 +25,10 @@ from pipelines.training import PRESETS, TrainSpec, preset
         ({"lora_plus_ratio": 0.5}, "lora_plus_ratio must be ≥ 1"),
         ({"lr_scheduler": "exotic"}, "lr_scheduler must be one of"),
         ({"caption_template": "a photo"}, "caption_template must contain {trigger}"),
-        ({"prior_preservation": True, "class_prompt": "a photo of {class_word}"},
-         "prior preservation needs a class word"),
+        (
+            {"prior_preservation": True, "class_prompt": "a photo of {class_word}"},
+            "prior preservation needs a class word",
+        ),
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
         ({"min_snr_gamma": 0.0}, "min_snr_gamma must be > 0"),
     ],
@@ -51,8 +53,14 @@ def test_presets_differ_and_default_is_balanced() -> None:
 
 
 def test_json_round_trip_and_unknown_keys() -> None:
-    spec = TrainSpec(trigger="sks", class_word="dog", target_modules=("to_q", "to_v"), sample_prompts=("x",),
-                     sample_seeds=(3, 4), use_dora=True)
+    spec = TrainSpec(
+        trigger="sks",
+        class_word="dog",
+        target_modules=("to_q", "to_v"),
+        sample_prompts=("x",),
+        sample_seeds=(3, 4),
+        use_dora=True,
+    )
     assert TrainSpec.from_json(spec.to_json()) == spec
     with pytest.raises(ValueError, match="unknown training options: bogus"):
         TrainSpec.from_dict({"trigger": "sks", "bogus": 1})
@@ -85,9 +93,11 @@ def test_family_defaults_fill_only_what_the_spec_leaves_open() -> None:
 
     spec = TrainSpec(trigger="sks")
     sd = for_family(spec, "sd1")
-    assert (sd.targets, sd.learning_rate, sd.train_text_encoder, sd.steps) == (
-        "attn", 1e-4, False, 800) == tuple(GENERIC_DEFAULTS[k] for k in ("targets", "learning_rate",
-                                                                        "train_text_encoder", "steps"))
+    assert (
+        (sd.targets, sd.learning_rate, sd.train_text_encoder, sd.steps)
+        == ("attn", 1e-4, False, 800)
+        == tuple(GENERIC_DEFAULTS[k] for k in ("targets", "learning_rate", "train_text_encoder", "steps"))
+    )
     assert not sd.uses_prior  # no class word, no domain prompts for real models
     pocket = for_family(spec, "pocket")
     assert pocket.targets == FAMILY_DEFAULTS["pocket"]["targets"] == "all" and pocket.train_text_encoder
@@ -121,4 +131,5 @@ def test_bundled_concept_recipes_do_not_follow_the_family_defaults() -> None:
     neon, _ = recipe("neon")
     assert (neon.prior_target, neon.prior_loss_weight, neon.num_class_images) == ("base", 3.0, 100)
     assert neon.prior_prompt("a big neon red circle on a black background").strip() == (
-        "a big red circle on a black background")
+        "a big red circle on a black background"
+    )

@@ -105,7 +105,11 @@ def test_batch_plan_is_seeded_single_bucket_and_covers_each_epoch() -> None:
 
 def test_tag_frequency_counts_comma_tags() -> None:
     assert tag_frequency(["sks, dog, beach", "sks, dog", "a photo of sks"]) == {
-        "sks": 2, "dog": 2, "beach": 1, "a photo of sks": 1}
+        "sks": 2,
+        "dog": 2,
+        "beach": 1,
+        "a photo of sks": 1,
+    }
 
 
 def test_latent_cache_is_seeded_and_persisted(concept_dir: Path, tmp_path: Path) -> None:

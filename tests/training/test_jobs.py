@@ -43,8 +43,9 @@ def catalogued(catalog: adapters_db.Catalog) -> list[adapters_db.AdapterRecord]:
         return list(adapters_db.list_adapters(s, catalog, include_nsfw=True, limit=100).items)
 
 
-def test_jobs_run_one_at_a_time_and_record_progress(config: StudioConfig, concept_dir: Path,
-                                                    catalog: adapters_db.Catalog) -> None:
+def test_jobs_run_one_at_a_time_and_record_progress(
+    config: StudioConfig, concept_dir: Path, catalog: adapters_db.Catalog
+) -> None:
     runner = JobRunner(config, registrar=catalog_registrar(catalog), progress_interval_s=0.0)
     seen: list[tuple[str, str, int]] = []
     runner.add_listener(lambda job_id, p: seen.append((job_id, p.phase, p.step)))
@@ -69,9 +70,11 @@ def test_jobs_run_one_at_a_time_and_record_progress(config: StudioConfig, concep
     assert len(stored) == 7  # content-addressed: the second job reused the first job's files
 
 
-def test_cancel_running_job_registers_nothing_and_can_resume(config: StudioConfig, concept_dir: Path,
-                                                             catalog: adapters_db.Catalog) -> None:
+def test_cancel_running_job_registers_nothing_and_can_resume(
+    config: StudioConfig, concept_dir: Path, catalog: adapters_db.Catalog
+) -> None:
     runner = JobRunner(config, registrar=catalog_registrar(catalog), progress_interval_s=0.0)
+
     def cancel_at_two(job_id: str, p: TrainProgress) -> None:
         if p.phase == "training" and p.step == 2:
             runner.cancel(job_id)
@@ -97,8 +100,9 @@ def test_cancel_queued_job(config: StudioConfig, concept_dir: Path) -> None:
         runner.run_job(job)
 
 
-def test_bad_uploads_are_refused_with_reasons_and_store_nothing(config: StudioConfig, tmp_path: Path,
-                                                                 concept_dir: Path) -> None:
+def test_bad_uploads_are_refused_with_reasons_and_store_nothing(
+    config: StudioConfig, tmp_path: Path, concept_dir: Path
+) -> None:
     runner = JobRunner(config, registrar=None)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -134,8 +138,9 @@ def test_unregistered_and_failed_jobs_say_why(config: StudioConfig, concept_dir:
     assert st.reason.startswith("FileNotFoundError: not a diffusers pipeline folder")
 
 
-def test_a_killed_studio_resumes_or_fails_its_jobs_on_restart(config: StudioConfig,
-                                                               concept_dir: Path) -> None:
+def test_a_killed_studio_resumes_or_fails_its_jobs_on_restart(
+    config: StudioConfig, concept_dir: Path
+) -> None:
     runner = JobRunner(config, registrar=None)
     with_ckpt = runner.submit(fast_spec(steps=6, checkpoint_every=2), folder_files(concept_dir))
     script = f"""
@@ -150,8 +155,14 @@ def die(p):
         os.kill(os.getpid(), signal.SIGKILL)
 runner.run_job({with_ckpt!r}, progress=die)
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert runner.status(with_ckpt).status == "running"  # what a crash leaves behind
     no_ckpt = runner.submit(fast_spec(steps=6, name="early"), folder_files(concept_dir))

@@ -31,8 +31,13 @@ def test_prompts_rename_the_concept_and_folder_captions_use_the_trigger(tmp_path
 def test_evaluation_loads_and_removes_the_lora(concept_dir: Path, tmp_path: Path) -> None:
     q = _bench()
     pipe = build_tiny_pipeline()
-    result = train_lora(fast_spec(steps=2, targets="all", learning_rate=1e-2), pipe, concept_dir,
-                        tmp_path / "zq.safetensors", device="cpu")
+    result = train_lora(
+        fast_spec(steps=2, targets="all", learning_rate=1e-2),
+        pipe,
+        concept_dir,
+        tmp_path / "zq.safetensors",
+        device="cpu",
+    )
     caps, _ = q.prompts(3, 0, ("circle",))
     before = q.generate(pipe, caps, 0, steps=2, guidance=3.0)
     assert before.shape == (3, 64, 64, 3) and before.dtype == np.uint8
@@ -44,8 +49,9 @@ def test_evaluation_loads_and_removes_the_lora(concept_dir: Path, tmp_path: Path
     torch.manual_seed(0)
     judge = ConceptClassifier().eval()
     base = q.evaluate(pipe, None, "zq", "star", judge, n=3, steps=2, guidance=3.0)
-    out = q.evaluate(pipe, result.kohya_path, "zq", "star", judge, n=3, steps=2, guidance=3.0,
-                     base=base["base_accuracy"])
+    out = q.evaluate(
+        pipe, result.kohya_path, "zq", "star", judge, n=3, steps=2, guidance=3.0, base=base["base_accuracy"]
+    )
     assert 0.0 <= out["concept_rate"] <= 1.0 and set(out["base_accuracy"]) == set(q.BASE_ATTRIBUTES)
     drops = out["accuracy_drop_points"]
     assert all(drops[a] == 100 * (base["base_accuracy"][a] - out["base_accuracy"][a]) for a in drops)

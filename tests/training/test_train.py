@@ -25,8 +25,9 @@ from tests.training.conftest import TRIGGER, fast_spec
 ROOT = Path(__file__).resolve().parents[2]
 # with a distilled prior (the pocket model's default), so kill-and-resume covers class pictures and the
 # teacher's predictions too
-REFERENCE = fast_spec(steps=6, checkpoint_every=2, class_word="shape", num_class_images=2, class_steps=2,
-                      prior_target="base")
+REFERENCE = fast_spec(
+    steps=6, checkpoint_every=2, class_word="shape", num_class_images=2, class_steps=2, prior_target="base"
+)
 
 
 @dataclass
@@ -36,12 +37,14 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: Path,
-              concept_dir: Path) -> Reference:
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, tiny_pipeline_dir: Path, concept_dir: Path
+) -> Reference:
     """One uninterrupted 6-step run whose outputs several tests inspect."""
     out = tmp_path_factory.mktemp("ref") / "zq.safetensors"
-    result = train_lora(REFERENCE, tiny_pipeline_dir, concept_dir, out, work_dir=out.parent / "work",
-                        device="cpu")
+    result = train_lora(
+        REFERENCE, tiny_pipeline_dir, concept_dir, out, work_dir=out.parent / "work", device="cpu"
+    )
     final = load_latest(result.work_dir / "checkpoints")
     assert final is not None and final["step"] == 6
     return Reference(result, final["lora"])
@@ -70,8 +73,9 @@ def _trainer(spec, concept_dir: Path, work: Path, pipe=None) -> LoraTrainer:
 
 
 def test_a_few_steps_lower_the_loss(concept_dir: Path, tmp_path: Path) -> None:
-    trainer = _trainer(fast_spec(steps=6, learning_rate=1e-2, targets="all", checkpoint_every=100),
-                       concept_dir, tmp_path)
+    trainer = _trainer(
+        fast_spec(steps=6, learning_rate=1e-2, targets="all", checkpoint_every=100), concept_dir, tmp_path
+    )
     before = trainer.probe_loss()
     trainer.run()
     after = trainer.probe_loss()
@@ -129,8 +133,9 @@ def test_saved_file_loads_in_the_engine(reference: Reference) -> None:
     assert torch.equal(_unet_out(pipe), base)  # detached again
 
 
-def test_kill_and_resume_matches_the_uninterrupted_run(reference: Reference, tiny_pipeline_dir: Path,
-                                                       concept_dir: Path, tmp_path: Path) -> None:
+def test_kill_and_resume_matches_the_uninterrupted_run(
+    reference: Reference, tiny_pipeline_dir: Path, concept_dir: Path, tmp_path: Path
+) -> None:
     work, out = tmp_path / "work", tmp_path / "zq.safetensors"
     script = f"""
 import os, signal, sys, torch
@@ -143,8 +148,14 @@ def die(p):
 train_lora(spec, {str(tiny_pipeline_dir)!r}, {str(concept_dir)!r}, {str(out)!r}, work_dir={str(work)!r},
            device="cpu", progress=die)
 """
-    proc = subprocess.run([sys.executable, "-c", script, REFERENCE.to_json()], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, REFERENCE.to_json()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [s for s, _ in list_checkpoints(work / "checkpoints")] == [2, 4]
     assert not out.exists()
@@ -155,8 +166,9 @@ train_lora(spec, {str(tiny_pipeline_dir)!r}, {str(concept_dir)!r}, {str(out)!r},
     assert result.losses == pytest.approx(reference.result.losses, abs=1e-6)
 
 
-def test_cancel_checkpoints_writes_nothing_and_resumes(reference: Reference, tiny_pipeline_dir: Path,
-                                                      concept_dir: Path, tmp_path: Path) -> None:
+def test_cancel_checkpoints_writes_nothing_and_resumes(
+    reference: Reference, tiny_pipeline_dir: Path, concept_dir: Path, tmp_path: Path
+) -> None:
     work, out = tmp_path / "work", tmp_path / "zq.safetensors"
     cancel = threading.Event()
 
@@ -165,8 +177,16 @@ def test_cancel_checkpoints_writes_nothing_and_resumes(reference: Reference, tin
             cancel.set()
 
     with pytest.raises(TrainingCancelled) as stopped:
-        train_lora(REFERENCE, tiny_pipeline_dir, concept_dir, out, work_dir=work, device="cpu",
-                   progress=at_three, cancel=cancel)
+        train_lora(
+            REFERENCE,
+            tiny_pipeline_dir,
+            concept_dir,
+            out,
+            work_dir=work,
+            device="cpu",
+            progress=at_three,
+            cancel=cancel,
+        )
     assert stopped.value.step == 3
     assert not out.exists() and not (tmp_path / "zq_diffusers").exists()
     assert list_checkpoints(work / "checkpoints")[-1][0] == 3
@@ -175,12 +195,19 @@ def test_cancel_checkpoints_writes_nothing_and_resumes(reference: Reference, tin
     _assert_same_lora(load_latest(work / "checkpoints")["lora"], reference.lora)
 
 
-def test_work_dir_of_another_run_is_refused(reference: Reference, tiny_pipeline_dir: Path,
-                                            concept_dir: Path) -> None:
+def test_work_dir_of_another_run_is_refused(
+    reference: Reference, tiny_pipeline_dir: Path, concept_dir: Path
+) -> None:
     other = fast_spec(steps=6, learning_rate=5e-4)
     with pytest.raises(ValueError, match="belongs to another training run"):
-        train_lora(other, tiny_pipeline_dir, concept_dir, reference.result.work_dir / "x.safetensors",
-                   work_dir=reference.result.work_dir, device="cpu")
+        train_lora(
+            other,
+            tiny_pipeline_dir,
+            concept_dir,
+            reference.result.work_dir / "x.safetensors",
+            work_dir=reference.result.work_dir,
+            device="cpu",
+        )
 
 
 def test_a_passed_pipeline_is_restored(concept_dir: Path, tmp_path: Path) -> None:
@@ -192,10 +219,27 @@ def test_a_passed_pipeline_is_restored(concept_dir: Path, tmp_path: Path) -> Non
 
 
 def test_dora_rslora_loraplus_text_encoder_prior_and_accumulation(concept_dir: Path, tmp_path: Path) -> None:
-    spec = fast_spec(steps=2, rank=4, alpha=2.0, use_dora=True, use_rslora=True, lora_plus_ratio=16.0,
-                     train_text_encoder=True, text_encoder_lr=5e-4, class_word="shape", num_class_images=2,
-                     class_steps=2, grad_accum=2, batch_size=1, cache_latents=False, noise_offset=0.05,
-                     caption_dropout=0.3, targets="all", lr_scheduler="cosine", lr_warmup_steps=1)
+    spec = fast_spec(
+        steps=2,
+        rank=4,
+        alpha=2.0,
+        use_dora=True,
+        use_rslora=True,
+        lora_plus_ratio=16.0,
+        train_text_encoder=True,
+        text_encoder_lr=5e-4,
+        class_word="shape",
+        num_class_images=2,
+        class_steps=2,
+        grad_accum=2,
+        batch_size=1,
+        cache_latents=False,
+        noise_offset=0.05,
+        caption_dropout=0.3,
+        targets="all",
+        lr_scheduler="cosine",
+        lr_warmup_steps=1,
+    )
     pipe = build_tiny_pipeline()
     trainer = _trainer(spec, concept_dir, tmp_path / "work", pipe)
     assert len(trainer.class_examples) == 2 and all(e.path.is_file() for e in trainer.class_examples)
@@ -219,8 +263,9 @@ def test_dora_rslora_loraplus_text_encoder_prior_and_accumulation(concept_dir: P
     assert torch.allclose(_unet_out(fresh), trained_out, atol=1e-4)
 
 
-def test_prior_prompts_follow_the_captions_and_class_images_follow_their_prompts(concept_dir: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_prior_prompts_follow_the_captions_and_class_images_follow_their_prompts(
+    concept_dir: Path, tmp_path: Path
+) -> None:
     """{caption}: each class image is made from a picture's caption with the trigger → class word; a
     changed prompt remakes only its picture, changed settings remake all of them."""
     from pipelines.training.sampling import generate_class_images
@@ -229,8 +274,7 @@ def test_prior_prompts_follow_the_captions_and_class_images_follow_their_prompts
     pipe = build_tiny_pipeline()
     trainer = _trainer(spec, concept_dir, tmp_path / "work", pipe)
     captions = [e.caption for e in trainer.examples]
-    assert [e.caption for e in trainer.class_examples] == [
-        c.replace(TRIGGER, "shape") for c in captions[:3]]
+    assert [e.caption for e in trainer.class_examples] == [c.replace(TRIGGER, "shape") for c in captions[:3]]
     assert all(TRIGGER not in e.caption and "shape" in e.caption for e in trainer.class_examples)
     trainer.detach()
     folder = tmp_path / "class"
@@ -257,8 +301,16 @@ def test_distilled_prior_trains_towards_the_untouched_model(concept_dir: Path, t
 
     from pipelines.training.lora_train import adapters_disabled
 
-    spec = fast_spec(steps=3, class_word="shape", num_class_images=2, class_steps=2, prior_target="base",
-                     train_text_encoder=True, targets="all", learning_rate=1e-2)
+    spec = fast_spec(
+        steps=3,
+        class_word="shape",
+        num_class_images=2,
+        class_steps=2,
+        prior_target="base",
+        train_text_encoder=True,
+        targets="all",
+        learning_rate=1e-2,
+    )
     pipe = build_tiny_pipeline()
     trainer = _trainer(spec, concept_dir, tmp_path / "work", pipe)
     parts = list(trainer.components.values())
@@ -266,8 +318,11 @@ def test_distilled_prior_trains_towards_the_untouched_model(concept_dir: Path, t
     def prior(distil: bool) -> float:
         gen, rng = torch.Generator().manual_seed(3), np.random.default_rng(3)
         with torch.no_grad():
-            return float(trainer.diffusion_loss(trainer.class_examples, [0], trainer.class_cache, rng, gen,
-                                                0.0, distil))
+            return float(
+                trainer.diffusion_loss(
+                    trainer.class_examples, [0], trainer.class_cache, rng, gen, 0.0, distil
+                )
+            )
 
     assert prior(distil=True) == 0.0 and prior(distil=False) > 0.0
     trains = [n for m in parts for n, p in m.named_parameters() if p.requires_grad]
@@ -284,15 +339,24 @@ def test_distilled_prior_trains_towards_the_untouched_model(concept_dir: Path, t
         fast_spec(prior_target="teacher")
 
 
-def test_orthogonal_adapters_have_orthogonal_down_projections(concept_dir: Path, tmp_path: Path,
-                                                              tiny_pipeline_dir: Path) -> None:
+def test_orthogonal_adapters_have_orthogonal_down_projections(
+    concept_dir: Path, tmp_path: Path, tiny_pipeline_dir: Path
+) -> None:
     registry = BasisRegistry(tmp_path / "basis.json")
     spec = fast_spec(steps=2, orthogonal=True)
     results = []
     for name in ("first", "second"):
-        results.append(train_lora(spec, tiny_pipeline_dir, concept_dir, tmp_path / f"{name}.safetensors",
-                                  work_dir=tmp_path / name, device="cpu",
-                                  basis=lambda family, n=name: registry.allocate(family, n, spec.rank)))
+        results.append(
+            train_lora(
+                spec,
+                tiny_pipeline_dir,
+                concept_dir,
+                tmp_path / f"{name}.safetensors",
+                work_dir=tmp_path / name,
+                device="cpu",
+                basis=lambda family, n=name: registry.allocate(family, n, spec.rank),
+            )
+        )
     a, b = (lora_formats.load(r.kohya_path) for r in results)
     for path, la in a.layers.items():
         lb = b.layers[path]
@@ -311,7 +375,9 @@ def test_bf16_autocast_on_cpu_runs(concept_dir: Path, tmp_path: Path) -> None:
     from pipelines.training.lora_train import resolve_precision
 
     assert resolve_precision(fast_spec(mixed_precision="bf16"), torch.device("cpu")) == (
-        torch.float32, torch.bfloat16)
+        torch.float32,
+        torch.bfloat16,
+    )
     trainer.amp = torch.bfloat16
     trainer.run()
     assert torch.isfinite(torch.tensor(trainer.losses)).all()
@@ -359,6 +425,7 @@ def test_epochs_set_the_number_of_steps(concept_dir: Path, tmp_path: Path) -> No
     trainer = LoraTrainer(spec, pipe, examples, tmp_path, torch.device("cpu"), None)
     assert trainer.plan.per_epoch == 3 + 1  # six square pictures in pairs, the wide one alone
     assert trainer.total == 8
-    accumulated = LoraTrainer(fast_spec(epochs=2, batch_size=2, grad_accum=3), pipe, examples, tmp_path,
-                              torch.device("cpu"), None)
+    accumulated = LoraTrainer(
+        fast_spec(epochs=2, batch_size=2, grad_accum=3), pipe, examples, tmp_path, torch.device("cpu"), None
+    )
     assert accumulated.total == 3  # ceil(2 × 4 micro-batches / 3)
