@@ -37,6 +37,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -125,7 +126,7 @@ class QueryContext:
     exclude_rows: np.ndarray
     vector: np.ndarray | None = None
     fts_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    trigger_hits: dict[int, list[str]] = field(default_factory=dict)
+    trigger_hits: dict[str, np.ndarray] = field(default_factory=dict)  # phrase in the query → its rows
     prompt_scores: np.ndarray | None = None
     best_dense_prompt: dict[int, tuple[float, int]] = field(default_factory=dict)
     weight_channels: bool = False
@@ -137,20 +138,6 @@ def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
     weights = idf[columns] if len(columns) else np.zeros(0, np.float32)
     keep = weights > 0
     return Query(columns[keep], weights[keep].astype(np.float32))
-
-
-def _column_dot(matrix: sp.csc_matrix, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``matrix[:, columns] @ weights`` by walking the CSC posting lists (fast for a few columns)."""
-    n = matrix.shape[0]
-    if len(columns) == 0:
-        return np.zeros(n, np.float32)
-    starts, ends = matrix.indptr[columns], matrix.indptr[columns + 1]
-    lengths = ends - starts
-    if lengths.sum() == 0:
-        return np.zeros(n, np.float32)
-    picks = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
-    vals = np.repeat(weights, lengths) * matrix.data[picks]
-    return np.bincount(matrix.indices[picks], weights=vals, minlength=n).astype(np.float32)
 
 
 class TfidfChannel:
@@ -184,7 +171,9 @@ class TfidfChannel:
 
     def score(self, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Cosine of every document with the query."""
-        return _column_dot(self.matrix, columns, weights)
+        if len(columns) == 0:
+            return np.zeros(self.matrix.shape[0], np.float32)
+        return lexical.column_dot(self.matrix, columns, weights).astype(np.float32)
 
     def rescore(self, row: int, minus: sp.csr_matrix, columns: np.ndarray, weights: np.ndarray) -> float:
         """Cosine of document ``row`` with some counts taken out of it (leaving an image out)."""
@@ -298,9 +287,17 @@ class FeatureBuilder:
         if table is None:
             return
         ctx.trigger_hits = table.match(ctx.text)
-        for row, phrases in ctx.trigger_hits.items():
-            out["t_max"][row] = max(table.weight.get(p, 0.0) for p in phrases)
-            out["t_frac"][row] = len(phrases) / max(1, int(table.phrase_count[row]))
+        if not ctx.trigger_hits:
+            return
+        rows = np.concatenate(list(ctx.trigger_hits.values()))
+        weights = np.repeat(
+            np.array([table.weight.get(p, 0.0) for p in ctx.trigger_hits], np.float32),
+            [len(r) for r in ctx.trigger_hits.values()],
+        )
+        np.maximum.at(out["t_max"], rows, weights)
+        found = np.bincount(rows, minlength=len(out["t_frac"]))
+        hit = np.nonzero(found)[0]
+        out["t_frac"][hit] = found[hit] / np.maximum(1, table.phrase_count[hit])
 
     def _fts(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
         if len(ctx.fts_rows):
@@ -825,10 +822,16 @@ def _quote(text: str, limit: int = 80) -> str:
     return f'"{flat[:limit]}…"' if len(flat) > limit else f'"{flat}"'
 
 
+@lru_cache(maxsize=8192)
+def _words_of(text: str) -> tuple[str, ...]:
+    """:func:`~adapters_db.text.words` of a name, tag or query, cached (explanations reread them)."""
+    return tuple(words(text))
+
+
 def _matching(values: Iterable[str], query_words: set[str]) -> list[str]:
     out = []
     for value in values:
-        toks = words(value)
+        toks = _words_of(value)
         if toks and all(t in query_words for t in toks):
             out.append(value)
     return out
@@ -856,7 +859,7 @@ def explain(evidence: Evidence, query: str) -> str:
     Trigger phrases count when specific: rarity at least 40% of the rarest possible ("pixel art" yes,
     "1girl" no, in the real catalog).
     """
-    query_words = set(words(query))
+    query_words = set(_words_of(query))
     reasons: list[tuple[float, str]] = []
     specific = [p for p, w in evidence.trigger_phrases if w >= 0.4]
     if specific:
@@ -864,7 +867,7 @@ def explain(evidence: Evidence, query: str) -> str:
         reasons.append((3.0, f"trigger word {shown}" if len(specific) == 1 else f"trigger words {shown}"))
     if evidence.prompt and evidence.prompt_similarity > 0.05:
         reasons.append((1.0 + evidence.prompt_similarity, f"similar prompt: {_quote(evidence.prompt)}"))
-    name_hits = [w for w in dict.fromkeys(words(evidence.name)) if w in query_words and len(w) > 2]
+    name_hits = [w for w in dict.fromkeys(_words_of(evidence.name)) if w in query_words and len(w) > 2]
     if name_hits:
         reasons.append((1.2, "name: " + ", ".join(name_hits[:4])))
     tag_hits = _matching(evidence.tags, query_words)
@@ -938,14 +941,16 @@ def _hits(
     prompts = _best_prompts(session, index, ctx, rows)
     weight = index.triggers.weight if index.triggers is not None else {}
     rarest = math.log1p((index.size - 0.5) / 1.5) or 1.0
+    found: dict[int, list[str]] = {}  # hit row → the query's trigger phrases it has, in query order
+    for phrase, phrase_rows in ctx.trigger_hits.items():
+        for row in rows[np.isin(rows, phrase_rows)].tolist():
+            found.setdefault(row, []).append(phrase)
     hits = []
     for rank, (row, adapter_id) in enumerate(zip(rows.tolist(), ids, strict=True)):
         record = records.get(adapter_id)
         if record is None:
             continue
-        phrases = sorted(
-            ((p, weight.get(p, 0.0) / rarest) for p in ctx.trigger_hits.get(row, [])), key=lambda x: -x[1]
-        )
+        phrases = sorted(((p, weight.get(p, 0.0) / rarest) for p in found.get(row, [])), key=lambda x: -x[1])
         evidence = Evidence(
             trigger_phrases=tuple(phrases),
             prompt=prompts.get(row),

@@ -307,19 +307,24 @@ class TriggerTable:
             weight[phrase] = float(lex.meta_idf[cols].max()) if len(cols) else 0.0
         return cls(dict(rows), weight, count)
 
-    def match(self, query: str) -> dict[int, list[str]]:
-        """Adapter rows whose trigger phrases occur in the query (as whole word sequences)."""
+    def match(self, query: str) -> dict[str, np.ndarray]:
+        """The trigger phrases that occur in the query (as whole word sequences), in order of
+        appearance, each with the adapter rows that have it."""
         toks = words(query)
-        found: dict[int, list[str]] = defaultdict(list)
+        found: dict[str, np.ndarray] = {}
         for start in range(len(toks)):
-            for length in range(1, self.max_words + 1):
-                if start + length > len(toks):
-                    break
+            for length in range(1, min(self.max_words, len(toks) - start) + 1):
                 phrase = " ".join(toks[start : start + length])
-                for row in self.rows.get(phrase, ()):
-                    if phrase not in found[row]:
-                        found[row].append(phrase)
-        return dict(found)
+                if phrase in self.rows and phrase not in found:
+                    found[phrase] = self.row_array(phrase)
+        return found
+
+    def row_array(self, phrase: str) -> np.ndarray:
+        """The rows of a phrase as an int64 array (cached)."""
+        cache = self.__dict__.setdefault("_row_arrays", {})
+        if phrase not in cache:
+            cache[phrase] = np.asarray(self.rows[phrase], np.int64)
+        return cache[phrase]
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for ``triggers.json``."""
