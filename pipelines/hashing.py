@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from pathlib import Path
 
@@ -41,11 +40,3 @@ def addnet_hash(path: str | Path) -> str:
 def short_hash(sha256: str) -> str:
     """The 12-char short hash A1111 writes in ``Lora hashes``."""
     return sha256[:12]
-
-
-def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (no tensor data read)."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    return dict(header.get("__metadata__", {}))

@@ -48,6 +48,13 @@ class MixRecipe:
     sampler: str | None = None  # None: the model's own scheduler
     batch_size: int = 1
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.fusion_args, dict):
+            raise ValueError(
+                f'fusion_args must be a JSON object of policy parameters, e.g. {{"checkpoint": "my-gate"}}; '
+                f"got {type(self.fusion_args).__name__} {self.fusion_args!r}"
+            )
+
     def to_json(self) -> str:
         """Stable JSON (sorted keys) with a format version."""
         return json.dumps({"version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)

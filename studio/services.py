@@ -186,6 +186,23 @@ def catalog_gate_resolver(catalog: Any) -> Callable[[str, str | None], Path]:
     return resolve
 
 
+def lazy_gate_resolver(config: StudioConfig) -> Callable[[str, str | None], Path]:
+    """:func:`catalog_gate_resolver` over the configuration's catalog, opened on first use only (a
+    command that names no catalog gate never opens, or creates, a catalog)."""
+    resolvers: list[Callable[[str, str | None], Path]] = []
+
+    def resolve(ref: str, family: str | None) -> Path:
+        if not resolvers:
+            import adapters_db
+
+            resolvers.append(
+                catalog_gate_resolver(adapters_db.open_catalog(config.catalog_url, config.data_dir))
+            )
+        return resolvers[0](ref, family)
+
+    return resolve
+
+
 def build_services(
     config: StudioConfig, *, embedder: Any = None, start_jobs: bool = True, seed: bool = True
 ) -> Services:

@@ -46,8 +46,11 @@ class Gate(FusionPolicy):
         self, checkpoint: str | None = None, network: GateNetwork | None = None, force: float | None = None
     ) -> None:
         super().__init__(checkpoint=checkpoint, force=force)
-        if network is None and checkpoint is None and force is None:
-            raise ValueError("the gate policy needs a checkpoint (a trained gate file)")
+        if network is None and force is None and not (isinstance(checkpoint, str) and checkpoint.strip()):
+            raise ValueError(
+                "the gate policy needs a checkpoint: a trained gate file, or a gate's name or hash in the "
+                f"catalog (got {checkpoint!r})"
+            )
         self.network = (
             network if network is not None else (GateNetwork.load(Path(checkpoint)) if checkpoint else None)
         )

@@ -23,7 +23,8 @@ from pipelines.fusion.schedule import to_loractl
 
 @dataclass(frozen=True)
 class Distilled:
-    """Per adapter: keyframes per block; and the rank-one export (LBW vector + loractl) with its error."""
+    """Per adapter: keyframes per block; and the rank-one export (LBW vector, short or full length, +
+    loractl keyframes) with its error."""
 
     per_block: list[dict[str, str]]
     keyframes: list[str]
@@ -70,14 +71,17 @@ def distill(gates: torch.Tensor, blocks: Sequence[str], layout: UnetLayout, num_
     ids = [i for i in layout.all_ids() if i != "BASE" and i in set(blocks)]
     mats = block_step_matrix(gates, blocks, ids)
     per_block, frames, errors, vectors = [], [], [], []
+    # LBW's short vector covers only blocks with cross-attention: use it when every gated layer sits
+    # there, else the full vector (a short one would switch the other blocks' layers off)
     short = layout.attention_ids()
+    order = short if set(ids) <= set(short) else layout.all_ids()
     for m in mats:
         per_block.append({b: _track(m[k], num_steps) for k, b in enumerate(ids)} | {"default": "1"})
         u, v = rank_one(m)
         errors.append(float((torch.outer(u, v) - m).norm() / m.norm().clamp_min(1e-12)))
         weights = {"BASE": 1.0} | {b: float(w) for b, w in zip(ids, u, strict=True)}
         frames.append(_track(v, num_steps))
-        vectors.append(",".join(f"{round(weights.get(b, 0.0), 4):g}" for b in short))
+        vectors.append(",".join(f"{round(weights.get(b, 0.0), 4):g}" for b in order))
     return Distilled(per_block, frames, vectors, errors)
 
 

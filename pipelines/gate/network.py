@@ -115,16 +115,22 @@ class GateNetwork(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> GateNetwork:
-        """Read a gate written by :meth:`save` (safetensors only; nothing is unpickled)."""
-        from pipelines.hashing import safetensors_metadata
+        """Read a gate written by :meth:`save` (safetensors only, header validated before any tensor is
+        read; nothing is unpickled). A damaged or foreign file raises ``ValueError`` naming it."""
+        from pipelines.lora_formats.safetensors_io import read_header
 
-        meta = safetensors_metadata(path)
+        meta = read_header(path).metadata
         if meta.get("format") != "adapter-studio-gate":
             raise ValueError(f"{path}: not an adapter-studio gate checkpoint")
-        net = cls(
-            json.loads(meta["channels"]), GateConfig(**json.loads(meta["config"])), meta.get("family") or None
-        )
-        net.load_state_dict(load_file(str(path)))
+        try:
+            net = cls(
+                json.loads(meta["channels"]),
+                GateConfig(**json.loads(meta["config"])),
+                meta.get("family") or None,
+            )
+            net.load_state_dict(load_file(str(path)))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # json, config or tensors damaged
+            raise ValueError(f"{path}: damaged gate checkpoint ({type(exc).__name__}: {exc})") from exc
         return net
 
     def parameter_count(self) -> int:

@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "--fusion",
         default="linear",
         help=f"fusion policy: {', '.join(sorted(REGISTRY))} (gate needs "
-        '--fusion-args \'{"checkpoint": "GATE.safetensors"}\', a file from `studio gate train`)',
+        '--fusion-args \'{"checkpoint": "GATE"}\': a file from `studio gate train`, or the name or '
+        "hash of a gate in the --data-dir catalog)",
     )
     p.add_argument(
         "--fusion-args", default="{}", help='policy parameters as JSON, e.g. \'{"blocks": "OUTD"}\''
@@ -120,13 +121,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from studio.config import StudioConfig
-    from studio.services import build_engine_services, data_dir
+    from studio.services import build_engine_services, data_dir, lazy_gate_resolver
 
     recipe = recipe_from_args(args)
     config = StudioConfig(
         data_dir=data_dir(args.data_dir), model=recipe.model, device=args.device, dtype=args.dtype
     )
-    services = build_engine_services(config)
+    services = build_engine_services(config, resolve_gate=lazy_gate_resolver(config))
     with tqdm(total=recipe.steps, desc="generate", unit="step") as bar:
 
         def on_step(i: int, n: int) -> None:

@@ -116,6 +116,48 @@ def test_checkpoint_round_trip_and_refusal(setup, tmp_path):
         GateNetwork.load(tmp_path / "other.safetensors")
 
 
+def test_damaged_gate_files_are_refused_with_their_name(setup, tmp_path):
+    """Junk, a few bytes, a cut header, cut tensor data, a pickle: a ValueError naming the file."""
+    pipe, loras = setup
+    net = GateNetwork(gate_layers(pipe, [GateLora("a", loras[0], ("x",))]), GateConfig(prompt_dim=32), "sd1")
+    good = net.save(tmp_path / "gate.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(good[:8], "little")
+    cases = {
+        "junk": b"\xff" * 8 + b"garbage!",
+        "tiny": b"ab",
+        "cut_header": good[: header_end - 20],
+        "cut_data": good[: header_end + (len(good) - header_end) // 2],
+        "pickle": b"\x80\x04\x95" + good[3:],
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            GateNetwork.load(path)
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        Gate(checkpoint="  ")
+
+
+def test_rank_one_export_keeps_blocks_without_attention(setup):
+    """A gated layer outside the cross-attention blocks makes the LBW vector full-length (a short one
+    would switch that layer off); attention-only records keep the short vector."""
+    pipe, _ = setup
+    layout = UnetLayout.from_config(pipe.unet.config)
+    short, full = layout.attention_ids(), layout.all_ids()
+    plain = [b for b in full if b not in short and b != "BASE"][0]
+    attn = [b for b in short if b not in ("BASE",)][:2]
+    gates = torch.full((4, 3, 1), 0.5)  # steps × layers × adapters, every layer at 0.5
+    result = distill(gates, [attn[0], attn[1], plain], layout, num_steps=4)
+    vector = [float(x) for x in result.lbw_vectors[0].split(",")]
+    assert len(vector) == len(full)
+    weights = dict(zip(full, vector, strict=True))
+    keyframes = [float(k.split("@")[0]) for k in result.keyframes[0].split(",")]
+    for block in (*attn, plain):
+        assert weights[block] * max(keyframes) == pytest.approx(0.5, abs=1e-3)
+    attention_only = distill(gates[:, :2], attn, layout, num_steps=4)
+    assert len(attention_only.lbw_vectors[0].split(",")) == len(short)
+
+
 def test_applied_gates_are_recorded_per_layer_and_step(setup):
     pipe, loras = setup
     with attach(pipe, mix_of(loras), make_policy("gate", {"force": 1.0}), num_steps=3) as mix:
