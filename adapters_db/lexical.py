@@ -1,6 +1,7 @@
 """In-memory BM25 over hashed word 1–2-grams: the lexical channels of retrieval (derived data).
 
-Terms are lower-case ``\\w+`` tokens (underscores kept, as in ``looking_at_viewer``) and bigrams of
+Terms are lower-case ``\\w+`` tokens (underscores kept, as in ``looking_at_viewer``; CJK runs as
+character bigrams) and bigrams of
 consecutive tokens across punctuation (so copied prompt templates match in order); ``<lora:…>`` tags
 are dropped. Terms are hashed (CRC-32, 2**22 buckets) and the hashes present in an index are
 remapped to compact column numbers (:class:`Vocabulary`), so an index needs no string vocabulary.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from adapters_db.text import clean_prompt
+from adapters_db.text import clean_prompt, split_cjk
 
 HASH_BITS = 22
 N_BUCKETS = 1 << HASH_BITS
@@ -28,8 +29,10 @@ _TOKEN = re.compile(r"\w+")
 
 
 def tokens(text: str) -> list[str]:
-    """Lower-case ``\\w+`` tokens of a prompt without its extra-network tags."""
-    return _TOKEN.findall(clean_prompt(text).lower())
+    """Lower-case ``\\w+`` tokens of a prompt without its extra-network tags; runs of CJK characters
+    (written without spaces) become overlapping character bigrams, so "胶片" finds "胶片风" (the usual
+    CJK indexing of Lucene's CJKBigramFilter)."""
+    return [t for tok in _TOKEN.findall(clean_prompt(text).lower()) for t in split_cjk(tok)]
 
 
 def term_ids(text: str) -> np.ndarray:

@@ -55,7 +55,7 @@ from adapters_db.matcher import PromptMatcher, load_matcher
 from adapters_db.models import Adapter, PreviewImage
 from adapters_db.repository import SORTS, adapter_ids_matching, filter_conditions, get_adapters
 from adapters_db.search_index import FAMILY_CODES, META_FIELDS, SearchIndex
-from adapters_db.text import clean_prompt, words
+from adapters_db.text import clean_prompt, has_cjk, words
 
 if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
@@ -867,7 +867,9 @@ def explain(evidence: Evidence, query: str) -> str:
         reasons.append((3.0, f"trigger word {shown}" if len(specific) == 1 else f"trigger words {shown}"))
     if evidence.prompt and evidence.prompt_similarity > 0.05:
         reasons.append((1.0 + evidence.prompt_similarity, f"similar prompt: {_quote(evidence.prompt)}"))
-    name_hits = [w for w in dict.fromkeys(_words_of(evidence.name)) if w in query_words and len(w) > 2]
+    name_hits = [
+        w for w in dict.fromkeys(_words_of(evidence.name)) if w in query_words and (len(w) > 2 or has_cjk(w))
+    ]
     if name_hits:
         reasons.append((1.2, "name: " + ", ".join(name_hits[:4])))
     tag_hits = _matching(evidence.tags, query_words)

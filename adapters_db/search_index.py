@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from adapters_db.embedders import Embedder
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7  # 7: CJK runs indexed as character bigrams
 META_FIELDS = ("name", "triggers", "tags", "files", "description")
 FAMILY_CODES = {None: 0, "sd1": 1, "sd2": 2, "sdxl": 3, "pocket": 4}
 MAX_DESCRIPTION_CHARS = 4000

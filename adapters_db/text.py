@@ -25,8 +25,9 @@ def clean_prompt(prompt: str) -> str:
     return text.replace("\\(", "(").replace("\\)", ")")
 
 
-def _split_cjk(token: str) -> list[str]:
-    if not _CJK.search(token):
+def split_cjk(token: str) -> list[str]:
+    """A token, or the CJK runs inside it as overlapping character bigrams (a lone character stays)."""
+    if not has_cjk(token):
         return [token]
     out: list[str] = []
     for part in re.split(f"({_CJK.pattern}+)", token):
@@ -39,6 +40,11 @@ def _split_cjk(token: str) -> list[str]:
     return out
 
 
+def has_cjk(text: str) -> bool:
+    """Whether a text holds CJK characters (whose words are written without spaces)."""
+    return _CJK.search(text) is not None
+
+
 def words(text: str) -> list[str]:
     """Lower-case word tokens (no pure numbers; CJK runs as character bigrams)."""
     norm = unicodedata.normalize("NFKC", text).lower()
@@ -46,7 +52,7 @@ def words(text: str) -> list[str]:
     for tok in _WORD.findall(norm):
         if tok.isdigit():
             continue
-        out.extend(_split_cjk(tok))
+        out.extend(split_cjk(tok))
     return out
 
 

@@ -522,11 +522,12 @@ def bench_matchers(  # type: ignore[no-untyped-def]
     ``"all"`` → the one trained on every adapter's prompts (what ``studio catalog matcher`` makes), each
     without any query's picture (cached per query set; ``models``/``images`` from :func:`catalog_maps`)."""
     import adapters_db.examples as examples_module
+    import adapters_db.lexical as lexical_module
     import adapters_db.matcher as module
     from adapters_db.matcher import MatcherConfig, PromptMatcher, train_matcher
     from adapters_db.search_index import read_catalog
 
-    modules = (module, examples_module)
+    modules = (module, examples_module, lexical_module)  # the matcher reads lexical.term_ids
 
     held = sorted({q.image_id for q in queries})
     with catalog.session() as s:

@@ -188,6 +188,29 @@ def test_bm25_prefers_rare_terms_and_is_normalised() -> None:
     assert lexical.make_query("unseen words only", vocab, idf).terms.size == 0
 
 
+def test_cjk_runs_are_indexed_as_bigrams() -> None:
+    """Names written without spaces are found by a part of them, as on Civitai ("胶片" → "胶片风")."""
+    assert lexical.tokens("FilmGirl 胶片风, ShojoVibe少女感") == [
+        "filmgirl",
+        "胶片",
+        "片风",
+        "shojovibe",
+        "少女",
+        "女感",
+    ]
+    assert lexical.tokens("猫") == ["猫"]
+    docs = ["FilmGirl 胶片风 LoRA", "ShojoVibe少女感", "plain english name"]
+    counts = lexical.count_matrix(docs)
+    vocab = lexical.Vocabulary.of(counts)
+    compact = vocab.remap(counts)
+    params = lexical.BM25Params()
+    matrix = lexical.saturate(compact, params)
+    idf = lexical.idf_from_counts(compact)
+    for query, row in (("胶片", 0), ("少女", 1), ("shojovibe", 1)):
+        scores = lexical.score(matrix, lexical.make_query(query, vocab, idf), params)
+        assert int(np.argmax(scores)) == row and scores[row] > 0 and (np.delete(scores, row) == 0).all()
+
+
 # ------------------------------------------------------------------------------------------ faiss
 
 
