@@ -9,6 +9,7 @@ adapters a prompt retrieves), and the mix refuses them as LoRAs.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from adapters_db.specs import AdapterSpec, FileSpec, VersionSpec
 if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
 
+log = logging.getLogger(__name__)
 GATE_KIND = "gate"
 GATE_FORMAT = "adapter-studio-gate"
 _HASH = re.compile(r"^(sha256:)?([0-9a-fA-F]{10}|[0-9a-fA-F]{64})$")
@@ -82,10 +84,19 @@ def read_gate_header(path: Path) -> dict[str, str]:
 
 
 def _families(header_family: str | None, families: Iterable[str]) -> tuple[str, ...]:
-    """The gate's own family first, then the others named (canonical names, no duplicates)."""
-    named = [normalize_family(f) for f in families if f and f.strip()]
-    own = [normalize_family(header_family)] if header_family else []
-    return tuple(dict.fromkeys(f for f in own + named if f))
+    """The gate's own family, or the families named for a file that records none (canonical names, no
+    duplicates); naming another family than the file's own is refused (the engine checks the file's)."""
+    named = tuple(dict.fromkeys(str(normalize_family(f)) for f in families if f and f.strip()))
+    own = normalize_family(header_family) if header_family else None
+    if own is None:
+        return named
+    other = [f for f in named if f != own]
+    if other:
+        raise GateRegistrationError(
+            f"this gate was trained for {own!r} models and only runs on them; it cannot be registered for "
+            f"{', '.join(other)} (train a gate on such a model with `python -m studio gate train`)"
+        )
+    return (own,)
 
 
 def register_gate(
@@ -172,6 +183,46 @@ def gate_record(record: AdapterRecord) -> GateRecord:
         layers=int(record.extra.get("layers") or 0),
         size_bytes=file.size_bytes,
     )
+
+
+def _same_lora(routed: RoutedLora, name: str, sha256: str | None) -> bool:
+    """By hash when both are known (an AutoV2 matches its SHA-256), else by name (case-insensitive)."""
+    if routed.sha256 and sha256:
+        a, b = routed.sha256.lower().removeprefix("sha256:"), sha256.lower().removeprefix("sha256:")
+        return a == b or (min(len(a), len(b)) >= 10 and (a.startswith(b) or b.startswith(a)))
+    return routed.name.strip().lower() == name.strip().lower()
+
+
+def routing_mismatch(gate: GateRecord, loras: Sequence[tuple[str, str | None]]) -> str | None:
+    """Why a generation's LoRAs ``(name, SHA-256 or None)`` differ from those the gate was trained to
+    route, or ``None`` when they match (in any order) or the gate records none."""
+    if not gate.loras:
+        return None
+    unused = list(loras)
+    missing = []
+    for routed in gate.loras:
+        match = next((lo for lo in unused if _same_lora(routed, *lo)), None)
+        if match is None:
+            missing.append(routed.name)
+        else:
+            unused.remove(match)
+    if not missing and not unused:
+        return None
+    problems = [f"{', '.join(n for n, _ in unused)} not among them"] if unused else []
+    problems += [f"{', '.join(missing)} missing"] if missing else []
+    return (
+        f"gate {gate.name!r} was trained to route {', '.join(lo.name for lo in gate.loras)}; this mix has "
+        f"{', '.join(n for n, _ in loras) or 'no LoRA'} ({'; '.join(problems)}): its gates were not learned "
+        "for these LoRAs"
+    )
+
+
+def warn_routing_mismatch(gate: GateRecord, loras: Sequence[tuple[str, str | None]]) -> str | None:
+    """:func:`routing_mismatch`, logged as a warning; returns the message (``None``: they match)."""
+    message = routing_mismatch(gate, loras)
+    if message is not None:
+        log.warning("%s", message)
+    return message
 
 
 def list_gates(

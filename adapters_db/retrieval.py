@@ -850,11 +850,13 @@ class Evidence:
     dense_meta: float
     classifier_prob: float = 0.0
     matcher_rank: float = 0.0  # r_s_meta: 1 / (1 + rank / 10) in the matcher's ranking, 0 below its depth
+    weight_match: float = 0.0  # max(d_weights, d_wsvd): a textless adapter found by its weights
 
 
 def explain(evidence: Evidence, query: str) -> str:
     """A short reason, strongest first: trigger words, a similar prompt, name words, tags, description,
-    the prompt classifier's confidence, the prompt matcher's ranking (its top three).
+    the prompt classifier's confidence, the prompt matcher's ranking (its top three), a textless
+    adapter's weight-space match.
 
     Trigger phrases count when specific: rarity at least 40% of the rarest possible ("pixel art" yes,
     "1girl" no, in the real catalog).
@@ -884,6 +886,10 @@ def explain(evidence: Evidence, query: str) -> str:
         reasons.append((0.9 + prob, f"prompts like its own (classifier {prob:.0%})"))
     if evidence.matcher_rank >= 0.8:
         reasons.append((0.8, "described like adapters people use with such prompts (matcher)"))
+    if evidence.weight_match > 0.2:
+        reasons.append(
+            (0.7 + evidence.weight_match, "no text of its own; its weights match the prompt (weight space)")
+        )
     if not reasons and evidence.trigger_phrases:
         reasons.append((0.1, f'trigger word "{evidence.trigger_phrases[0][0]}"'))
     reasons.sort(key=lambda r: -r[0])
@@ -963,6 +969,7 @@ def _hits(
             dense_meta=float(feats["d_meta"][row]),
             classifier_prob=float(np.exp(feats["k_lp"][row])) if ctx.class_scores is not None else 0.0,
             matcher_rank=float(feats["r_s_meta"][row]) if ctx.match_scores is not None else 0.0,
+            weight_match=max((float(feats[f][row]) for f in WEIGHT_FEATURES if f in feats), default=0.0),
         )
         shown = (*FEATURES, *(f for f in WEIGHT_FEATURES if f in feats))
         channels = {name: round(float(feats[name][row]), 4) for name in shown}

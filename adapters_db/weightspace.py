@@ -17,6 +17,7 @@ Search reads them as ``d_weights`` / ``d_wsvd`` (see ``adapters_db.retrieval``).
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
     from adapters_db.embedders import Embedder
 
+log = logging.getLogger(__name__)
 WEIGHT_CHANNELS = ("weights", "wsvd")
 ENCODER_DIR = "weight_encoder"
 FEATURE_CACHE = "weightspace"
@@ -92,6 +94,11 @@ def _load(path: Path) -> Any:
     return load(path)
 
 
+def _skipped(adapter_id: int, channel: str, exc: Exception) -> None:
+    """Log an adapter left out of a weight-space channel (its file unreadable: NaN, truncated, gone)."""
+    log.warning("adapter %d left out of the %r channel: %s", adapter_id, channel, exc)
+
+
 def layer_features_cached(
     catalog: Catalog, sha: str, path: Path, config: PropagationConfig
 ) -> dict[str, Any]:
@@ -142,7 +149,13 @@ def wsvd_vectors(
     meta = load_vectors(session, embedder.name, embedder.dim, "meta")
     meta_of = {int(a): v for a, v in zip(meta.adapter_ids, meta.vectors, strict=True)}
     refs = [a for a in files if a not in set(targets) and a in meta_of]
-    entries = {a: layer_features_cached(catalog, *files[a], config) for a in [*targets, *refs]}
+    entries: dict[int, dict[str, Any]] = {}
+    for a in [*targets, *refs]:
+        try:
+            entries[a] = layer_features_cached(catalog, *files[a], config)
+        except (OSError, ValueError) as exc:  # lora_formats' errors are ValueErrors
+            _skipped(a, "wsvd", exc)
+    targets, refs = [t for t in targets if t in entries], [r for r in refs if r in entries]
     out: dict[int, np.ndarray] = {}
     for family in {entries[t]["family"] for t in targets}:
         fam_t = [t for t in targets if entries[t]["family"] == family]
@@ -164,8 +177,10 @@ def wsvd_vectors(
 def encoder_path(catalog: Catalog) -> Path | None:
     """The configured encoder checkpoint folder, or ``<data_dir>/weight_encoder`` if it exists."""
     configured = getattr(catalog, "weight_encoder", None)
-    folder = Path(configured) if configured else catalog.data_dir / ENCODER_DIR
-    return folder if (folder / "config.json").is_file() else None
+    if configured:
+        return Path(configured)
+    folder = catalog.data_dir / ENCODER_DIR
+    return folder if folder.is_dir() else None
 
 
 def encoder_vectors(
@@ -178,11 +193,23 @@ def encoder_vectors(
         return {}
     from pipelines.weightspace.encoder import encode_weights, load_encoder
 
-    model = load_encoder(folder)
+    try:
+        model = load_encoder(folder)
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "weight encoder in %s unusable (%s); the learned 'weights' channel is skipped", folder, exc
+        )
+        return {}
     if model.config.embed_dim != embedder.dim or model.config.embedder not in ("", embedder.name):
         return {}
-    vectors = encode_weights(model, [_load(files[t][1]) for t in targets])
-    return dict(zip(targets, vectors, strict=True))
+    adapters = {}
+    for t in targets:
+        try:
+            adapters[t] = _load(files[t][1])
+        except (OSError, ValueError) as exc:  # lora_formats' errors are ValueErrors
+            _skipped(t, "weights", exc)
+    vectors = encode_weights(model, list(adapters.values()))
+    return dict(zip(adapters, vectors, strict=True))
 
 
 def _row(adapter_id: int, channel: str, sha: str, embedder: Embedder, vector: np.ndarray) -> Embedding:

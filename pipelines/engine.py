@@ -292,7 +292,7 @@ class Engine:
         resolve: Callable[[str], Path] | None = None,
         path_mode: str = "cost",
         plan_cache: Path | None = None,
-        resolve_gate: Callable[[str, str | None], Path] | None = None,
+        resolve_gate: Callable[[str, str | None, Sequence[tuple[str, str | None]]], Path] | None = None,
     ) -> None:
         self.models = models
         self.cache = cache
@@ -314,9 +314,10 @@ class Engine:
             raise FileNotFoundError(f"adapter file not found: {path}")
         return path
 
-    def gate_path(self, ref: str, family: str | None) -> Path:
+    def gate_path(self, ref: str, family: str | None, loras: Sequence[tuple[str, str | None]] = ()) -> Path:
         """Local file of a gate checkpoint: a path, else a catalog name / hash through ``resolve_gate``
-        (which refuses a gate that does not fit ``family``)."""
+        (which refuses a gate that does not fit ``family`` and warns when the mix's ``loras``, as
+        (name, SHA-256), are not those the gate was trained to route)."""
         path = Path(ref).expanduser()
         if path.is_file():
             return path
@@ -324,14 +325,16 @@ class Engine:
             raise FileNotFoundError(
                 f"gate checkpoint {ref!r} is not a file, and there is no catalog to look it up in"
             )
-        return self.resolve_gate(ref, family)
+        return self.resolve_gate(ref, family, loras)
 
-    def policy_args(self, recipe: MixRecipe, family: str | None) -> dict[str, Any]:
+    def policy_args(
+        self, recipe: MixRecipe, family: str | None, loras: Sequence[tuple[str, str | None]] = ()
+    ) -> dict[str, Any]:
         """The recipe's policy parameters with a ``gate`` checkpoint reference resolved to a file."""
         args = dict(recipe.fusion_args)
         ref = args.get("checkpoint")
         if recipe.fusion == "gate" and isinstance(ref, str) and ref.strip():
-            args["checkpoint"] = str(self.gate_path(ref.strip(), family))
+            args["checkpoint"] = str(self.gate_path(ref.strip(), family, loras))
         return args
 
     def load_adapters(
@@ -365,7 +368,8 @@ class Engine:
         with model.lock:
             device, dtype = pipe.unet.device, pipe.unet.dtype
             loaded = self.load_adapters(recipe, device, dtype)
-            policy = make_policy(recipe.fusion, self.policy_args(recipe, model.family))
+            mix = [(info.name, sha) for info, _, sha, _ in loaded]
+            policy = make_policy(recipe.fusion, self.policy_args(recipe, model.family, mix))
             original_scheduler = pipe.scheduler
             if recipe.sampler:
                 pipe.scheduler = make_scheduler(recipe.sampler, original_scheduler.config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,13 +161,17 @@ def catalog_resolver(catalog: Any) -> Callable[[str], Path]:
     return resolve
 
 
-def catalog_gate_resolver(catalog: Any) -> Callable[[str, str | None], Path]:
-    """``gate name / hash / id, model family → local gate file`` through the catalog; a gate that does
-    not fit the model's family is refused."""
-    from adapters_db.gates import find_gate
+GateResolver = Callable[[str, str | None, Sequence[tuple[str, str | None]]], Path]
+
+
+def catalog_gate_resolver(catalog: Any) -> GateResolver:
+    """``gate name / hash / id, model family, the mix's (name, SHA-256) → local gate file`` through the
+    catalog; a gate that does not fit the model's family is refused, one trained to route other LoRAs
+    than the mix's is used with a logged warning."""
+    from adapters_db.gates import find_gate, warn_routing_mismatch
     from pipelines.fusion.gate import GateMismatchError
 
-    def resolve(ref: str, family: str | None) -> Path:
+    def resolve(ref: str, family: str | None, loras: Sequence[tuple[str, str | None]] = ()) -> Path:
         with catalog.session() as session:
             gate = find_gate(session, catalog, ref)
         if gate is None:
@@ -179,6 +183,7 @@ def catalog_gate_resolver(catalog: Any) -> Callable[[str, str | None], Path]:
             raise GateMismatchError(
                 f"gate {gate.name!r} fits {', '.join(gate.families)} models; this model is {family!r}"
             )
+        warn_routing_mismatch(gate, loras)
         if gate.path is None or not gate.path.is_file():
             raise FileNotFoundError(f"gate {gate.name!r} sha256:{gate.sha256[:12]}… is not stored locally")
         return gate.path
@@ -186,19 +191,19 @@ def catalog_gate_resolver(catalog: Any) -> Callable[[str, str | None], Path]:
     return resolve
 
 
-def lazy_gate_resolver(config: StudioConfig) -> Callable[[str, str | None], Path]:
+def lazy_gate_resolver(config: StudioConfig) -> GateResolver:
     """:func:`catalog_gate_resolver` over the configuration's catalog, opened on first use only (a
     command that names no catalog gate never opens, or creates, a catalog)."""
-    resolvers: list[Callable[[str, str | None], Path]] = []
+    resolvers: list[GateResolver] = []
 
-    def resolve(ref: str, family: str | None) -> Path:
+    def resolve(ref: str, family: str | None, loras: Sequence[tuple[str, str | None]] = ()) -> Path:
         if not resolvers:
             import adapters_db
 
             resolvers.append(
                 catalog_gate_resolver(adapters_db.open_catalog(config.catalog_url, config.data_dir))
             )
-        return resolvers[0](ref, family)
+        return resolvers[0](ref, family, loras)
 
     return resolve
 

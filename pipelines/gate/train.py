@@ -49,6 +49,22 @@ class GateTrainConfig:
     guidance: float = 5.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps must be ≥ 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.images_per_lora >= 1, f"images_per_lora must be ≥ 1, got {self.images_per_lora}"),
+            (self.sample_steps >= 1, f"sample_steps must be ≥ 1, got {self.sample_steps}"),
+            (
+                0 <= self.empty_prompt_rate <= 1,
+                f"empty_prompt_rate must be in [0, 1], got {self.empty_prompt_rate}",
+            ),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ValueError(f"invalid gate training option: {problem}")
+
 
 @dataclass(frozen=True)
 class GateLora:

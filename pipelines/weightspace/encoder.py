@@ -258,12 +258,30 @@ def save_encoder(model: WeightEncoder, folder: Path | str) -> Path:
 
 
 def load_encoder(folder: Path | str) -> WeightEncoder:
-    """Inverse of :func:`save_encoder` (eval mode)."""
+    """Inverse of :func:`save_encoder` (eval mode). A missing file raises ``FileNotFoundError``, a damaged
+    one ``ValueError``, each naming the file (the weights' header is validated before any tensor is read)."""
     from safetensors.torch import load_file
 
+    from pipelines.lora_formats.safetensors_io import read_header
+
     folder = Path(folder)
-    model = WeightEncoder(EncoderConfig.from_json((folder / CONFIG_FILE).read_text(encoding="utf-8")))
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file}: no such file (a weight encoder is {CONFIG_FILE} + {WEIGHTS_FILE})"
+            )
+    try:
+        model = WeightEncoder(EncoderConfig.from_json(config_file.read_text(encoding="utf-8")))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # not JSON, or not an encoder config
+        raise ValueError(
+            f"{config_file}: damaged weight encoder config ({type(exc).__name__}: {exc})"
+        ) from exc
+    read_header(weights_file)  # truncated or foreign files: a specific ValueError naming the file
+    try:
+        model.load_state_dict(load_file(str(weights_file)))
+    except RuntimeError as exc:  # tensors of another encoder (names or shapes)
+        raise ValueError(f"{weights_file}: weights do not match {config_file.name} ({exc})") from exc
     return model.eval()
 
 

@@ -215,9 +215,13 @@ def cmd_catalog(args: argparse.Namespace) -> int:
             report = adapters_db.repair(s, catalog, grace_s=args.grace, verify=args.verify)
             print(report.describe())
         elif args.action == "reindex":
+            from adapters_db.weightspace import embed_weight_channels
+
             adapters_db.embed_missing(catalog, session=s, show_progress=True)
             index = catalog.search_index(s, show_progress=True)
-            index.rebuild(s, show_progress=True)
+            if index.last_event != "rebuilt":  # it was current: a forced rebuild, weight channels too
+                embed_weight_channels(catalog, s, catalog.embedder)
+                index.rebuild(s, show_progress=True)
             print(f"rebuilt the search index of {index.size} adapters in {index.directory}")
         elif args.action == "classifier":
             from adapters_db.classifier import build_classifier, classifier_path

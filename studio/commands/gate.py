@@ -74,7 +74,13 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     r = gsub.add_parser("register", parents=[parent], help="store a gate file in the catalog")
     r.add_argument("file", type=Path)
     r.add_argument("--name", default=None)
-    r.add_argument("--family", action="append", default=[], help="another base family it fits (repeatable)")
+    r.add_argument(
+        "--family",
+        action="append",
+        default=[],
+        help="base family it fits (repeatable); only for a gate file that records none: a gate runs on "
+        "the family it was trained for, so naming another is refused",
+    )
     r.add_argument("--lora", action="append", default=[], metavar="NAME[=SHA256]", help="a LoRA it routes")
     r.add_argument("--db-url", default=None)
     r.set_defaults(func=cmd_register)
@@ -202,12 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.gate.train import GateLora, GateTrainConfig, lora_latents, train_gate
     from pipelines.models import load_pipeline, model_family, resolve_device
 
-    sources = resolve_loras(args)
-    pairs = parse_pairs(args.pair, len(sources))
-    out = (args.out or default_out(args, [s.name for s in sources])).expanduser()
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end in .safetensors, got {out.name}")
-    cfg = GateTrainConfig(
+    cfg = GateTrainConfig(  # options checked before anything is loaded
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -217,6 +218,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps,
         seed=args.seed,
     )
+    sources = resolve_loras(args)
+    pairs = parse_pairs(args.pair, len(sources))
+    out = (args.out or default_out(args, [s.name for s in sources])).expanduser()
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {out.name}")
     pipe = load_pipeline(args.model, resolve_device(args.device), torch.float32)
     family = model_family(pipe)
     cache = AdapterCache()

@@ -205,6 +205,9 @@ def test_lora_without_text_is_found_through_the_weight_channels(
     assert rank <= 4, (rank, channels)  # the three pixel-art adapters with text, then this one
     assert rank_without > 4 and rank < rank_without
     assert channels["d_wsvd"] > 0.2 and channels.get("d_weights", 0.0) == 0.0  # no encoder configured
+    with cat.session() as s:
+        hit = next(h for h in adapters_db.search(s, cat, query, k=10) if h.adapter.id == textless)
+    assert "weight space" in hit.why  # said, not "popular adapter"
     assert _rank(cat, "soft watercolor painting", textless)[1]["d_wsvd"] < channels["d_wsvd"]
 
     # the learned channel: an encoder checkpoint for this embedder, written at the next rebuild

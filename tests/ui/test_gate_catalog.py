@@ -3,6 +3,8 @@ family refusal (catalog and engine), search leaving gates out, and the ``gate`` 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +14,18 @@ import torch
 
 import adapters_db
 from adapters_db import HashingEmbedder
-from adapters_db.gates import RoutedLora, find_gate, list_gates, register_gate
+from adapters_db.gates import (
+    GateRegistrationError,
+    RoutedLora,
+    find_gate,
+    list_gates,
+    register_gate,
+    routing_mismatch,
+    warn_routing_mismatch,
+)
 from pipelines.fusion.gate import GateMismatchError
 from pipelines.gate.network import GateConfig, GateNetwork
-from pipelines.gate.train import GateLora, gate_layers
+from pipelines.gate.train import GateLora, GateTrainConfig, gate_layers
 from pipelines.lora_formats import save_kohya
 from pipelines.lora_weights import LoraWeights
 from pipelines.recipe import AdapterSpec, MixRecipe
@@ -82,7 +92,7 @@ def recipe(hashes: dict[str, str], fusion: str, args: dict) -> MixRecipe:
     )
 
 
-def test_register_list_resolve_generate(gate_studio, tmp_path):
+def test_register_list_resolve_generate(gate_studio, tmp_path, caplog):
     services, files, hashes = gate_studio
     model = services.config.model
     pipe = services.models.get(model).pipe
@@ -116,7 +126,14 @@ def test_register_list_resolve_generate(gate_studio, tmp_path):
     assert gate_choices(services)[0][1] == f"sha256:{gate.sha256}"
     engine = services.engine
     models = services.models
-    by_name = engine.generate(recipe(hashes, "gate", {"checkpoint": "alpha-beta gate"}).with_(model=model))
+    with caplog.at_level(logging.WARNING, logger="adapters_db.gates"):
+        by_name = engine.generate(
+            recipe(hashes, "gate", {"checkpoint": "alpha-beta gate"}).with_(model=model)
+        )
+        assert "trained to route" not in caplog.text  # the mix is the gate's own pair
+        only_alpha = recipe(hashes, "gate", {"checkpoint": "alpha-beta gate"}).with_(model=model)
+        engine.generate(only_alpha.with_(adapters=only_alpha.adapters[:1]))
+        assert "trained to route alpha, beta" in caplog.text and "beta missing" in caplog.text
     by_hash = engine.generate(recipe(hashes, "gate", {"checkpoint": gate.autov2}).with_(model=model))
     by_path = engine.generate(recipe(hashes, "gate", {"checkpoint": str(path)}).with_(model=model))
     linear = engine.generate(recipe(hashes, "linear", {}).with_(model=model))
@@ -222,3 +239,73 @@ def test_gate_cli_train_register_list(tiny_pipeline_dir, tmp_path, capsys):
     assert len(listed) == 1 and "\tgate\t" in listed[0] and listed[0].endswith("cat, car")
     assert cli([*base, *prompts, "--pair", "0:0"]) == 2
     assert "two different positions" in capsys.readouterr().err
+
+
+def test_register_refuses_a_family_the_gate_was_not_trained_for(gate_studio, tmp_path, capsys):
+    services, files, _ = gate_studio
+    pipe = services.models.get(services.config.model).pipe
+    from pipelines import lora_formats
+
+    loras = [lora_formats.load(files[n]) for n in ("alpha", "beta")]
+    sd1 = random_gate(pipe, loras, "sd1", seed=7).save(tmp_path / "g1.safetensors")
+    with services.catalog.session() as session:
+        with pytest.raises(GateRegistrationError, match=r"trained for 'sd1' models.*registered for pocket"):
+            register_gate(session, services.catalog, sd1, name="g1b", families=["pocket", "sd15"])
+        assert all(g.name != "g1b" for g in list_gates(session, services.catalog))
+        same = register_gate(session, services.catalog, sd1, name="g1", families=["sd15", "SD 1.5"])
+        assert same.families == ("sd1",)  # its own family, by any alias, is fine
+    data = tmp_path / "data"
+    register = ["gate", "register", "--data-dir", str(data)]
+    assert cli([*register, str(sd1), "--name", "g1b", "--family", "pocket"]) == 2
+    assert "trained for 'sd1' models and only runs on them" in capsys.readouterr().err
+    assert cli(["gate", "list", "--data-dir", str(data), "--family", "pocket"]) == 0
+    assert capsys.readouterr().out == ""
+    # a gate file that records no family takes the families named
+    anyfam = random_gate(pipe, loras, None, seed=8).save(tmp_path / "any.safetensors")
+    assert cli([*register, str(anyfam), "--name", "free", "--family", "pocket", "--family", "sd1"]) == 0
+    listed = capsys.readouterr().out.strip()
+    assert "\tfree\t" in listed and listed.endswith("\tpocket,sd1")
+
+
+def test_gate_train_refuses_zero_steps_up_front(tiny_pipeline_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="steps must be ≥ 1, got 0"):
+        GateTrainConfig(steps=0)
+    lora = tmp_path / "cat.safetensors"
+    out = tmp_path / "gate.safetensors"
+    args = ["gate", "train", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_pipeline_dir)]
+    args += ["--lora", str(lora), "--lora", str(lora), "--steps", "0", "--out", str(out)]
+    assert cli(args) == 2  # refused before the LoRAs are even looked at
+    assert "invalid gate training option: steps must be ≥ 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_routing_mismatch_compares_the_mix_with_the_routed_loras(gate_studio, tmp_path, caplog):
+    services, files, hashes = gate_studio
+    pipe = services.models.get(services.config.model).pipe
+    from pipelines import lora_formats
+
+    loras = [lora_formats.load(files[n]) for n in ("alpha", "beta")]
+    path = random_gate(pipe, loras, "sd1", seed=9).save(tmp_path / "routes.safetensors")
+    routes = [RoutedLora("alpha", hashes["alpha"]), RoutedLora("beta", hashes["beta"])]
+    with services.catalog.session() as session:
+        register_gate(session, services.catalog, path, name="routes gate", loras=routes)
+        gate = find_gate(session, services.catalog, "routes gate")
+    assert gate is not None
+    a, b = ("alpha", hashes["alpha"]), ("beta", hashes["beta"])
+    assert routing_mismatch(gate, [b, a]) is None  # any order
+    assert routing_mismatch(gate, [("my alpha", hashes["alpha"]), ("b", hashes["beta"][:10])]) is None
+    assert routing_mismatch(gate, [("alpha", None), ("BETA", None)]) is None  # names when no hash
+    other = routing_mismatch(gate, [a, ("beta", "f" * 64)])  # same name, other file
+    assert other is not None and "beta not among them; beta missing" in other
+    one = routing_mismatch(gate, [a])
+    assert one is not None and "'routes gate' was trained to route alpha, beta" in one
+    assert "(beta missing)" in one
+    none = routing_mismatch(gate, [])
+    assert none is not None and "no LoRA" in none and "alpha, beta missing" in none
+    extra = routing_mismatch(gate, [a, b, ("gamma", "e" * 64)])
+    assert extra is not None and "gamma not among them" in extra and "missing" not in extra
+    with caplog.at_level("WARNING", logger="adapters_db.gates"):
+        assert warn_routing_mismatch(gate, [a]) == one
+    assert one in caplog.text
+    unrouted = dataclasses.replace(gate, loras=())
+    assert routing_mismatch(unrouted, [("gamma", None)]) is None  # nothing recorded: nothing to compare
