@@ -124,7 +124,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- search
 def _prompts(args: argparse.Namespace) -> Iterator[str]:
     if args.queries:
-        handle = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8")  # noqa: SIM115
+        handle = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8-sig")  # noqa: SIM115
         with handle:
             for line in handle:
                 if line.strip():

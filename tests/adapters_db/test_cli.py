@@ -42,7 +42,7 @@ def test_import_search_and_batch_json(
     code, out, _ = run(capsys, "search", "a castle in pixel art, 8bit", "-k", "2", "--base", "sd15", *data)
     assert code == 0 and "Pixel Art Style" in out.splitlines()[1] and "trigger word" in out
     queries = tmp_path / "queries.txt"
-    queries.write_text("inkstyle portrait\nhatsune miku\n\nneon city at night\n")
+    queries.write_text("\ufeffinkstyle portrait\nhatsune miku\n\nneon city at night\n")  # Notepad's BOM
     code, out, _ = run(capsys, "search", "--queries", str(queries), "-k", "3", "--json", *data)
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [line["query"] for line in lines] == [
