@@ -486,11 +486,19 @@ def informative_words(index: SearchIndex, query: str, n: int = FTS_WORDS) -> lis
 
 
 def _fts_rows(session: Session, index: SearchIndex, query: str) -> np.ndarray:
-    """Rows the database's full-text index matches on the query's rarest words. Only the match set
-    is used (not the backend's own rank function), so SQLite and PostgreSQL rank alike."""
+    """Rows the database's full-text index matches on the query's rarest words, and for CJK words (one
+    token per run in the database) the rows whose metadata has them as character bigrams. Only the
+    match set is used (not the backend's own rank function), so SQLite and PostgreSQL rank alike."""
     terms = informative_words(index, query)
     ids = fulltext.matching_ids(session, terms, FTS_LIMIT) if terms else []
-    return index.rows_of(np.array(ids, np.int64)) if ids else np.zeros(0, np.int64)
+    rows = index.rows_of(np.array(ids, np.int64)) if ids else np.zeros(0, np.int64)
+    cjk = [t for t in terms if has_cjk(t)]
+    if cjk and index.lexical is not None:  # the database tokenises a CJK run as one word: match its bigrams
+        lex = index.lexical
+        cols = lex.vocab.columns(np.array([lexical.term_ids(t)[0] for t in cjk], np.int64))
+        hits = [lex.meta_all.indices[lex.meta_all.indptr[c] : lex.meta_all.indptr[c + 1]] for c in cols]
+        rows = np.union1d(rows, np.concatenate([np.zeros(0, np.int64), *hits])[:FTS_LIMIT])
+    return rows
 
 
 @dataclass(frozen=True)
