@@ -144,8 +144,8 @@ def test_rank_one_export_keeps_blocks_without_attention(setup):
     pipe, _ = setup
     layout = UnetLayout.from_config(pipe.unet.config)
     short, full = layout.attention_ids(), layout.all_ids()
-    plain = [b for b in full if b not in short and b != "BASE"][0]
-    attn = [b for b in short if b not in ("BASE",)][:2]
+    plain = next(b for b in full if b not in short and b != "BASE")
+    attn = [b for b in short if b != "BASE"][:2]
     gates = torch.full((4, 3, 1), 0.5)  # steps × layers × adapters, every layer at 0.5
     result = distill(gates, [attn[0], attn[1], plain], layout, num_steps=4)
     vector = [float(x) for x in result.lbw_vectors[0].split(",")]
