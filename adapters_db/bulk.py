@@ -24,6 +24,7 @@ from adapters_db.models import (
     TriggerWord,
     adapter_tags,
 )
+from adapters_db.repository import spec_fingerprint
 from adapters_db.sanitize import html_to_text, sanitize_html
 from adapters_db.specs import AdapterSpec
 from adapters_db.store import autov2
@@ -55,7 +56,7 @@ def _adapter_row(spec: AdapterSpec, description_html: str) -> dict[str, Any]:
         "comment_count": st.comments,
         "rating_count": st.ratings,
         "rating": st.rating,
-        "extra": {**spec.extra, "fingerprint": spec.fingerprint()},
+        "extra": {**spec.extra, "fingerprint": spec_fingerprint(spec)},
     }
     if spec.created_at is not None:
         row["created_at"] = spec.created_at

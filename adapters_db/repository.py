@@ -7,7 +7,7 @@ catalog revision, which the derived search indexes compare against.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -508,7 +508,7 @@ def _version_row(spec: VersionSpec, adapter: Adapter, position: int) -> AdapterV
     return version
 
 
-def _apply_spec(session: Session, row: Adapter, spec: AdapterSpec) -> None:
+def _apply_spec(session: Session, row: Adapter, spec: AdapterSpec, *, merge: bool) -> None:
     row.name = spec.name[:400]
     row.kind = spec.kind
     row.source = spec.source
@@ -519,7 +519,7 @@ def _apply_spec(session: Session, row: Adapter, spec: AdapterSpec) -> None:
     row.nsfw_level = spec.nsfw_level
     row.creator = spec.creator
     row.civitai_model_id = spec.civitai_model_id
-    row.hf_repo = spec.hf_repo
+    row.hf_repo = spec.hf_repo or row.hf_repo
     row.source_url = spec.source_url
     row.license = spec.licence.license
     row.allow_no_credit = spec.licence.allow_no_credit
@@ -534,9 +534,147 @@ def _apply_spec(session: Session, row: Adapter, spec: AdapterSpec) -> None:
     row.rating = spec.stats.rating
     if spec.created_at is not None:
         row.created_at = spec.created_at
-    row.extra = {**spec.extra, "fingerprint": spec.fingerprint()}
+    row.extra = {**(row.extra or {}), **spec.extra, "fingerprint": spec_fingerprint(spec)}
     row.tags = _tag_rows(session, spec.tags)
-    row.versions = [_version_row(v, row, i) for i, v in enumerate(spec.versions)]
+    if merge:
+        _merge_versions(row, spec)
+    else:
+        row.versions = [_version_row(v, row, i) for i, v in enumerate(spec.versions)]
+
+
+def spec_fingerprint(spec: AdapterSpec) -> str:
+    """The spec's fingerprint with its files' ``stored`` flags cleared (a file turning local is no change)."""
+    versions = tuple(
+        replace(v, files=tuple(replace(f, stored=False) for f in v.files)) for v in spec.versions
+    )
+    return replace(spec, versions=versions).fingerprint()
+
+
+def _described(spec: VersionSpec, versions: list[AdapterVersion]) -> AdapterVersion | None:
+    """The version row a version spec is about: the same Civitai version id, else one without a Civitai
+    id (a local import's) that has one of its files."""
+    if spec.civitai_version_id is not None:
+        found = next((v for v in versions if v.civitai_version_id == spec.civitai_version_id), None)
+        if found is not None:
+            return found
+    hashes = {f.sha256.lower() for f in spec.files if f.sha256}
+    return next(
+        (v for v in versions if v.civitai_version_id is None and any(f.sha256 in hashes for f in v.files)),
+        None,
+    )
+
+
+def _merge_versions(row: Adapter, spec: AdapterSpec) -> None:
+    """Update the versions a spec describes in place and add its new ones; every other version (a local
+    import's, one the record no longer lists) is kept after the version it followed."""
+    old = list(row.versions)
+    merged: list[AdapterVersion] = []
+    for v in spec.versions:
+        version = _described(v, [o for o in old if o not in merged])
+        if version is None:
+            merged.append(_version_row(v, row, 0))
+        else:
+            _update_version(version, v, row)
+            merged.append(version)
+    previous: AdapterVersion | None = None
+    for version in old:
+        if version not in merged:
+            merged.insert(0 if previous is None else merged.index(previous) + 1, version)
+        previous = version
+    row.versions = merged
+    for i, version in enumerate(merged):
+        version.position = i
+
+
+def _update_version(version: AdapterVersion, spec: VersionSpec, adapter: Adapter) -> None:
+    """Refresh a version from its spec; files and pictures are merged, what the spec lacks is kept."""
+    version.name = spec.name[:400] or version.name
+    if spec.civitai_version_id is not None:
+        version.civitai_version_id = spec.civitai_version_id
+    version.base_model = spec.base_model or version.base_model
+    version.base_family = spec.base_family or version.base_family
+    version.description_html = sanitize_html(spec.description_html) or version.description_html
+    version.download_url = spec.download_url or version.download_url
+    version.created_at = spec.created_at or version.created_at
+    version.download_count = spec.download_count
+    if spec.trigger_words:
+        version.trigger_words = [
+            TriggerWord(adapter=adapter, position=i, word=w) for i, w in enumerate(spec.trigger_words)
+        ]
+    _merge_files(version, spec.files)
+    _merge_images(version, spec.images, adapter)
+
+
+_FILE_COLUMNS = (
+    "file_name",
+    "size_bytes",
+    "sha256",
+    "autov2",
+    "hashes",
+    "format",
+    "primary",
+    "remote_url",
+    "stored",
+    "header_metadata",
+    "rank",
+    "num_modules",
+    "components",
+)
+
+
+def _same_file(row: AdapterFile, spec: FileSpec) -> bool:
+    """Whether a file row is the file a spec lists: the same SHA-256, else (neither has one) the same name."""
+    if spec.sha256:
+        return row.sha256 == spec.sha256.lower()
+    return row.sha256 is None and row.file_name == spec.file_name[:500]
+
+
+def _merge_files(version: AdapterVersion, specs: Iterable[FileSpec]) -> None:
+    """Add a version's new files and refresh the ones it has; a local copy keeps what its header said."""
+    for spec in specs:
+        row = next((f for f in version.files if _same_file(f, spec)), None)
+        if row is None:
+            version.files.append(_file_row(spec))
+        elif row.stored:
+            row.remote_url = spec.remote_url or row.remote_url
+            row.hashes = {**dict(spec.hashes), **dict(row.hashes or {})}
+        else:
+            fresh = _file_row(spec)
+            for column in _FILE_COLUMNS:
+                setattr(row, column, getattr(fresh, column))
+
+
+def _image_keys(civitai_image_id: int | None, url: str | None) -> list[tuple[str, Any]]:
+    return [k for k in (("id", civitai_image_id), ("url", url)) if k[1]]
+
+
+def _merge_images(version: AdapterVersion, specs: Iterable[ImageSpec], adapter: Adapter) -> None:
+    """Append a version's new pictures; one it has (same Civitai image id, else URL) is updated instead."""
+    known = {k: im for im in version.images for k in _image_keys(im.civitai_image_id, im.url)}
+    for spec in specs:
+        keys = _image_keys(spec.civitai_image_id, spec.url)
+        row = next((known[k] for k in keys if k in known), None)
+        if row is None:
+            row = _image_row(spec, adapter, len(version.images))
+            version.images.append(row)
+        else:
+            _update_image(row, spec)
+        known.update(dict.fromkeys(keys, row))
+
+
+def _update_image(row: PreviewImage, spec: ImageSpec) -> None:
+    """Refresh a known picture from its spec, keeping what the spec lacks (a local copy, a prompt)."""
+    row.civitai_image_id = spec.civitai_image_id or row.civitai_image_id
+    row.url = spec.url or row.url
+    if spec.local_sha256:
+        row.local_sha256, row.local_ext = spec.local_sha256, spec.local_ext
+    row.width = spec.width or row.width
+    row.height = spec.height or row.height
+    row.nsfw_level = spec.nsfw_level
+    row.blurhash = spec.blurhash or row.blurhash
+    row.prompt = spec.prompt or row.prompt
+    row.negative_prompt = spec.negative_prompt or row.negative_prompt
+    row.params = dict(spec.params) or dict(row.params or {})
 
 
 def search_document_fields(row: Adapter) -> dict[str, str]:
@@ -564,8 +702,10 @@ def _write_search_document(session: Session, row: Adapter) -> None:
 
 
 def write_adapter(session: Session, spec: AdapterSpec, *, adapter_id: int | None = None) -> tuple[int, str]:
-    """Insert a spec, or replace adapter ``adapter_id`` / the one with the same Civitai id.
+    """Insert a spec, or update adapter ``adapter_id`` / the one with the same Civitai id with it.
 
+    An update rewrites the adapter's metadata and the versions the spec describes (by Civitai version
+    id, else by a shared file) and keeps every other version, file and picture (:func:`_merge_versions`).
     Returns ``(adapter_id, status)`` with status ``imported``, ``updated`` or ``duplicate`` (an
     identical spec was written before: nothing changes).
     """
@@ -578,16 +718,13 @@ def write_adapter(session: Session, spec: AdapterSpec, *, adapter_id: int | None
         row = session.execute(
             select(Adapter).where(Adapter.civitai_model_id == spec.civitai_model_id)
         ).scalar_one_or_none()
-    if row is not None and (row.extra or {}).get("fingerprint") == spec.fingerprint():
+    if row is not None and (row.extra or {}).get("fingerprint") == spec_fingerprint(spec):
         return row.id, "duplicate"
     status = "imported" if row is None else "updated"
     if row is None:
         row = Adapter()
         session.add(row)
-    else:
-        row.versions.clear()
-        session.flush()
-    _apply_spec(session, row, spec)
+    _apply_spec(session, row, spec, merge=status == "updated")
     session.flush()
     _write_search_document(session, row)
     bump_revision(session)
@@ -675,6 +812,21 @@ def stored_hashes(session: Session) -> set[str]:
     return {h for h in files if h} | {h for h in images if h}
 
 
+def local_adapter_hashes(session: Session) -> dict[str, int]:
+    """SHA-256 of every locally stored file of an adapter without a Civitai id → that adapter's id."""
+    rows = session.execute(
+        select(AdapterFile.sha256, AdapterVersion.adapter_id)
+        .join(AdapterVersion, AdapterFile.version_id == AdapterVersion.id)
+        .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+        .where(
+            Adapter.civitai_model_id.is_(None),
+            AdapterFile.stored.is_(True),
+            AdapterFile.sha256.is_not(None),
+        )
+    )
+    return {sha: adapter_id for sha, adapter_id in rows}
+
+
 def delete_adapter(session: Session, catalog: Catalog, adapter_id: int, *, delete_files: bool = True) -> bool:
     """Delete an adapter with its versions, files, images and vectors; ``False`` if it did not exist.
 
@@ -749,7 +901,9 @@ def attach_local_file(session: Session, sha256: str, spec: FileSpec) -> int | No
 def add_version(
     session: Session, adapter_id: int, spec: VersionSpec, *, merge_into: int | None = None
 ) -> int:
-    """Append a version to an adapter, or merge its files and images into version ``merge_into``."""
+    """Append a version to an adapter, or merge its files and images into version ``merge_into`` (pictures
+    it already has are not added twice). The adapter's fingerprint stays: a re-import of its unchanged
+    record keeps what this added (see :func:`write_adapter`)."""
     row = session.execute(_full_query().where(Adapter.id == adapter_id)).scalar_one_or_none()
     if row is None:
         raise NotFoundError(f"no adapter with id {adapter_id}")
@@ -759,10 +913,8 @@ def add_version(
             version.position = i
     else:
         version = next(v for v in row.versions if v.id == merge_into)
-        version.files.extend(_file_row(f) for f in spec.files)
-        start = len(version.images)
-        version.images.extend(_image_row(im, row, start + i) for i, im in enumerate(spec.images))
-    row.extra = {**(row.extra or {}), "fingerprint": None}
+        _merge_files(version, spec.files)
+        _merge_images(version, spec.images, row)
     session.flush()
     _write_search_document(session, row)
     bump_revision(session)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -193,28 +194,47 @@ def civitai_spec(record: dict[str, Any], local: set[str] | None = None) -> Adapt
 
 
 def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
-    """Records of a ``.jsonl[.gz]`` dump or a ``.json`` API page/list as ``(where, record or error)``."""
+    """Records of a ``.jsonl[.gz]`` dump or a ``.json`` API page/list as ``(where, record or error)``.
+
+    A line that is not UTF-8 or not JSON is one error; a compressed file that is truncated or not gzip
+    at all yields the records read so far, then one error naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     stem = path.name.removesuffix(".gz")
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-        if stem.endswith(".json"):
-            yield from _json_records(path.name, fh.read())
-            return
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path.name}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"{path.name}:{lineno}", CivitaiRecordError(f"line {lineno}: invalid JSON ({exc.msg})")
-
-
-def _json_records(name: str, text: str) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    lineno = 0
     try:
-        data = json.loads(text)
+        with opener(path, "rb") as fh:  # type: ignore[operator]
+            if stem.endswith(".json"):
+                yield from _json_records(path.name, fh.read())
+                return
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    yield f"{path.name}:{lineno}", _json_line(line, lineno)
+    except (OSError, EOFError, zlib.error) as exc:
+        after = f" after line {lineno}" if lineno else ""
+        problem = f"truncated or corrupt{after} ({type(exc).__name__}: {exc})"
+        yield path.name, CivitaiRecordError(f"{path.name}: {problem}")
+
+
+def _json_line(line: bytes, lineno: int) -> dict[str, Any] | Exception:
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8: {exc.reason} at byte {exc.start}"
+        return CivitaiRecordError(f"line {lineno}: invalid JSON ({reason})")
+    except json.JSONDecodeError as exc:
+        return CivitaiRecordError(f"line {lineno}: invalid JSON ({exc.msg})")
+
+
+def _json_records(name: str, raw: bytes) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        yield name, CivitaiRecordError(f"{name}: invalid JSON (not UTF-8: {exc.reason} at byte {exc.start})")
+        return
     except json.JSONDecodeError as exc:
         yield name, CivitaiRecordError(f"{name}: invalid JSON ({exc.msg} at line {exc.lineno})")
         return
@@ -233,11 +253,13 @@ def import_civitai_records(
     batch_size: int = 500,
 ) -> ImportSummary:
     """Import records: each is converted and checked first (a bad one is reported, the rest go on);
-    new adapters are inserted in batches, known Civitai ids are updated one by one. A batch that hits
-    a database error is rolled back and retried record by record, so only the culprit fails."""
-    from adapters_db.repository import stored_hashes
+    new adapters are inserted in batches, known Civitai ids are updated one by one, and a record whose
+    file is the local file of an adapter without a Civitai id is merged into that adapter. A batch that
+    hits a database error is rolled back and retried record by record, so only the culprit fails."""
+    from adapters_db.repository import local_adapter_hashes, stored_hashes
 
     local = stored_hashes(session)
+    local_adapters = local_adapter_hashes(session)
     known = set(
         session.execute(
             select(Adapter.civitai_model_id).where(Adapter.civitai_model_id.is_not(None))
@@ -253,9 +275,14 @@ def import_civitai_records(
         except (ValueError, TypeError, KeyError) as exc:
             results[n] = ImportResult(where, "failed", message=f"{type(exc).__name__}: {exc}")
             continue
+        owner = next((local_adapters[h] for h in spec.sha256s if h in local_adapters), None)
         if spec.civitai_model_id in known:
             _flush(session, batch, results)
             results[n] = _one(session, where, spec)
+        elif owner is not None:
+            _flush(session, batch, results)
+            results[n] = _link(session, where, spec, owner)
+            local_adapters = {h: a for h, a in local_adapters.items() if a != owner}
         else:
             batch.append((n, where, spec))
             if len(batch) >= batch_size:
@@ -269,6 +296,17 @@ def _one(session: Session, where: str, spec: AdapterSpec) -> ImportResult:
     def work() -> ImportResult:
         adapter_id, status = write_adapter(session, spec)
         return ImportResult(where, status, adapter_id, spec.name)
+
+    return run_item(session, where, work)
+
+
+def _link(session: Session, where: str, spec: AdapterSpec, adapter_id: int) -> ImportResult:
+    """Merge a record into the local adapter that holds its file (one adapter, not two, for one file)."""
+
+    def work() -> ImportResult:
+        write_adapter(session, spec, adapter_id=adapter_id)
+        message = f"linked to local adapter {adapter_id} (it holds this record's file)"
+        return ImportResult(where, "updated", adapter_id, spec.name, message=message)
 
     return run_item(session, where, work)
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from adapters_db.dto import ImportResult, ImportSummary
 from adapters_db.importers.civitai import import_civitai_records
-from adapters_db.importers.common import run_item
+from adapters_db.importers.common import inspect_lora, run_item
 from adapters_db.importers.download import HttpConfig, download_to_store, get_json
 from adapters_db.models import AdapterFile, AdapterVersion
 from adapters_db.repository import attach_local_file
@@ -108,8 +108,8 @@ def download_files(
 ) -> list[ImportResult]:
     """Download the primary files of catalogued adapters, verify each SHA-256, then mark them stored.
 
-    Each file is checked with ``pipelines.lora_formats.inspect`` before it is registered; a file that
-    fails (HTTP error, hash mismatch, not a LoRA) leaves the entry remote and is reported.
+    Each file is checked with ``inspect_lora`` (header, finite weights) before it is registered; a file
+    that fails (HTTP error, hash mismatch, not a LoRA, NaN weights) leaves the entry remote and is reported.
     """
     results = []
     for row in _remote_files(session, adapter_ids):
@@ -127,11 +127,9 @@ def download_files(
 def _download_one(
     session: Session, catalog: Catalog, url: str, sha256: str, name: str, config: HttpConfig
 ) -> ImportResult:
-    from pipelines.lora_formats import inspect
-
     stored = download_to_store(url, catalog.store, expected_sha256=sha256, config=config)
     try:
-        info = inspect(stored.path)
+        info = inspect_lora(stored.path)
     except ValueError:
         if not stored.existed:
             stored.path.unlink(missing_ok=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -32,6 +33,27 @@ def crash_point(name: str) -> None:
     """Exit immediately (no cleanup, like a kill) if ``$ADAPTERS_DB_CRASH_AT`` names this point."""
     if os.environ.get(CRASH_ENV) == name:
         os._exit(17)
+
+
+def inspect_lora(path: Path) -> Any:
+    """``pipelines.lora_formats.inspect`` (header only) plus the finiteness check ``load`` makes, one tensor
+    at a time: a LoRA holding NaN or Inf is refused before it reaches the store."""
+    from safetensors import SafetensorError, safe_open
+
+    from pipelines.lora_formats import NotSafetensorsError, inspect
+    from pipelines.lora_formats.errors import LoraFormatError, in_file
+    from pipelines.lora_formats.safetensors_io import check_finite
+
+    info = inspect(path)
+    try:
+        with safe_open(str(info.path), framework="pt", device="cpu") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                check_finite({name: fh.get_tensor(name)})
+    except LoraFormatError as exc:
+        raise in_file(exc, info.path) from exc
+    except SafetensorError as exc:
+        raise NotSafetensorsError(f"{info.path}: could not read tensor data: {exc}") from exc
+    return info
 
 
 def progress(items: Iterable[T], show: bool, total: int | None = None, desc: str = "") -> Iterator[T]:

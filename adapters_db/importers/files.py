@@ -2,9 +2,10 @@
 (``import_folder``) with previews and sidecars.
 
 Header metadata, trigger words and base family come from ``pipelines.lora_formats.inspect`` (the
-same reader the engine uses). Bytes go to the content-addressed store (atomic, deduplicated by
-SHA-256) before the rows are written; a crash in between leaves an unreferenced blob that the
-catalog never shows and that a re-import reuses or garbage collection removes.
+same reader the engine uses); weights holding NaN or Inf are refused, as ``load`` refuses them. Bytes
+go to the content-addressed store (atomic, deduplicated by SHA-256) before the rows are written; a
+crash in between leaves an unreferenced blob that the catalog never shows and that a re-import
+reuses or garbage collection removes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from sqlalchemy.orm import Session
 from adapters_db.dto import ImportResult, ImportSummary, LicenceFlags
 from adapters_db.families import family_from_civitai, normalize_family
 from adapters_db.importers.civitai import image_spec
-from adapters_db.importers.common import DuplicateError, ImportErrorBase, crash_point, progress, run_item
+from adapters_db.importers.common import (
+    DuplicateError,
+    ImportErrorBase,
+    crash_point,
+    inspect_lora,
+    progress,
+    run_item,
+)
 from adapters_db.importers.sidecars import (
     IMAGE_EXTS,
     LORA_EXTS,
@@ -43,12 +51,6 @@ MAX_METADATA_VALUE = 65_536
 
 class UnsupportedFileError(ImportErrorBase):
     """Not a file this importer takes (pickled checkpoint, unknown extension, a folder)."""
-
-
-def _inspect(path: Path) -> Any:
-    from pipelines.lora_formats import inspect
-
-    return inspect(path)
 
 
 def _check_path(path: Path) -> None:
@@ -219,7 +221,7 @@ def _import_file(
     written: list[StoredFile],
 ) -> ImportResult:
     _check_path(path)
-    info = _inspect(path)
+    info = inspect_lora(path)
     stored = catalog.store.put_file(path)
     written.append(stored)
     crash_point("after_store_write")

@@ -254,6 +254,68 @@ def test_civitai_dump_bad_records_do_not_stop_the_batch(catalog: Catalog, tmp_pa
         adapters_db.import_civitai_jsonl(s, catalog, tmp_path / "absent.jsonl")
 
 
+def test_broken_dumps_keep_what_they_can_and_the_batch_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated .gz, a plain file named .gz and a line of invalid UTF-8 each fail alone."""
+    from studio.cli import main
+    from tests.adapters_db.conftest import write_jsonl
+
+    records = [civitai_record(100 + i, f"Style {i}", trained=[f"style{i}"]) for i in range(60)]
+    full = write_jsonl(tmp_path / "full.jsonl.gz", records, gz=True).read_bytes()
+    truncated = tmp_path / "c_trunc.jsonl.gz"
+    truncated.write_bytes(full[: len(full) // 2])
+    fake = write_jsonl(tmp_path / "notgz.jsonl.gz", [civitai_record(200, "Plain Text")])
+    bad_utf8 = tmp_path / "c_bad.jsonl"
+    bad_utf8.write_bytes(
+        json.dumps(civitai_record(300, "Before")).encode()
+        + b"\n\xff\xfe{}\n"
+        + json.dumps(civitai_record(301, "After")).encode()
+        + b"\n"
+    )
+    last = write_jsonl(tmp_path / "last.jsonl", [civitai_record(400, "Last One")])
+    data = ["--data-dir", str(tmp_path / "data"), "--embedder", "hashing-64", "--no-embed"]
+    code = main(["import-civitai", str(truncated), str(fake), str(bad_utf8), str(last), *data])
+    out, err = capsys.readouterr()
+    failed = [line for line in err.splitlines() if line.startswith("failed")]
+    assert code == 0 and len(failed) == 3, err
+    assert "c_trunc.jsonl.gz" in failed[0] and "truncated or corrupt" in failed[0]
+    assert "notgz.jsonl.gz" in failed[1] and "Not a gzipped file" in failed[1]
+    assert "c_bad.jsonl:2" in failed[2] and "invalid JSON" in failed[2] and "UTF-8" in failed[2]
+    catalog = adapters_db.open_catalog(None, tmp_path / "data", embedder="hashing-64")
+    with catalog.session() as s:
+        names = {a.name for a in adapters_db.list_adapters(s, catalog, limit=100).items}
+    catalog.dispose()
+    styles = {n for n in names if n.startswith("Style ")}
+    assert names - styles == {"Before", "After", "Last One"}
+    assert styles == {f"Style {i}" for i in range(len(styles))} and 0 < len(styles) < 60
+    assert f"summary: imported {len(names)}, updated 0, duplicate 0, skipped 0, failed 3" in out
+
+
+def test_lora_with_non_finite_weights_is_refused(
+    catalog: Catalog, lora_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "batch"
+    good = lora_file("good.safetensors", folder=folder)
+    for name, bad in (("nan.safetensors", float("nan")), ("inf.safetensors", float("-inf"))):
+        tensors = load_file(str(lora_file(name, folder=folder)))
+        key = next(k for k in sorted(tensors) if k.endswith("lora_up.weight"))
+        tensors[key][3, 1] = bad
+        save_file(tensors, str(folder / name))
+    with catalog.session() as s:
+        summary = adapters_db.import_paths(s, catalog, [folder])
+    assert summary.count("imported") == 1 and summary.count("failed") == 2, summary.results
+    for result in summary.failed:
+        assert "NonFiniteWeightsError" in result.message and "lora_up.weight" in result.message
+        assert Path(result.source).name in result.message
+    assert {"NaN", "infinite"} <= {w for r in summary.failed for w in r.message.split()}
+    with catalog.session() as s:
+        assert s.execute(select(func.count(Adapter.id))).scalar() == 1
+    assert [sha for sha, _ in catalog.store.iter_blobs()] == [sha256_file(good)]
+
+
 def test_real_civitai_slice(catalog: Catalog, shared_data: Path, tmp_path: Path) -> None:
     import gzip
     import itertools

@@ -181,6 +181,31 @@ def test_civitai_api_import_with_verified_downloads(
     assert len(list(cat.store.iter_blobs())) == 1  # the tampered bytes never entered the store
 
 
+def test_downloaded_lora_with_nan_weights_stays_remote(
+    sqlite_catalog: Catalog, hub: tuple[FakeHub, str], lora_file: Callable[..., Path]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    fake, base = hub
+    path = lora_file("nan.safetensors", seed=23)
+    tensors = load_file(str(path))
+    next(t for k, t in sorted(tensors.items()) if k.endswith("lora_down.weight"))[0, 0] = float("nan")
+    save_file(tensors, str(path))
+    data = path.read_bytes()
+    fake.models = [civitai_record(104, "NaN Remote", sha256=hashlib.sha256(data).hexdigest())]
+    f = fake.models[0]["modelVersions"][0]["files"][0]
+    f["downloadUrl"] = f"{base}/api/download/models/1040"
+    fake.files["/api/download/models/1040"] = data
+    cat = sqlite_catalog
+    with cat.session() as s:
+        summary = import_from_api(s, cat, CivitaiClient(base_url=base, config=FAST), limit=5, download=True)
+    assert summary.count("imported") == 1 and summary.count("failed") == 1, summary.results
+    assert "NonFiniteWeightsError" in summary.failed[0].message and "NaN" in summary.failed[0].message
+    with cat.session() as s:
+        assert not adapters_db.find_by_civitai_id(s, cat, 104).has_local_file
+    assert list(cat.store.iter_blobs()) == []  # the bad bytes were removed from the store
+
+
 def test_civitai_query_and_lookup_by_hash(
     sqlite_catalog: Catalog, hub: tuple[FakeHub, str], lora_file: Callable[..., Path]
 ) -> None:
