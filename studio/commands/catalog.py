@@ -77,7 +77,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_import_civitai(args: argparse.Namespace) -> int:
     """Import Civitai API dumps (.jsonl, .jsonl.gz, .json) or query the live API."""
     from adapters_db import import_civitai_jsonl
-    from adapters_db.dto import ImportSummary
+    from adapters_db.dto import ImportResult, ImportSummary
 
     catalog = _catalog(args)
     results = []
@@ -97,6 +97,9 @@ def cmd_import_civitai(args: argparse.Namespace) -> int:
             )
         results.extend(summary.results)
     for path in args.files:
+        if not Path(path).is_file():  # one failed item; the other files still run
+            results.append(ImportResult(str(path), "failed", message=f"no such file: {path}"))
+            continue
         with catalog.session() as s:
             summary = import_civitai_jsonl(s, catalog, Path(path), limit=args.limit, show_progress=True)
         results.extend(summary.results)

@@ -257,7 +257,7 @@ def test_civitai_dump_bad_records_do_not_stop_the_batch(catalog: Catalog, tmp_pa
 def test_broken_dumps_keep_what_they_can_and_the_batch_goes_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A truncated .gz, a plain file named .gz and a line of invalid UTF-8 each fail alone."""
+    """A truncated .gz, a plain file named .gz, a line of invalid UTF-8 and a missing file each fail alone."""
     from studio.cli import main
     from tests.adapters_db.conftest import write_jsonl
 
@@ -275,13 +275,15 @@ def test_broken_dumps_keep_what_they_can_and_the_batch_goes_on(
     )
     last = write_jsonl(tmp_path / "last.jsonl", [civitai_record(400, "Last One")])
     data = ["--data-dir", str(tmp_path / "data"), "--embedder", "hashing-64", "--no-embed"]
-    code = main(["import-civitai", str(truncated), str(fake), str(bad_utf8), str(last), *data])
+    missing = tmp_path / "not_there.jsonl"
+    code = main(["import-civitai", str(truncated), str(fake), str(bad_utf8), str(missing), str(last), *data])
     out, err = capsys.readouterr()
     failed = [line for line in err.splitlines() if line.startswith("failed")]
-    assert code == 0 and len(failed) == 3, err
+    assert code == 0 and len(failed) == 4, err
     assert "c_trunc.jsonl.gz" in failed[0] and "truncated or corrupt" in failed[0]
     assert "notgz.jsonl.gz" in failed[1] and "Not a gzipped file" in failed[1]
     assert "c_bad.jsonl:2" in failed[2] and "invalid JSON" in failed[2] and "UTF-8" in failed[2]
+    assert "not_there.jsonl" in failed[3] and "no such file" in failed[3]
     catalog = adapters_db.open_catalog(None, tmp_path / "data", embedder="hashing-64")
     with catalog.session() as s:
         names = {a.name for a in adapters_db.list_adapters(s, catalog, limit=100).items}
@@ -289,7 +291,7 @@ def test_broken_dumps_keep_what_they_can_and_the_batch_goes_on(
     styles = {n for n in names if n.startswith("Style ")}
     assert names - styles == {"Before", "After", "Last One"}
     assert styles == {f"Style {i}" for i in range(len(styles))} and 0 < len(styles) < 60
-    assert f"summary: imported {len(names)}, updated 0, duplicate 0, skipped 0, failed 3" in out
+    assert f"summary: imported {len(names)}, updated 0, duplicate 0, skipped 0, failed 4" in out
 
 
 def test_lora_with_non_finite_weights_is_refused(
