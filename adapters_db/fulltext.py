@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import text
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
-from adapters_db.text import words
+from adapters_db.models import SearchDocument
+from adapters_db.text import has_cjk, words
 
 # FTS5 bm25 column weights: name, tags, triggers, files, description.
 FTS5_WEIGHTS = (4.0, 2.0, 4.0, 2.0, 1.0)
@@ -78,8 +79,22 @@ def _postgres(session: Session, terms: Sequence[str], limit: int, any_word: bool
 
 
 def match_all_ids(session: Session, query: str, limit: int = 100_000) -> list[int]:
-    """Ids of adapters containing every word of the query (browsing filter)."""
-    return [i for i, _ in ranked_ids(session, query, limit, any_word=False)]
+    """Ids of adapters containing every word of the query (browsing filter). A CJK word (a character
+    bigram: the database keeps a CJK run as one token) matches as a substring of any field."""
+    terms = query_words(query, max_terms=10_000)
+    plain = [t for t in terms if not has_cjk(t)]
+    cjk = [t for t in terms if has_cjk(t)]
+    ids = [i for i, _ in ranked_ids(session, " ".join(plain), limit, any_word=False)] if plain else None
+    if not cjk:
+        return ids or []
+    fields = (SearchDocument.name, SearchDocument.tags, SearchDocument.triggers, SearchDocument.files)
+    fields += (SearchDocument.description,)
+    conds = [or_(*(f.contains(t, autoescape=True) for f in fields)) for t in cjk]
+    if ids is not None:
+        conds.append(SearchDocument.adapter_id.in_(ids))
+    found = session.execute(select(SearchDocument.adapter_id).where(*conds).limit(limit)).scalars()
+    keep = set(found)
+    return [i for i in ids if i in keep] if ids is not None else sorted(keep)
 
 
 def matching_ids(session: Session, words_: list[str], limit: int = 1000) -> list[int]:

@@ -34,3 +34,12 @@ def test_part_of_a_cjk_name_finds_it(catalog: Catalog) -> None:
             hits = adapters_db.search(s, catalog, query, k=4)
             assert hits[0].adapter.name == name, (query, [h.adapter.name for h in hits])
             assert hits[0].channels["m_name"] > 0 and "name:" in hits[0].why
+    with catalog.session() as s:
+        for text, names in (
+            ("胶片", ["FilmGirl 胶片风"]),
+            ("少女感", ["ShojoVibe少女感"]),
+            ("胶片 film", ["FilmGirl 胶片风"]),
+        ):
+            page = adapters_db.list_adapters(s, catalog, text=text)
+            assert [a.name for a in page.items] == names, text
+        assert adapters_db.list_adapters(s, catalog, text="少女 watercolor").items == ()
