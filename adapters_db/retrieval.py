@@ -613,7 +613,9 @@ def prepare(
         raise ValueError(f"unknown channel(s) {sorted(unknown)}: use {', '.join(CHANNELS)}")
     index = catalog.search_index(session)
     assert index.lexical is not None
-    use_prompts = "prompts" in options.channels
+    # a catalog with no preview prompts at all (local files without sidecars) is the metadata-only case the
+    # cold fusion was fitted on; the warm one would read prompt features it never saw constant
+    use_prompts = "prompts" in options.channels and len(index.prompt_owner) > 0
     columns = index.lexical.vocab.columns(np.unique(lexical.term_ids(query)))
     ctx = QueryContext(
         text=query,
@@ -687,20 +689,24 @@ def candidate_rows(
 ) -> np.ndarray:
     """Rows worth fusing: the top ``depth`` of every base feature (of those in ``wanted`` if given;
     features outside :data:`FEATURES` always count), with a value above the feature's minimum, among
-    ``allowed`` rows if given: a few hundred of the catalog, as in fitting."""
+    ``allowed`` rows if given: a few hundred of the catalog, as in fitting. In a small catalog an
+    adapter no channel scores above its minimum is no candidate either (the fitted fusion is not
+    monotone far from its training data, and could rank it above the adapters that match)."""
     n = len(next(iter(feats.values())))
-    if n <= depth:
-        rows = np.arange(n)
-        return rows if allowed is None else rows[allowed]
     chosen = np.zeros(n, bool)
     for name, values in feats.items():
+        if n == 0:
+            break
         if name.startswith("r_") or (wanted is not None and name in FEATURES and name not in wanted):
             continue
         if allowed is not None:
             values = np.where(allowed, values, -np.inf)
-        top = np.argpartition(-values, depth)[:depth]
+        # a catalog of at most ``depth`` adapters: all of them, but still only above the minimum
+        top = np.argpartition(-values, depth)[:depth] if n > depth else np.arange(n)
         floor = values[allowed].min() if allowed is not None and allowed.any() else values.min()
         chosen[top[values[top] > floor]] = True
+    if n <= depth and not chosen.any():  # nothing matches at all: every adapter, ranked by the priors
+        chosen[:] = True
     if allowed is not None:
         chosen &= allowed
     return np.nonzero(chosen)[0]
