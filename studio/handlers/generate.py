@@ -93,6 +93,21 @@ def fusion_args(fusion: str, params: dict[str, Any], items: Sequence[MixItem]) -
     return args
 
 
+def gate_notes(
+    services: Services, fusion: str, params: dict[str, Any], items: Sequence[MixItem]
+) -> list[str]:
+    """A note when a catalog gate is used with other LoRAs than those it was trained to route."""
+    ref = params.get("checkpoint")
+    if fusion != "gate" or services.catalog is None or not isinstance(ref, str) or not ref.strip():
+        return []
+    from adapters_db.gates import find_gate, routing_mismatch
+
+    with services.catalog.session() as session:
+        gate = find_gate(session, services.catalog, ref.strip())
+    message = routing_mismatch(gate, [(i.name, i.sha256) for i in items]) if gate is not None else None
+    return [message] if message else []
+
+
 def build_recipe(
     services: Services, state: SessionState, req: GenerateRequest
 ) -> tuple[MixRecipe, list[str]]:
@@ -113,6 +128,7 @@ def build_recipe(
     if fusion == "linear" and any(i.schedule not in ("1", "1.0") for i in tagged):
         fusion = "schedule"
         notes.append("keyframed prompt tags switch the fusion policy to schedule")
+    notes += gate_notes(services, fusion, req.fusion_params, items)
     seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
     recipe = MixRecipe(
         prompt=clean,

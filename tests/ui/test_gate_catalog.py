@@ -32,6 +32,7 @@ from pipelines.recipe import AdapterSpec, MixRecipe
 from studio.cli import main as cli
 from studio.config import StudioConfig
 from studio.handlers.create import mix_item
+from studio.handlers.generate import gate_notes
 from studio.handlers.policies import gate_choices
 from studio.services import Services, build_services
 from tests.pipelines.lora_fixtures import random_lora
@@ -144,6 +145,16 @@ def test_register_list_resolve_generate(gate_studio, tmp_path, caplog):
     assert by_name.gates.shape[0] == 3 and not torch.allclose(by_name.gates, linear.gates)
     with pytest.raises(FileNotFoundError, match="neither a file nor a gate"):
         engine.generate(recipe(hashes, "gate", {"checkpoint": "no such gate"}).with_(model=model))
+    with services.catalog.session() as session:
+        items = [
+            mix_item(adapters_db.find_by_hash(session, services.catalog, hashes[n]))
+            for n in ("beta", "alpha")
+        ]
+    args = {"checkpoint": "alpha-beta gate"}
+    assert gate_notes(services, "gate", args, items) == []  # any order
+    (note,) = gate_notes(services, "gate", args, items[:1])
+    assert "trained to route alpha, beta" in note and "alpha missing" in note
+    assert gate_notes(services, "linear", args, items[:1]) == []
 
 
 def test_gate_of_another_family_is_refused(gate_studio, tmp_path):
