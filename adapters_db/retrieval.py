@@ -727,6 +727,32 @@ def fused_scores(scorer: Scorer, feats: dict[str, np.ndarray], rows: np.ndarray)
     return out
 
 
+# features that are nonzero only where the query's own words (or a text-less adapter's weights) match
+DIRECT_EVIDENCE = (
+    "p_max",
+    "p_doc",
+    "m_all",
+    "t_max",
+    "fts",
+    "tf_doc",
+    "tf_meta",
+    "tf_pmax",
+    *WEIGHT_FEATURES,
+)
+
+
+def matches(feats: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows the query matches directly: its words in the adapter's metadata or prompts, its trigger
+    phrases, or (text-less adapters) its weight-space channels; creator-level, prior and learned
+    channels alone do not count. What a sorted (not by relevance) result lists."""
+    n = len(next(iter(feats.values())))
+    out = np.zeros(n, bool)
+    for name in DIRECT_EVIDENCE:
+        if name in feats:
+            out |= feats[name] > 0
+    return out
+
+
 def textless_evidence(feats: dict[str, np.ndarray]) -> np.ndarray:
     """``TEXTLESS_WEIGHT · max(0, d_weights, d_wsvd)``: the weight-space channels' score, added to the
     fused one (the fitted fusion never saw these features; they are nonzero only for textless adapters)."""
@@ -758,10 +784,11 @@ def search(
 ) -> list[SearchHit]:
     """The ``k`` best adapters for a prompt (after ``offset``), filtered, each with why it matched.
 
-    ``sort`` other than ``relevance`` re-orders the 200 most relevant hits by downloads, rating or
-    date. ``exclude_image_ids`` leaves those preview images out of every channel (evaluation);
-    ``channels`` limits the channels (without ``prompts``: the metadata-only "cold" mode). ``kind``
-    keeps one adapter type (``lora``, ``locon``, …); gate checkpoints are never searched.
+    ``sort`` other than ``relevance`` re-orders the 200 most relevant hits that match the query
+    (:func:`matches`) by downloads, rating, date or name.
+    ``exclude_image_ids`` leaves those preview images out of every channel (evaluation); ``channels``
+    limits the channels (without ``prompts``: the metadata-only "cold" mode). ``kind`` keeps one
+    adapter type (``lora``, ``locon``, …); gate checkpoints are never searched.
     """
     if sort not in SORTS:
         raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
@@ -789,9 +816,11 @@ def search(
     )
     index, ctx, feats, scores = score_all(session, catalog, query, options, allowed=mask)
     scores = np.where(mask, scores, -np.inf)
-    rows = _ranked_rows(scores, offset + k if sort == "relevance" else max(200, offset + k))
-    if sort != "relevance":
-        rows = _resort(session, index, rows, sort)
+    if sort == "relevance":
+        rows = _ranked_rows(scores, offset + k)
+    else:  # the adapters the query matches, re-ordered
+        matching = np.where(matches(feats), scores, -np.inf)
+        rows = _resort(session, index, _ranked_rows(matching, max(200, offset + k)), sort)
     rows = rows[offset : offset + k]
     return _hits(session, catalog, index, ctx, feats, scores, rows, include_nsfw)
 

@@ -109,6 +109,10 @@ def test_search_finds_by_trigger_tag_and_prompt(filled_catalog: Catalog) -> None
         by_downloads = adapters_db.search(s, cat, "a style", k=3, sort="downloads")
         downloads = [h.adapter.stats.downloads for h in by_downloads]
         assert downloads == sorted(downloads, reverse=True)
+        for sort in ("name", "newest", "downloads"):  # another order, still only what matches
+            named = adapters_db.search(s, cat, "scrtstyl", k=6, sort=sort, include_nsfw=True)
+            assert [h.adapter.name for h in named] == ["Secret Style"], sort
+            assert adapters_db.search(s, cat, "xqzzyv", k=6, sort=sort) == []
         first, second = (adapters_db.search(s, cat, "pixel art", k=1, offset=o)[0] for o in (0, 1))
         assert first.adapter.id != second.adapter.id
         with pytest.raises(ValueError, match="empty query"):
