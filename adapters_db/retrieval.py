@@ -781,8 +781,10 @@ def search(
     exclude_image_ids: Collection[int] = (),
     channels: Sequence[str] | None = None,
     fusion: Fusion | None = None,
+    matching_only: bool = False,
 ) -> list[SearchHit]:
-    """The ``k`` best adapters for a prompt (after ``offset``), filtered, each with why it matched.
+    """The ``k`` best adapters for a prompt (after ``offset``), filtered, each with why it matched;
+    with ``matching_only``, only adapters the query matches (:func:`matches`: a catalog text search).
 
     ``sort`` other than ``relevance`` re-orders the 200 most relevant hits that match the query
     (:func:`matches`) by downloads, rating, date or name.
@@ -816,11 +818,12 @@ def search(
     )
     index, ctx, feats, scores = score_all(session, catalog, query, options, allowed=mask)
     scores = np.where(mask, scores, -np.inf)
+    if matching_only or sort != "relevance":
+        scores = np.where(matches(feats), scores, -np.inf)
     if sort == "relevance":
         rows = _ranked_rows(scores, offset + k)
     else:  # the adapters the query matches, re-ordered
-        matching = np.where(matches(feats), scores, -np.inf)
-        rows = _resort(session, index, _ranked_rows(matching, max(200, offset + k)), sort)
+        rows = _resort(session, index, _ranked_rows(scores, max(200, offset + k)), sort)
     rows = rows[offset : offset + k]
     return _hits(session, catalog, index, ctx, feats, scores, rows, include_nsfw)
 

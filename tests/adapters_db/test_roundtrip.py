@@ -113,6 +113,11 @@ def test_search_finds_by_trigger_tag_and_prompt(filled_catalog: Catalog) -> None
             named = adapters_db.search(s, cat, "scrtstyl", k=6, sort=sort, include_nsfw=True)
             assert [h.adapter.name for h in named] == ["Secret Style"], sort
             assert adapters_db.search(s, cat, "xqzzyv", k=6, sort=sort) == []
+        assert (
+            len(adapters_db.search(s, cat, "scrtstyl", k=6, include_nsfw=True)) == 6
+        )  # a prompt: all ranked
+        only = adapters_db.search(s, cat, "scrtstyl", k=6, include_nsfw=True, matching_only=True)
+        assert [h.adapter.name for h in only] == ["Secret Style"]
         first, second = (adapters_db.search(s, cat, "pixel art", k=1, offset=o)[0] for o in (0, 1))
         assert first.adapter.id != second.adapter.id
         with pytest.raises(ValueError, match="empty query"):
