@@ -361,8 +361,10 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> Generation:
         """Run one recipe to images; the model's lock serialises generations on one pipeline."""
-        from pipelines.models import make_scheduler, sampler_name
+        from pipelines.models import check_steps, make_scheduler, sampler_name
 
+        for spec in recipe.adapters:
+            spec.check()
         model = self.models.get(recipe.model)
         pipe = model.pipe
         with model.lock:
@@ -376,6 +378,7 @@ class Engine:
             planner = PathPlanner(static=policy.static, mode=self.path_mode, cache_file=self.plan_cache)
             t0 = time.perf_counter()
             try:
+                check_steps(pipe.scheduler, recipe.steps)
                 with attach(
                     pipe,
                     [(i, w) for i, w, _, _ in loaded],

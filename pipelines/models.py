@@ -67,6 +67,23 @@ def sampler_name(scheduler: Any) -> str:
     return _CLASS_TO_SAMPLER.get(cls, cls)
 
 
+def min_steps(scheduler: Any) -> int:
+    """Fewest denoising steps a scheduler runs: PNDM's Runge–Kutta warm-up (PRK) takes 4, others 1."""
+    if type(scheduler).__name__ == "PNDMScheduler" and not scheduler.config.get("skip_prk_steps", False):
+        return int(getattr(scheduler, "pndm_order", 4))
+    return 1
+
+
+def check_steps(scheduler: Any, steps: int) -> None:
+    """Refuse fewer steps than the scheduler needs, before anything runs."""
+    need = min_steps(scheduler)
+    if steps < need:
+        raise ValueError(
+            f"the {sampler_name(scheduler)} sampler needs at least {need} steps, got {steps}: "
+            "use more steps or another sampler"
+        )
+
+
 def make_scheduler(name: str, base_config: Any) -> Any:
     """A scheduler for an A1111 sampler name, built from the model's scheduler config."""
     import diffusers

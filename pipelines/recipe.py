@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 RECIPE_VERSION = 1
+MAX_SEED = 2**63 - 1  # the history stores seeds as signed 64-bit integers (SQL BIGINT)
+_TAG_UNSAFE = str.maketrans({":": "_", "<": "_", ">": "_"})
+
+
+def tag_name(name: str) -> str:
+    """A name as it can stand in an A1111 ``<lora:name:w>`` tag (``:``, ``<``, ``>`` become ``_``)."""
+    return name.translate(_TAG_UNSAFE).strip()
+
+
+def finite_number(value: Any, what: str) -> float:
+    """``value`` as a finite float, or a ValueError that names ``what``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -28,6 +48,11 @@ class AdapterSpec:
             return self.name
         stem = self.ref.rsplit("/", 1)[-1]
         return stem.rsplit(".", 1)[0] if "." in stem else stem
+
+    def check(self) -> None:
+        """Refuse NaN/Inf strengths (they turn the whole image black)."""
+        for what, value in (("weight", self.weight), ("unet", self.unet), ("te", self.te)):
+            finite_number(value, f"the {what} of LoRA {self.label!r}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +78,14 @@ class MixRecipe:
             raise ValueError(
                 f'fusion_args must be a JSON object of policy parameters, e.g. {{"checkpoint": "my-gate"}}; '
                 f"got {type(self.fusion_args).__name__} {self.fusion_args!r}"
+            )
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, numbers.Integral)
+            or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise ValueError(
+                f"seed must be a whole number from 0 to {MAX_SEED} (2^63 - 1), got {self.seed!r}"
             )
 
     def to_json(self) -> str:
@@ -130,10 +163,8 @@ def a1111_parameters(
     """The ``parameters`` PNG text A1111 writes (and Civitai reads), LoRA tags and hashes included."""
     tags = []
     for a in recipe.adapters:
-        te, unet = a.weight * a.te, a.weight * a.unet
-        tags.append(
-            f"<lora:{a.label}:{_fmt(te)}>" if te == unet else f"<lora:{a.label}:{_fmt(te)}:{_fmt(unet)}>"
-        )
+        te, unet, name = a.weight * a.te, a.weight * a.unet, tag_name(a.label)
+        tags.append(f"<lora:{name}:{_fmt(te)}>" if te == unet else f"<lora:{name}:{_fmt(te)}:{_fmt(unet)}>")
     prompt = " ".join([recipe.prompt, *tags]).strip()
     fields = [
         f"Steps: {recipe.steps}",
@@ -144,7 +175,7 @@ def a1111_parameters(
         f"Model: {recipe.model}",
     ]
     if short_hashes:
-        joined = ", ".join(f"{name}: {h}" for name, h in short_hashes.items())
+        joined = ", ".join(f"{tag_name(name)}: {h}" for name, h in short_hashes.items())
         fields.append(f'Lora hashes: "{joined}"')
     if recipe.fusion != "linear":
         fields.append(f"Fusion: {recipe.fusion}")

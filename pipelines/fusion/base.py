@@ -133,12 +133,26 @@ def make_policy(name: str, params: Mapping[str, Any] | None = None) -> FusionPol
         raise ValueError(f"bad parameters for fusion policy {name!r}: {exc}") from exc
 
 
-def per_adapter(value: Any, n: int) -> list[Any]:
+def _numbers(value: Any) -> bool:
+    """True for a list or tuple of plain numbers."""
+    return isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)
+
+
+def is_per_adapter(value: Any) -> bool:
+    """True for a list meant as one entry per adapter (not a vector of numbers, not keyframe pairs)."""
+    if not isinstance(value, list | tuple) or not value or _numbers(value):
+        return False
+    return not all(_numbers(v) and len(v) == 2 for v in value)  # [[w, pos], …] is one keyframe list
+
+
+def per_adapter(value: Any, n: int, name: str = "the parameter") -> list[Any]:
     """A parameter given once for all adapters, or as a list with one entry per adapter."""
-    if (
-        isinstance(value, list | tuple)
-        and len(value) == n
-        and not all(isinstance(v, int | float) for v in value)
-    ):
-        return list(value)
-    return [value] * n
+    if not is_per_adapter(value):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(
+            f"{name} has {len(value)} entr{'y' if len(value) == 1 else 'ies'} for {n} adapters: give one per "
+            "adapter of the mix, "
+            "in mix order, or a single value for all"
+        )
+    return list(value)

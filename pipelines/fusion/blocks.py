@@ -77,7 +77,7 @@ class Blocks(FusionPolicy):
         super().prepare(ctx)
         if ctx.layout is None:
             raise ValueError("the blocks policy needs a UNet layout")
-        specs = [parse_block_spec(s, ctx.layout) for s in per_adapter(self.spec, len(ctx.adapters))]
+        specs = [parse_block_spec(s, ctx.layout) for s in per_adapter(self.spec, len(ctx.adapters), "blocks")]
         mult = torch.ones(len(ctx.layers), len(ctx.adapters))
         for li, layer in enumerate(ctx.layers):
             for ai, spec in enumerate(specs):

@@ -33,6 +33,10 @@ class KLora(FusionPolicy):
     def __init__(self, k: int = 64, alpha: float = 1.5, beta: float = 0.5) -> None:
         super().__init__(k=k, alpha=alpha, beta=beta)
         self.k, self.alpha, self.beta = int(k), float(alpha), float(beta)
+        if self.k < 1:
+            raise ValueError(
+                f"klora k (how many of the largest |ΔW| entries to score) must be at least 1, got {k}"
+            )
         self.scores: torch.Tensor | None = None  # (layers × adapters), balanced, 0 where absent
 
     def prepare(self, ctx: FusionContext):

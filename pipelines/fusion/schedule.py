@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -16,7 +17,7 @@ def parse_keyframes(spec: Any) -> tuple[list[float], list[float]] | float:
     if spec is None:
         return 1.0
     if isinstance(spec, int | float):
-        return float(spec)
+        return _finite([float(spec)], spec)[0]
     if isinstance(spec, list | tuple):
         pairs = [(float(w), float(p)) for w, p in spec]
     else:
@@ -26,12 +27,22 @@ def parse_keyframes(spec: Any) -> tuple[list[float], list[float]] | float:
         except ValueError as exc:
             raise ValueError(f"bad keyframes {spec!r}: expected weight@position, …") from exc
         if len(raw) == 1 and len(raw[0]) == 1:
-            return raw[0][0]
+            return _finite(raw[0], spec)[0]
         if any(len(r) > 2 for r in raw):
             raise ValueError(f"bad keyframe in {spec!r}")
         pairs = [(r[0], r[1] if len(r) == 2 else 1.0) for r in raw]
+    if not pairs:
+        raise ValueError(f"bad keyframes {spec!r}: expected weight@position, …")
+    _finite([x for pair in pairs for x in pair], spec)
     pairs.sort(key=lambda wp: wp[1])
     return [p for _, p in pairs], [w for w, _ in pairs]
+
+
+def _finite(values: list[float], spec: Any) -> list[float]:
+    """``values``, or a ValueError when one is NaN or infinite (a NaN weight blacks out the image)."""
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"bad keyframes {spec!r}: weights and positions must be finite numbers")
+    return values
 
 
 def keyframe_value(frames: tuple[list[float], list[float]] | float, step: int, num_steps: int) -> float:
@@ -73,7 +84,7 @@ class Schedule(FusionPolicy):
 
     def prepare(self, ctx):
         super().prepare(ctx)
-        self.frames = [_frames_by_block(s) for s in per_adapter(self.spec, len(ctx.adapters))]
+        self.frames = [_frames_by_block(s) for s in per_adapter(self.spec, len(ctx.adapters), "schedule")]
         known = {layer.block for layer in ctx.layers} | {"default"}
         for f in self.frames:
             if unknown := set(f) - known - set(ctx.layout.all_ids() if ctx.layout else ()):

@@ -21,6 +21,17 @@ class Switch(FusionPolicy):
         self.period = int(period)
         self.order = order
 
+    def prepare(self, ctx):
+        super().prepare(ctx)
+        n = len(ctx.adapters)
+        if self.order is not None and (
+            not isinstance(self.order, list | tuple)
+            or not self.order
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in self.order)
+        ):
+            raise ValueError(f"switch order must list adapter indices from 0 to {n - 1}, got {self.order!r}")
+        return ctx.factors
+
     def active(self, step: int) -> int:
         """Index of the adapter active at ``step``."""
         assert self.ctx is not None

@@ -24,6 +24,12 @@ def _factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
     return up, down * layer.scale
 
 
+def delta_shape(layer: LoraLayer) -> tuple[int, ...]:
+    """Shape of a layer's ΔW (out, in, *kernel) read from its factors, never forming ΔW."""
+    kernel = (layer.mid if layer.mid is not None else layer.down).shape[2:]
+    return (int(layer.up.shape[0]), int(layer.down.shape[1]), *(int(k) for k in kernel))
+
+
 def delta_cosine(a: LoraLayer, b: LoraLayer) -> float:
     """Cosine of two LoRA updates ⟨ΔA, ΔB⟩_F / (‖ΔA‖‖ΔB‖) from the factors, never forming ΔW:
     ⟨U_a D_a, U_b D_b⟩ = Σ (U_aᵀU_b) ⊙ (D_a D_bᵀ) (trace identity; Hu et al. 2021 low-rank form)."""
@@ -57,9 +63,12 @@ class PairConflict:
 
 
 def pair_conflict(first: tuple[str, LoraWeights], second: tuple[str, LoraWeights]) -> PairConflict:
-    """Compare two adapters layer by layer on the modules both adapt."""
+    """Compare two adapters layer by layer on the modules both adapt with updates of the same shape
+    (adapters made for another base model share module names, not shapes)."""
     (name_a, a), (name_b, b) = first, second
-    shared = sorted(set(a.layers) & set(b.layers))
+    shared = sorted(
+        p for p in set(a.layers) & set(b.layers) if delta_shape(a.layers[p]) == delta_shape(b.layers[p])
+    )
     opposing = tuple(p for p in shared if delta_cosine(a.layers[p], b.layers[p]) < CONFLICT_COSINE)
     return PairConflict(name_a, name_b, len(shared), opposing)
 

@@ -11,7 +11,7 @@ from typing import Any
 import adapters_db
 from adapters_db import AdapterRecord, SearchHit
 from pipelines.fusion.schedule import parse_keyframes
-from pipelines.recipe import parse_lora_tags
+from pipelines.recipe import finite_number, parse_lora_tags, tag_name
 from studio.handlers import html
 from studio.handlers.conflicts import conflict_warning, family_warnings, pair_conflict
 from studio.handlers.state import MAX_MIX, MixItem, SessionState
@@ -108,27 +108,73 @@ def hit_cards_html(services: Services, state: SessionState) -> str:
     return html.record_cards(shown, mix_ids(state), dict(state.hits), empty="No matching adapters.")
 
 
-def _by_name(session: Any, catalog: Any, name: str) -> AdapterRecord | None:
-    """An adapter whose name or file stem is ``name`` (case-insensitive), preferring local ones."""
-    want = name.strip().lower()
-    page = adapters_db.list_adapters(session, catalog, text=name, include_nsfw=True, limit=50)
-    candidates = list(page.items)
-    if not candidates:
-        return None
-    full = [adapters_db.get_adapter(session, catalog, r.id) for r in candidates]
-    for record in sorted((r for r in full if r is not None), key=lambda r: not r.has_local_file):
+def _by_name(session: Any, catalog: Any, name: str) -> tuple[AdapterRecord | None, str | None]:
+    """The adapter whose name, file stem or tag form of its name (:func:`tag_name`) is ``name``
+    (case-insensitive): local ones first, then the most downloaded; a note names the pick when several
+    adapters answer to the name."""
+    from sqlalchemy import func, or_, select
+
+    from adapters_db.models import Adapter, AdapterFile, AdapterVersion
+    from adapters_db.repository import get_adapters
+
+    text = name.strip()
+    want, key = text.lower(), tag_name(text).lower()
+    escaped = want.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    file_name = func.lower(AdapterFile.file_name)
+    by_file = (
+        select(AdapterVersion.adapter_id)
+        .join(AdapterFile, AdapterFile.version_id == AdapterVersion.id)
+        .where(or_(file_name == want, file_name.like(f"{escaped}.%", escape="\\")))
+    )
+    tagged = Adapter.name
+    for ch in ":<>":
+        tagged = func.replace(tagged, ch, "_")
+    ids = list(
+        session.execute(
+            select(Adapter.id).where(
+                or_(
+                    Adapter.name == text,
+                    func.lower(Adapter.name) == want,
+                    func.lower(tagged) == key,
+                    Adapter.id.in_(by_file),
+                )
+            )
+        ).scalars()
+    )
+    if not ids:  # names the database cannot lower-case (SQLite folds ASCII only)
+        page = adapters_db.list_adapters(session, catalog, text=text, include_nsfw=True, limit=50)
+        ids = [r.id for r in page.items]
+    records = get_adapters(session, catalog, ids, full=True).values()
+
+    def matches(record: AdapterRecord) -> bool:
         stems = {f.file_name.rsplit(".", 1)[0].lower() for f in record.files}
-        if record.name.lower() == want or want in stems:
-            return record
-    return None
+        return record.name.lower() == want or tag_name(record.name).lower() == key or want in stems
+
+    found = sorted(
+        (r for r in records if matches(r)),
+        key=lambda r: (not r.has_local_file, r.kind == "gate", -r.stats.downloads, r.id),
+    )
+    if not found:
+        return None, None
+    note = None
+    if len(found) > 1:
+        chosen = found[0]
+        where = "local, " if chosen.has_local_file else ""
+        note = (
+            f"{len(found)} adapters answer to {text!r}; using {chosen.name!r} (id {chosen.id}, {where}"
+            f"{chosen.stats.downloads} downloads): name another by its id or hash"
+        )
+    return found[0], note
 
 
-def resolve_adapter(services: Services, ref: str | int) -> AdapterRecord:
-    """A catalog adapter from an id, ``sha256:<hex>``, a SHA-256/AutoV2 hash or a name (file stem)."""
+def find_adapter(services: Services, ref: str | int) -> tuple[AdapterRecord, str | None]:
+    """A catalog adapter from an id, ``sha256:<hex>``, a SHA-256/AutoV2 hash or a name (file stem), and a
+    note when the name was ambiguous (which adapter it picked)."""
     text = str(ref).strip()
     if not text:
         raise ValueError("name an adapter (its name, id or hash)")
     catalog = services.catalog
+    note = None
     with catalog.session() as session:
         record = None
         if text.isdigit():
@@ -136,10 +182,15 @@ def resolve_adapter(services: Services, ref: str | int) -> AdapterRecord:
         elif text.lower().startswith("sha256:") or _HEX.match(text):
             record = adapters_db.find_by_hash(session, catalog, text.split(":", 1)[-1])
         if record is None:
-            record = _by_name(session, catalog, text)
+            record, note = _by_name(session, catalog, text)
     if record is None:
         raise LookupError(f"no adapter {text!r} in the catalog")
-    return record
+    return record, note
+
+
+def resolve_adapter(services: Services, ref: str | int) -> AdapterRecord:
+    """A catalog adapter from an id, ``sha256:<hex>``, a SHA-256/AutoV2 hash or a name (file stem)."""
+    return find_adapter(services, ref)[0]
 
 
 def mix_item(record: AdapterRecord, weight: float = 1.0) -> MixItem:
@@ -172,14 +223,16 @@ def add_adapter(
     services: Services, state: SessionState, ref: str | int, weight: float = 1.0
 ) -> tuple[SessionState, list[str]]:
     """Add a catalog adapter to the mix; returns the new state and warnings about the mix."""
-    record = resolve_adapter(services, ref)
+    weight = finite_number(weight, "the weight")
+    record, note = find_adapter(services, ref)
+    notes = [note] if note else []
     item = mix_item(record, weight)
     if state.index_of(item.sha256) is not None:
-        return state, [f"{record.name!r} is already in the mix"]
+        return state, [*notes, f"{record.name!r} is already in the mix"]
     if len(state.mix) >= MAX_MIX:
         raise ValueError(f"the mix holds at most {MAX_MIX} adapters; remove one first")
     new = state.with_mix((*state.mix, item))
-    return new, mix_warnings(services, new)
+    return new, notes + mix_warnings(services, new)
 
 
 def remove_adapter(state: SessionState, index: int) -> SessionState:
@@ -229,9 +282,9 @@ def update_adapter(
         raise IndexError(f"the mix has no entry {index}")
     item = replace(
         state.mix[int(index)],
-        weight=float(weight),
-        te=float(te),
-        unet=float(unet),
+        weight=finite_number(weight, "the weight"),
+        te=finite_number(te, "the text-encoder strength"),
+        unet=finite_number(unet, "the UNet strength"),
         blocks=check_blocks(blocks),
         schedule=check_schedule(schedule),
     )
@@ -256,6 +309,8 @@ def mix_warnings(services: Services, state: SessionState) -> list[str]:
     out = family_warnings(services.model_info().family, [(m.name, m.family) for m in state.mix])
     for i, first in enumerate(state.mix):
         for second in state.mix[i + 1 :]:
+            if first.family and second.family and first.family != second.family:
+                continue  # made for different models: the family warning says it, layers do not compare
             try:
                 warning = _conflicts(services, first, second)
             except (OSError, ValueError) as exc:

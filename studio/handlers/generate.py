@@ -13,11 +13,12 @@ from typing import Any
 from PIL import Image
 
 from pipelines.fusion import REGISTRY
+from pipelines.fusion.base import is_per_adapter
 from pipelines.models import SAMPLERS
 from pipelines.pngmeta import pinned_recipe, read_recipe
-from pipelines.recipe import MixRecipe, parse_lora_tags
+from pipelines.recipe import MAX_SEED, MixRecipe, parse_lora_tags
 from studio.handlers import plots
-from studio.handlers.create import check_schedule, mix_item, resolve_adapter
+from studio.handlers.create import check_schedule, find_adapter, mix_item, resolve_adapter
 from studio.handlers.policies import MIX_OWNED_PARAMS, policy_defaults, policy_names
 from studio.handlers.state import MAX_MIX, MixItem, SessionState
 from studio.services import Services
@@ -51,7 +52,11 @@ class GenerateRequest:
             (0 <= self.guidance <= 30, f"guidance must be 0 to 30, got {self.guidance}"),
             (1 <= self.batch_size <= 8, f"batch size must be 1 to 8, got {self.batch_size}"),
             (1 <= self.batch_count <= 16, f"batch count must be 1 to 16, got {self.batch_count}"),
-            (self.seed >= -1, f"seed must be ≥ 0 (or -1 for random), got {self.seed}"),
+            (
+                -1 <= self.seed <= MAX_SEED - self.batch_count + 1,
+                f"seed must be -1 (random) or 0 to {MAX_SEED} (2^63 - 1, less the batch count), "
+                f"got {self.seed}",
+            ),
             (self.sampler in (None, *SAMPLERS), f"unknown sampler {self.sampler!r}"),
         ]
         for size in (self.width, self.height):
@@ -66,18 +71,20 @@ class GenerateRequest:
                 raise ValueError(msg)
 
 
-def tag_items(services: Services, prompt: str) -> tuple[str, list[MixItem]]:
-    """The prompt without its ``<lora:name:w>`` tags, and the tags as mix entries resolved in the catalog."""
+def tag_items(services: Services, prompt: str) -> tuple[str, list[MixItem], list[str]]:
+    """The prompt without its ``<lora:name:w>`` tags, the tags as mix entries resolved in the catalog, and
+    notes (which adapter an ambiguous name picked)."""
     clean, tags = parse_lora_tags(prompt)
-    items = []
+    items, notes = [], []
     for tag in tags:
-        record = resolve_adapter(services, tag.name)
+        record, note = find_adapter(services, tag.name)
+        notes += [note] if note else []
         te, unet = tag.weights()
         if tag.is_scheduled():
             items.append(replace(mix_item(record), schedule=check_schedule(tag.te)))
         else:
             items.append(replace(mix_item(record), weight=1.0, te=te, unet=unet))
-    return clean, items
+    return clean, items, notes
 
 
 def fusion_args(fusion: str, params: dict[str, Any], items: Sequence[MixItem]) -> dict[str, Any]:
@@ -85,7 +92,7 @@ def fusion_args(fusion: str, params: dict[str, Any], items: Sequence[MixItem]) -
     if fusion not in REGISTRY:
         raise ValueError(f"unknown fusion policy {fusion!r}; known: {', '.join(policy_names())}")
     args = dict(params)
-    accepted = inspect.signature(REGISTRY[fusion].__init__).parameters
+    accepted = _policy_params(fusion)
     if "blocks" in accepted and "blocks" not in args and items:
         args["blocks"] = [i.blocks for i in items]
     if "schedule" in accepted and "schedule" not in args and items:
@@ -108,13 +115,13 @@ def gate_notes(
     return [message] if message else []
 
 
-def build_recipe(
+def mix_with_tags(
     services: Services, state: SessionState, req: GenerateRequest
-) -> tuple[MixRecipe, list[str]]:
-    """The recipe for the session's mix and the request (prompt tags merged in); notes for the person."""
-    clean, tagged = tag_items(services, req.prompt)
+) -> tuple[str, list[MixItem], str, list[str]]:
+    """The prompt without its tags, the session's mix with the tagged adapters merged in, the fusion policy
+    (keyframed tags turn ``linear`` into ``schedule``) and notes for the person."""
+    clean, tagged, notes = tag_items(services, req.prompt)
     items = list(state.mix)
-    notes = []
     for item in tagged:
         at = next((i for i, m in enumerate(items) if m.sha256 == item.sha256), None)
         if at is None:
@@ -125,9 +132,29 @@ def build_recipe(
             )
         notes.append(f"prompt tag adds {item.name!r}")
     fusion = req.fusion
-    if fusion == "linear" and any(i.schedule not in ("1", "1.0") for i in tagged):
+    keyframed = [i.name for i in tagged if i.schedule not in ("1", "1.0")]
+    if fusion == "linear" and keyframed:
         fusion = "schedule"
         notes.append("keyframed prompt tags switch the fusion policy to schedule")
+    elif keyframed and fusion in REGISTRY and "schedule" not in _policy_params(fusion):
+        names = ", ".join(repr(n) for n in keyframed)
+        notes.append(
+            f"the {fusion} policy ignores the keyframes of {names} (they run at a constant weight); "
+            "choose the schedule policy to follow them"
+        )
+    return clean, items, fusion, notes
+
+
+def _policy_params(fusion: str) -> set[str]:
+    """Constructor parameters of a registered policy."""
+    return set(inspect.signature(REGISTRY[fusion].__init__).parameters)
+
+
+def _recipe(
+    services: Services, state: SessionState, req: GenerateRequest
+) -> tuple[MixRecipe, list[MixItem], list[str]]:
+    """The recipe, the mix entries it runs (prompt tags merged in) and notes for the person."""
+    clean, items, fusion, notes = mix_with_tags(services, state, req)
     notes += gate_notes(services, fusion, req.fusion_params, items)
     seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
     recipe = MixRecipe(
@@ -145,6 +172,14 @@ def build_recipe(
         sampler=req.sampler,
         batch_size=req.batch_size,
     )
+    return recipe, items, notes
+
+
+def build_recipe(
+    services: Services, state: SessionState, req: GenerateRequest
+) -> tuple[MixRecipe, list[str]]:
+    """The recipe for the session's mix and the request (prompt tags merged in); notes for the person."""
+    recipe, _, notes = _recipe(services, state, req)
     return recipe, notes
 
 
@@ -246,23 +281,43 @@ class Variant:
     items: tuple[MixItem, ...]
 
 
+def without_adapter(params: dict[str, Any], index: int, count: int) -> dict[str, Any]:
+    """Policy parameters for the mix without adapter ``index`` of ``count``: its entry leaves the
+    per-adapter lists, and adapter orders are renumbered."""
+    out = dict(params)
+    for key in MIX_OWNED_PARAMS:
+        value = out.get(key)
+        if is_per_adapter(value) and len(value) == count:
+            out[key] = [v for i, v in enumerate(value) if i != index]
+    order = out.get("order")
+    if isinstance(order, list) and all(isinstance(j, int) for j in order):
+        out["order"] = [j - (j > index) for j in order if j != index] or None
+    return out
+
+
 def ab_variants(
-    state: SessionState, req: GenerateRequest, policies: Sequence[str], leave_one_out: bool
+    items: Sequence[MixItem],
+    fusion: str,
+    params: dict[str, Any],
+    policies: Sequence[str],
+    leave_one_out: bool,
 ) -> list[Variant]:
-    """The cells: the current mix under each chosen policy, and the mix without each adapter in turn."""
-    items = tuple(state.mix)
+    """The cells: the mix under each chosen policy, and the mix without each adapter in turn."""
+    items = tuple(items)
     if not items:
-        raise ValueError("add adapters to the mix before comparing")
-    cells = [Variant(f"{req.fusion} (current)", req.fusion, dict(req.fusion_params), items)]
+        raise ValueError("add adapters to the mix (or <lora:…> tags to the prompt) before comparing")
+    cells = [Variant(f"{fusion} (current)", fusion, dict(params), items)]
     for name in dict.fromkeys(policies):
-        if name == req.fusion:
+        if name == fusion:
             continue
-        params = {k: v for k, v in policy_defaults(name).items() if v is not None}
-        cells.append(Variant(name, name, params, items))
+        defaults = {k: v for k, v in policy_defaults(name).items() if v is not None}
+        cells.append(Variant(name, name, defaults, items))
     if leave_one_out and len(items) > 1:
         for i, item in enumerate(items):
             rest = items[:i] + items[i + 1 :]
-            cells.append(Variant(f"without {item.name}", req.fusion, dict(req.fusion_params), rest))
+            cells.append(
+                Variant(f"without {item.name}", fusion, without_adapter(params, i, len(items)), rest)
+            )
     if len(cells) < 2:
         raise ValueError("choose at least one other policy, or leave-one-out with two or more adapters")
     return cells
@@ -275,6 +330,7 @@ class CompareResult:
     grid: Image.Image
     cells: list[tuple[str, str]]
     info: str
+    notes: list[str] = field(default_factory=list)
 
 
 def ab_compare(
@@ -288,10 +344,11 @@ def ab_compare(
     on_step: StepFn | None = None,
     cancel: Any = None,
 ) -> CompareResult:
-    """Render the same seed with several policies or leave-one-out mixes, side by side."""
-    cells = ab_variants(state, req, policies, leave_one_out)
+    """Render the same seed with several policies or leave-one-out mixes, side by side (prompt tags
+    included, as Generate runs them)."""
     single = replace(req, batch_size=1, batch_count=1)
-    base, _ = build_recipe(services, state, single)
+    base, items, notes = _recipe(services, state, single)
+    cells = ab_variants(items, base.fusion, dict(req.fusion_params), policies, leave_one_out)
     total = base.steps * len(cells)
     pictures, out = [], []
     for i, cell in enumerate(cells):
@@ -311,7 +368,8 @@ def ab_compare(
         pictures.append(Image.open(entry.images[0]).convert("RGB"))
         out.append((str(entry.images[0]), cell.label))
     grid = plots.labelled_grid(pictures, [label for _, label in out])
-    return CompareResult(grid, out, f"seed {base.seed}, {len(cells)} variants, {base.steps} steps each")
+    info = f"seed {base.seed}, {len(cells)} variants, {base.steps} steps each"
+    return CompareResult(grid, out, info, notes)
 
 
 def request_from_recipe(recipe: MixRecipe) -> GenerateRequest:

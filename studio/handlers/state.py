@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pipelines.recipe import AdapterSpec
+from pipelines.recipe import AdapterSpec, finite_number
 
 MAX_MIX = 6
 
@@ -27,6 +27,10 @@ class MixItem:
     unet: float = 1.0  # multiplier of the weight in the UNet
     blocks: str = "ALL"  # LoRA-Block-Weight preset or vector (``blocks`` policy)
     schedule: str = "1"  # loractl keyframes ``w@pos, …`` (``schedule`` policy)
+
+    def __post_init__(self) -> None:
+        for what, value in (("weight", self.weight), ("te", self.te), ("unet", self.unet)):
+            finite_number(value, f"the {what} of {self.name!r}")
 
     def spec(self) -> AdapterSpec:
         """The recipe entry of this adapter (referenced by content hash)."""

@@ -583,6 +583,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 return gr.skip(), gr.skip()
             finally:
                 services.cancels.end(key)
+        info(res.notes)
         return res.grid, res.info + "\n\n" + " · ".join(label for _, label in res.cells)
 
     ab_btn.click(
