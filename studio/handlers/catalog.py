@@ -92,7 +92,20 @@ class CatalogPage:
 
 
 def browse(services: Services, q: CatalogQuery) -> CatalogPage:
-    """Search (a query: the catalog's hybrid search) or list (no query) with the filters and sort."""
+    """Search (a query: the catalog's hybrid search) or list (no query) with the filters and sort; a page
+    past the end (the next button on the last page) shows the last page instead."""
+    page = _browse(services, q)
+    if page.items or q.page == 1:
+        return page
+    if page.total is not None:
+        last = max(1, math.ceil(page.total / q.page_size))
+        return _browse(services, replace(q, page=last)) if last < q.page else page
+    back = _browse(services, replace(q, page=q.page - 1))  # a search has no total: one step back
+    return back if back.items else _browse(services, replace(q, page=1))
+
+
+def _browse(services: Services, q: CatalogQuery) -> CatalogPage:
+    """One page of a search or a listing, as asked."""
     catalog, offset = services.catalog, (q.page - 1) * q.page_size
     with catalog.session() as session:
         if q.text.strip() and q.kind not in UNSEARCHABLE_KINDS:
@@ -109,6 +122,7 @@ def browse(services: Services, q: CatalogQuery) -> CatalogPage:
                 kind=q.kind,
                 sort=q.sort,
                 offset=offset,
+                matching_only=True,  # a catalog text search lists what matches, not the rest by popularity
             )
             shown = hits[: q.page_size]
             return CatalogPage(

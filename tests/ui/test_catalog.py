@@ -36,6 +36,9 @@ def test_browse_filters_sort_and_nsfw(studio):
     assert names(hits)[0] == "Alpha Stars" and "zq star" in hits.why[hits.items[0].id] and hits.total is None
     data = C.page_data(hits)
     assert data[0]["name"] == "Alpha Stars" and data[0]["local"] is True
+    for sort in ("relevance", "name"):  # a text search lists what matches, in any order
+        assert names(C.browse(services, C.CatalogQuery(text="waves", sort=sort))) == ["Beta Waves"]
+        assert names(C.browse(services, C.CatalogQuery(text="xqzzyv", sort=sort))) == []
 
 
 @pytest.mark.parametrize(
