@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 # Magic numbers of the accepted formats (PNG spec §5.2, JFIF SOI marker, RIFF/WEBP, BMP header).
@@ -118,10 +119,19 @@ def decode_image(
     return to_rgb(ImageOps.exif_transpose(img)), fmt
 
 
+WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # 16/32-bit grayscale
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white."""
+    """RGB, with any transparency composited onto white; 16-bit grayscale scaled to 8 bits (Pillow's
+    own conversion clips it, so a 16-bit PNG would turn almost white)."""
     if img.mode == "RGB":
         return img
+    if img.mode in WIDE_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or arr.max() > 255:  # "I" also holds 8-bit values that were widened
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -12,7 +12,7 @@ DEFAULT_MODEL = "pocket"
 def default_data_dir() -> Path:
     """``$STUDIO_DATA_DIR`` if set, else ``~/.adapter-studio``."""
     env = os.environ.get("STUDIO_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".adapter-studio"
+    return Path(env).expanduser().resolve() if env else Path.home() / ".adapter-studio"
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class StudioConfig:
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        # absolute, so that paths stored from it (training jobs) hold whatever the working directory
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
 
     @property
     def catalog_url(self) -> str:

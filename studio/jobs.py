@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,14 @@ from sqlalchemy import select, update
 from pipelines.images import ImageLimits, ImageUploadError, store_uploads
 from pipelines.training import ImageItem, TrainingCancelled, TrainProgress, TrainResult, TrainSpec, train_lora
 from pipelines.training.checkpoint import list_checkpoints
-from pipelines.training.data import SIDECAR_SUFFIXES
+from pipelines.training.data import CAPTION_SUFFIXES, SIDECAR_SUFFIXES, kohya_repeats, read_caption_file
 from pipelines.training.lora_train import resolve_device
 from pipelines.training.orthogonal import BasisRegistry, BasisSlot
 from studio.config import StudioConfig
 from studio.jobs_db import ACTIVE, TrainJobRow, make_engine, make_sessionmaker, utcnow
 
 MAX_IMAGES = 200
+STALE_AFTER_S = 1800.0  # a job owned by another host that has not written its row for this long is gone
 Trainer = Callable[..., TrainResult]
 Registrar = Callable[[StudioConfig, TrainResult, "JobStatus"], str]
 
@@ -58,6 +61,7 @@ class JobStatus:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    owner: str | None = None  # "host:pid:start-token:runner-token" of the process that runs it
 
     @property
     def finished(self) -> bool:
@@ -91,26 +95,86 @@ def _status(row: TrainJobRow) -> JobStatus:
         row.created_at,
         row.started_at,
         row.finished_at,
+        row.owner,
     )
 
 
+def _process_start(pid: int) -> str:
+    """A token that tells a process from a later one with the same pid (its start tick on Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_alive(owner: str | None, now: datetime, updated_at: datetime | None) -> bool:
+    """Whether the process named by ``owner`` may still run the job.
+
+    Same host: its pid exists with the same start token. Another host (a shared database): it wrote
+    the row within ``STALE_AFTER_S``. No owner (rows of older versions): gone.
+    """
+    if not owner:
+        return False
+    host, pid, start, _ = [*owner.split(":"), "", "", "", ""][:4]
+    if host != socket.gethostname():
+        if updated_at is None:
+            return False
+        seen = updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=UTC)
+        return (now - seen).total_seconds() < STALE_AFTER_S
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        pass
+    return not start or _process_start(int(pid)) in ("", start)
+
+
 def split_uploads(files: Sequence[str | Path]) -> tuple[list[Path], dict[str, str]]:
-    """Pictures and captions from one upload: ``x.txt`` captions the picture with stem ``x``."""
-    pictures, captions = [], {}
+    """Pictures and captions from one upload: ``x.txt`` (else ``x.caption``) captions the picture ``x``.
+
+    Captions are keyed by stem and by path without suffix (kohya subfolders may repeat stems).
+    """
+    pictures: list[Path] = []
+    found: dict[str, dict[str, str]] = {suffix: {} for suffix in CAPTION_SUFFIXES}
     for f in map(Path, files):
-        if f.suffix.lower() == ".txt":
-            captions[f.stem] = f.read_text(encoding="utf-8").strip()
+        if f.suffix.lower() in found:
+            text = read_caption_file(f)
+            found[f.suffix.lower()][f.stem] = found[f.suffix.lower()][str(f.with_suffix(""))] = text
         elif f.suffix.lower() not in SIDECAR_SUFFIXES:
             pictures.append(f)
+    captions: dict[str, str] = {}
+    for suffix in reversed(CAPTION_SUFFIXES):
+        captions |= found[suffix]
     return pictures, captions
 
 
 def folder_files(folder: str | Path) -> list[Path]:
-    """Every visible file of a picture folder (pictures and their ``.txt`` captions)."""
+    """Every visible file of a picture folder and of its kohya ``N_name`` subfolders (pictures, captions)."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"no such image folder: {root}")
-    return sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    dirs = [root, *sorted(p for p in root.iterdir() if p.is_dir() and kohya_repeats(p) is not None)]
+    files = [p for d in dirs for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if not split_uploads_pictures(files) and (others := [p.name for p in root.iterdir() if p.is_dir()]):
+        raise ImageUploadError(
+            f"{root} holds no pictures (subfolders are read only when named like kohya's "
+            f"'10_name': {', '.join(sorted(others))})"
+        )
+    return files
+
+
+def split_uploads_pictures(files: Sequence[Path]) -> list[Path]:
+    """The picture files among some files (sidecars left out)."""
+    return [f for f in files if f.suffix.lower() not in SIDECAR_SUFFIXES]
+
+
+def upload_repeats(picture: Path) -> tuple[int, str]:
+    """(repeats, dataset folder) of a picture: kohya's ``N_name`` parent, else (1, "images")."""
+    repeats = kohya_repeats(picture.parent)
+    return (1, "images") if repeats is None else (repeats, picture.parent.name)
 
 
 def catalog_registrar(catalog: Any) -> Registrar:
@@ -175,6 +239,8 @@ class JobRunner:
         self._workers: dict[str, threading.Thread] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._stopping = threading.Event()
+        pid = os.getpid()
+        self.owner = f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:12]}"
         self._listeners: list[Callable[[str, TrainProgress], None]] = []
 
     # ---- submitting ------------------------------------------------------------------------
@@ -183,7 +249,7 @@ class JobRunner:
     ) -> list[dict[str, Any]]:
         """Validate and store the upload (all or nothing); returns the job's picture manifest."""
         pictures, txt = split_uploads(files)
-        txt = {**txt, **(captions or {})}
+        given = captions or {}  # the caller's captions (by stem) win over caption files
         if not pictures:
             raise ImageUploadError("no pictures were uploaded")
         if len(pictures) > MAX_IMAGES:
@@ -193,12 +259,15 @@ class JobRunner:
         for src, img in zip(pictures, stored, strict=True):
             if img.sha256 not in seen:
                 seen.add(img.sha256)
+                repeats, dataset = upload_repeats(src)
                 manifest.append(
                     {
                         "path": str(img.path),
-                        "caption": txt.get(src.stem),
+                        "caption": given.get(src.stem, txt.get(str(src.with_suffix("")), txt.get(src.stem))),
                         "name": img.name,
                         "sha256": img.sha256,
+                        "repeats": repeats,
+                        "dataset": dataset,
                     }
                 )
         return manifest
@@ -312,9 +381,15 @@ class JobRunner:
         return self.status(job_id)
 
     def recover(self) -> list[JobStatus]:
-        """After a restart: queue ``running`` jobs again from their checkpoint, or fail them with why."""
+        """After a restart: queue ``running`` jobs again from their checkpoint, or fail them with why.
+
+        Only jobs whose owning process is gone: one still running in another process (another CLI
+        run, the web UI) is left alone.
+        """
         with self.sessions() as s:
             rows = list(s.scalars(select(TrainJobRow).where(TrainJobRow.status == "running")))
+        now = utcnow()
+        rows = [r for r in rows if r.owner != self.owner and not self._owned_elsewhere(r, now)]
         for row in rows:
             ck = list_checkpoints(Path(row.work_dir) / "checkpoints")
             if ck:
@@ -334,6 +409,21 @@ class JobRunner:
                 )
                 self._release_basis(row.id, keep=False)
         return [self.status(r.id) for r in rows]
+
+    def _owned_elsewhere(self, row: TrainJobRow, now: datetime) -> bool:
+        """Whether another live process (not another runner of this one) runs the row's job."""
+        mine = f"{socket.gethostname()}:{os.getpid()}:"
+        if row.owner and row.owner.startswith(mine):
+            return False  # an earlier runner of this very process (the studio restarted in-process)
+        return owner_alive(row.owner, now, row.updated_at)
+
+    def live_elsewhere(self, job_id: str) -> str | None:
+        """The owner of a job that another live process is running now, else None."""
+        with self.sessions() as s:
+            row = s.get(TrainJobRow, job_id)
+            if row is None or row.status != "running" or row.owner == self.owner:
+                return None
+            return row.owner if self._owned_elsewhere(row, utcnow()) else None
 
     # ---- workers ---------------------------------------------------------------------------
     def start(self) -> JobRunner:
@@ -383,7 +473,11 @@ class JobRunner:
                 update(TrainJobRow)
                 .where(*queued)
                 .values(
-                    status="running", phase="starting", started_at=utcnow(), attempts=TrainJobRow.attempts + 1
+                    status="running",
+                    phase="starting",
+                    started_at=utcnow(),
+                    attempts=TrainJobRow.attempts + 1,
+                    owner=self.owner,
                 )
             )
             return job_id if res.rowcount == 1 else None
@@ -436,7 +530,10 @@ class JobRunner:
         with self.sessions() as s:
             row = s.get(TrainJobRow, job.id)
             spec, manifest = TrainSpec.from_json(row.spec_json), json.loads(row.images_json)
-        items = [ImageItem(Path(m["path"]), m["caption"]) for m in manifest]
+        items = [
+            ImageItem(Path(m["path"]), m["caption"], m.get("repeats", 1), m.get("dataset", "images"))
+            for m in manifest
+        ]
         basis: Callable[[str], BasisSlot] | None = None
         if spec.orthogonal:
 

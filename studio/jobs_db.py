@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Float, Integer, String, Text, create_engine, event
+from sqlalchemy import DateTime, Engine, Float, Integer, String, Text, create_engine, event, inspect, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -32,7 +34,9 @@ class TrainJobRow(JobsBase):
     device: Mapped[str] = mapped_column(String(32))
     model: Mapped[str] = mapped_column(Text)
     spec_json: Mapped[str] = mapped_column(Text)
-    images_json: Mapped[str] = mapped_column(Text)  # [{"path", "caption", "name", "sha256"}]
+    images_json: Mapped[str] = mapped_column(
+        Text
+    )  # [{"path", "caption", "name", "sha256", "repeats", "dataset"}]
     work_dir: Mapped[str] = mapped_column(Text)
     out_path: Mapped[str] = mapped_column(Text)
     register: Mapped[int] = mapped_column(Integer, default=1)
@@ -45,6 +49,8 @@ class TrainJobRow(JobsBase):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     adapter_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # the process running it: "host:pid:start-token:runner-token" (set when it starts running)
+    owner: Mapped[str | None] = mapped_column(String(300), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -65,7 +71,18 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     JobsBase.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a table made by an older version up to date (columns added since are nullable)."""
+    have = {c["name"] for c in inspect(engine).get_columns(TrainJobRow.__tablename__)}
+    for column in TrainJobRow.__table__.columns:
+        if column.name not in have:
+            kind = column.type.compile(dialect=engine.dialect)
+            with contextlib.suppress(DBAPIError), engine.begin() as conn:  # another process may win
+                conn.execute(text(f"ALTER TABLE {TrainJobRow.__tablename__} ADD COLUMN {column.name} {kind}"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -162,17 +163,24 @@ class TrainSpec:
             return self.fill(self.prior_prompts[k % len(self.prior_prompts)])
         if "{caption}" not in self.class_prompt:
             return self.fill(self.class_prompt)
-        words = caption.split()
-        beside = {
-            words[j]
-            for i, w in enumerate(words)
-            if w == self.trigger
-            for j in (i - 1, i + 1)
-            if 0 <= j < len(words)
-        }
-        swap = "" if self.class_word in beside else self.class_word  # "zq dog" → "dog", "a zq" → "a dog"
-        plain = " ".join(w for w in (swap if w == self.trigger else w for w in words) if w)
+        plain = self.without_trigger(caption)
         return self.fill(self.class_prompt.replace("{caption}", plain))
+
+    def without_trigger(self, caption: str) -> str:
+        """The caption with the trigger (a whole word, punctuation aside) → the class word, never doubled."""
+        word = self.class_word
+
+        def swap(m: re.Match[str]) -> str:
+            before, after = caption[: m.start()], caption[m.end() :]
+            beside = word and (
+                re.search(rf"(?<!\w){re.escape(word)}\W*$", before)
+                or re.match(rf"\W*{re.escape(word)}(?!\w)", after)
+            )
+            return "" if beside else word  # "zq dog" → "dog", "a zq" → "a dog"
+
+        swapped = re.sub(rf"(?<!\w){re.escape(self.trigger)}(?!\w)", swap, caption)
+        tags = (" ".join(t.split()) for t in swapped.split(","))
+        return ", ".join(t for t in tags if t)
 
     def fill(self, text: str) -> str:
         """Put trigger and class word into a template and tidy the spaces."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +21,10 @@ from safetensors.torch import load_file, save_file
 from pipelines.images import ImageLimits, ImageUploadError, open_image
 from pipelines.training.config import TrainSpec
 
+log = logging.getLogger(__name__)
+
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+CAPTION_SUFFIXES = (".txt", ".caption")  # in order of preference
 SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".md", ".npz", ".toml"}
 
 
@@ -27,6 +34,8 @@ class ImageItem:
 
     path: Path
     caption: str | None = None
+    repeats: int = 1  # times it is seen per epoch (kohya's ``N_name`` folders)
+    dataset: str = "images"  # the folder it came from (kohya's ``ss_dataset_dirs`` key)
 
 
 @dataclass(frozen=True)
@@ -38,23 +47,61 @@ class Example:
     bucket: tuple[int, int]
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+    repeats: int = 1
+    dataset: str = "images"
 
 
 def items_from_folder(folder: str | Path) -> list[ImageItem]:
-    """Every picture in ``folder`` (sorted), with the text of a same-stem ``.txt`` as its caption."""
+    """Every picture in ``folder`` (sorted) with its caption, and those of kohya ``N_name`` subfolders.
+
+    A picture in ``10_zqx star/`` is seen 10 times per epoch (kohya_ss's repeats).
+    """
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"no such image folder: {root}")
-    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-    pictures = [p for p in files if p.suffix.lower() not in SIDECAR_SUFFIXES]
-    if not pictures:
-        raise ValueError(f"{root} holds no pictures")
-    items = []
-    for path in pictures:
-        txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
-        items.append(ImageItem(path, caption or None))
+    items = [ImageItem(p, read_caption(p)) for p in _pictures_in(root)]
+    others = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (repeats := kohya_repeats(sub)) is None:
+            others.append(sub.name)
+            continue
+        items += [ImageItem(p, read_caption(p), repeats, sub.name) for p in _pictures_in(sub)]
+    if not items:
+        hint = f" (subfolders are read only when named like kohya's '10_name': {', '.join(others)})"
+        raise ValueError(f"{root} holds no pictures" + (hint if others else ""))
     return items
+
+
+def _pictures_in(folder: Path) -> list[Path]:
+    """The visible picture files directly in a folder, sorted."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return [p for p in files if p.suffix.lower() not in SIDECAR_SUFFIXES]
+
+
+def kohya_repeats(folder: Path) -> int | None:
+    """N for a kohya_ss dataset folder named ``N_concept`` (N ≥ 1), else None."""
+    m = KOHYA_FOLDER.match(folder.name)
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+
+
+def read_caption(picture: Path) -> str | None:
+    """The picture's caption: its ``.txt``, else its ``.caption`` (sd-scripts' default extension)."""
+    for suffix in CAPTION_SUFFIXES:
+        if (file := picture.with_suffix(suffix)).is_file():
+            return read_caption_file(file) or None
+    return None
+
+
+def read_caption_file(file: Path) -> str:
+    """A caption file's text, stripped, a UTF-8 BOM dropped; a file that is not UTF-8 is an error naming it.
+
+    sd-scripts reads captions as UTF-8 too, so kohya_ss users' files already are; guessing a code page
+    (cp1252, latin-1) would silently train on mojibake tags instead of telling them which file to fix.
+    """
+    try:
+        return file.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"caption file {file} is not UTF-8 (byte {exc.start}); save it as UTF-8") from exc
 
 
 def caption_for(item: ImageItem, spec: TrainSpec) -> str:
@@ -63,7 +110,7 @@ def caption_for(item: ImageItem, spec: TrainSpec) -> str:
         raise ValueError(f"{item.path.name}: caption_source is 'txt' but there is no caption for it")
     if item.caption is None or spec.caption_source == "template":
         return spec.fill(spec.caption_template)
-    text = spec.fill(item.caption.replace("[trigger]", "{trigger}"))
+    text = spec.fill(item.caption.lstrip("\ufeff").replace("[trigger]", "{trigger}"))
     has_trigger = re.search(rf"(?<!\w){re.escape(spec.trigger)}(?!\w)", text) is not None
     return text if has_trigger else f"{spec.trigger}, {text}"
 
@@ -103,7 +150,9 @@ def prepare_examples(
             continue
         bucket = buckets[find_nearest_bucket(img.height, img.width, buckets)]
         crop = fit_to_bucket(img, bucket)[1]
-        examples.append(Example(item.path, caption_for(item, spec), bucket, (img.height, img.width), crop))
+        size = (img.height, img.width)
+        caption = caption_for(item, spec)
+        examples.append(Example(item.path, caption, bucket, size, crop, item.repeats, item.dataset))
     if errors:
         raise ImageUploadError("; ".join(errors))
     return examples
@@ -122,6 +171,8 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     for ex in examples:
         h.update(hashlib.sha256(ex.path.read_bytes()).digest())
         h.update(repr(ex.bucket).encode())
+        if ex.repeats != 1:  # (folders without repeats keep the names they had)
+            h.update(f"x{ex.repeats}".encode())
     return h.hexdigest()[:16]
 
 
@@ -136,11 +187,17 @@ def tag_frequency(captions: Sequence[str]) -> dict[str, int]:
 class BatchPlan:
     """Which examples make up micro-batch ``i``: a pure function of (seed, i), one bucket per batch."""
 
-    def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        buckets: Sequence[tuple[int, int]],
+        batch_size: int,
+        seed: int,
+        repeats: Sequence[int] | None = None,
+    ) -> None:
         self.batch_size, self.seed = batch_size, seed
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, b in enumerate(buckets):
-            groups.setdefault(b, []).append(i)
+        for i, b in enumerate(buckets):  # example i appears repeats[i] times per epoch
+            groups.setdefault(b, []).extend([i] * (1 if repeats is None else repeats[i]))
         self.groups = [groups[b] for b in sorted(groups)]
         self.per_epoch = sum(-(-len(g) // batch_size) for g in self.groups)
         self._epoch: tuple[int, list[list[int]]] | None = None
@@ -170,6 +227,19 @@ def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.G
     return (z - shift) * vae.config.scaling_factor
 
 
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file through a temporary file and a rename (never a half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class LatentCache:
     """Each example encoded once with its own seeded VAE sample, kept in memory and on disk."""
 
@@ -179,8 +249,13 @@ class LatentCache:
         self.vae, self.examples, self.seed, self.path = vae, examples, seed, path
         self.latents: dict[int, torch.Tensor] = {}
         if path is not None and path.exists():
-            stored = load_file(str(path))
-            self.latents = {int(k): v for k, v in stored.items() if int(k) < len(examples)}
+            try:
+                stored = load_file(str(path))
+                self.latents = {int(k): v for k, v in stored.items() if int(k) < len(examples)}
+            except Exception as exc:  # a half-written or damaged file: encode again
+                log.warning("latent cache %s does not load (%s); rebuilding it", path, exc)
+                self.latents = {}
+                path.unlink(missing_ok=True)
 
     @torch.no_grad()
     def fill(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -193,8 +268,8 @@ class LatentCache:
             if progress is not None:
                 progress(n + 1, len(missing))
         if missing and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({str(k): v.contiguous() for k, v in self.latents.items()}, str(self.path))
+            tensors = {str(k): v.contiguous() for k, v in self.latents.items()}
+            atomic_save_file(tensors, self.path)
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         """Stacked latents of some examples (all from one bucket)."""

@@ -159,6 +159,13 @@ class Geometry:
         resolution = spec.resolution or native
         if resolution < divisibility:
             raise ValueError(f"resolution {resolution} is below this model's minimum of {divisibility} px")
+        if resolution % divisibility:
+            low = resolution // divisibility * divisibility
+            high = low + divisibility
+            raise ValueError(
+                f"resolution {resolution} is not a multiple of {divisibility} px, which this model's latents "
+                f"need; use {low} or {high}"
+            )
         return cls(resolution, divisibility, tuple(buckets_for(resolution, divisibility, spec.bucketing)))
 
 
@@ -251,7 +258,8 @@ class LoraTrainer:
         self.progress, self.cancel = progress, cancel
         self.geometry = Geometry.of(pipe, spec)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.plan = BatchPlan([e.bucket for e in examples], spec.batch_size, spec.seed)
+        repeats = [e.repeats for e in examples]
+        self.plan = BatchPlan([e.bucket for e in examples], spec.batch_size, spec.seed, repeats)
         self.total = (
             spec.steps
             if spec.epochs is None
@@ -621,7 +629,9 @@ class LoraTrainer:
             model_name=model_name,
             resolution=(self.geometry.resolution,) * 2,
             prediction_type=self.noise_scheduler.config.prediction_type,
-            num_images=len(self.examples),
+            num_images=sum(e.repeats for e in self.examples),
+            dataset_dirs=dataset_dirs(self.examples),
+            caption_dirs=tuple(e.dataset for e in self.examples),
             num_class_images=len(self.class_examples),
             batches_per_epoch=self.plan.per_epoch,
             steps=self.total,
@@ -677,6 +687,14 @@ class LoraTrainer:
             if (part := getattr(self.pipe, name, None)) is not None:
                 remove_lora(part, ADAPTER)
                 part.eval()
+
+
+def dataset_dirs(examples: Sequence[Example]) -> tuple[tuple[str, int, int], ...]:
+    """(folder, repeats, picture count) per dataset folder, kohya's ``ss_dataset_dirs``."""
+    counts: dict[tuple[str, int], int] = {}
+    for e in examples:
+        counts[(e.dataset, e.repeats)] = counts.get((e.dataset, e.repeats), 0) + 1
+    return tuple((name, repeats, n) for (name, repeats), n in counts.items())
 
 
 def claim_work_dir(work: Path, spec: TrainSpec, examples: list[Example]) -> None:

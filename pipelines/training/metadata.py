@@ -12,8 +12,10 @@ import base64
 import io
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -38,6 +40,8 @@ class RunInfo:
     final_loss: float
     captions: tuple[str, ...]
     dataset_name: str = "images"
+    dataset_dirs: tuple[tuple[str, int, int], ...] = ()  # (folder, repeats, pictures); empty: one folder
+    caption_dirs: tuple[str, ...] = ()  # the dataset folder of each caption; empty: all dataset_name
     basis: BasisSlot | None = None
     mixed_precision: str = "no"  # what ran: no, fp16 or bf16
 
@@ -78,11 +82,24 @@ def _network_args(spec: TrainSpec, info: RunInfo) -> dict[str, str]:
     return args
 
 
+def _tag_frequencies(info: RunInfo, count: Callable[[Sequence[str]], dict[str, int]]) -> dict[str, Any]:
+    """kohya's ``ss_tag_frequency``: tag counts per dataset folder."""
+    dirs = info.caption_dirs or (info.dataset_name,) * len(info.captions)
+    names = dict.fromkeys(dirs) or {info.dataset_name: None}
+    return {n: count([c for c, d in zip(info.captions, dirs, strict=True) if d == n]) for n in names}
+
+
+def _dataset_dirs(info: RunInfo) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_dataset_dirs``: repeats and picture count per folder."""
+    dirs = info.dataset_dirs or ((info.dataset_name, 1, info.num_images),)
+    return {name: {"n_repeats": repeats, "img_count": n} for name, repeats, n in dirs}
+
+
 def kohya_metadata(spec: TrainSpec, info: RunInfo) -> dict[str, str]:
     """The ``ss_*`` keys kohya's trainer writes, filled from this run."""
     from pipelines.training.data import tag_frequency
 
-    epochs = -(-info.steps * spec.batch_size * spec.grad_accum // max(1, info.num_images))
+    epochs = -(-info.steps * spec.grad_accum // max(1, info.batches_per_epoch))  # micro-batches run
     meta = {
         "ss_session_id": str(int(info.started_at * 1000) % 2**31),
         "ss_training_started_at": str(info.started_at),
@@ -121,8 +138,8 @@ def kohya_metadata(spec: TrainSpec, info: RunInfo) -> dict[str, str]:
         "ss_caption_dropout_rate": str(spec.caption_dropout),
         "ss_prior_loss_weight": str(spec.prior_loss_weight if spec.uses_prior else 0.0),
         "ss_clip_skip": str(spec.clip_skip),
-        "ss_tag_frequency": json.dumps({info.dataset_name: tag_frequency(info.captions)}),
-        "ss_dataset_dirs": json.dumps({info.dataset_name: {"n_repeats": 1, "img_count": info.num_images}}),
+        "ss_tag_frequency": json.dumps(_tag_frequencies(info, tag_frequency)),
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(info)),
         "ss_training_comment": f"trigger: {spec.trigger}; final loss {info.final_loss:.5f}"
         + (
             "; prior targets: the base model's predictions"

@@ -8,12 +8,13 @@ in ``<data-dir>/jobs/<id>``); Ctrl-C cancels it at the next step and keeps the c
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from studio.config import DEFAULT_MODEL, StudioConfig
+from studio.config import DEFAULT_MODEL, StudioConfig, default_data_dir
 
 # argparse destination → TrainSpec field, for the options that map one to one.
 SPEC_OPTIONS: dict[str, str] = {
@@ -204,7 +205,7 @@ def _submit(runner: Any, args: argparse.Namespace) -> str:
         spec_from_args(args),
         folder_files(args.images),
         model=args.model,
-        out=args.out,
+        out=None if args.out is None else args.out.expanduser().resolve(),
         device=args.device,
         register=not args.no_register,
     )
@@ -214,9 +215,18 @@ def run(args: argparse.Namespace) -> int:
     """Train in this process; returns 0 when the adapter was written, 1 when cancelled or failed."""
     from studio.jobs import JobRunner, register_in_catalog
 
-    config = StudioConfig(data_dir=Path(args.data_dir), model=args.model or DEFAULT_MODEL, device=args.device)
+    data_dir = Path(args.data_dir).expanduser().resolve()  # rows keep paths that work from any cwd
+    config = StudioConfig(data_dir=data_dir, model=args.model or DEFAULT_MODEL, device=args.device)
     runner = JobRunner(config, registrar=None if args.no_register else register_in_catalog)
     if args.resume:
+        try:
+            runner.status(args.resume)
+        except KeyError:
+            raise ValueError(f"no training job {args.resume!r} in {data_dir}") from None
+        if owner := runner.live_elsewhere(args.resume):
+            raise ValueError(
+                f"job {args.resume} is running in another process ({owner}); cancel it there, or wait"
+            )
         runner.recover()
         if runner.status(args.resume).status in ("cancelled", "failed"):
             runner.resume(args.resume)
@@ -231,10 +241,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
-    return _report(status)
+    return _report(status, data_dir)
 
 
-def _report(status: Any) -> int:
+def resume_command(job_id: str, data_dir: Path) -> str:
+    """The command line that resumes a job (``--data-dir`` named when it is not the default)."""
+    words = ["python", "-m", "studio", "train", "--resume", job_id]
+    if data_dir.resolve() != default_data_dir().expanduser().resolve():
+        words += ["--data-dir", str(data_dir.resolve())]
+    return shlex.join(words)
+
+
+def _report(status: Any, data_dir: Path) -> int:
     """Print how the job ended."""
     if status.status == "done":
         print(status.out_path)
@@ -243,5 +261,5 @@ def _report(status: Any) -> int:
         return 0
     print(f"{status.status}: {status.reason}", file=sys.stderr)
     if status.status == "cancelled":
-        print(f"resume with: python -m studio train --resume {status.id}", file=sys.stderr)
+        print(f"resume with: {resume_command(status.id, data_dir)}", file=sys.stderr)
     return 1
