@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -131,6 +132,28 @@ def make_policy(name: str, params: Mapping[str, Any] | None = None) -> FusionPol
         return REGISTRY[name](**dict(params or {}))
     except TypeError as exc:
         raise ValueError(f"bad parameters for fusion policy {name!r}: {exc}") from exc
+
+
+def whole_number(value: Any, what: str, minimum: int) -> int:
+    """A policy parameter as an int ≥ ``minimum`` (``"5"`` and ``5.0`` accepted), else a clear ValueError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number != int(number) or number < minimum:
+        raise ValueError(f"{what} must be a whole number ≥ {minimum}, got {value!r}")
+    return int(number)
+
+
+def finite_param(value: Any, what: str) -> float:
+    """A policy parameter as a finite float, else a clear ValueError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
 
 
 def _numbers(value: Any) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.fusion.base import Factor, FusionContext, FusionPolicy, register
+from pipelines.fusion.base import Factor, FusionContext, FusionPolicy, finite_param, register, whole_number
 
 
 def dense(f: Factor) -> torch.Tensor:
@@ -32,11 +32,8 @@ class KLora(FusionPolicy):
 
     def __init__(self, k: int = 64, alpha: float = 1.5, beta: float = 0.5) -> None:
         super().__init__(k=k, alpha=alpha, beta=beta)
-        self.k, self.alpha, self.beta = int(k), float(alpha), float(beta)
-        if self.k < 1:
-            raise ValueError(
-                f"klora k (how many of the largest |ΔW| entries to score) must be at least 1, got {k}"
-            )
+        self.k = whole_number(k, "klora k (how many of the largest |ΔW| entries to score)", 1)
+        self.alpha, self.beta = finite_param(alpha, "klora alpha"), finite_param(beta, "klora beta")
         self.scores: torch.Tensor | None = None  # (layers × adapters), balanced, 0 where absent
 
     def prepare(self, ctx: FusionContext):

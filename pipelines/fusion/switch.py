@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.fusion.base import FusionPolicy, register
+from pipelines.fusion.base import FusionPolicy, register, whole_number
 
 
 @register
@@ -16,9 +16,7 @@ class Switch(FusionPolicy):
 
     def __init__(self, period: int = 5, order: list[int] | None = None) -> None:
         super().__init__(period=period, order=order)
-        if int(period) < 1:
-            raise ValueError("switch period must be at least 1 step")
-        self.period = int(period)
+        self.period = whole_number(period, "switch period (steps per adapter)", 1)
         self.order = order
 
     def prepare(self, ctx):

@@ -296,8 +296,11 @@ def test_a1111_parameters_never_write_unparseable_tags():
     [
         ("switch", {"order": [5, 0]}, "switch order"),
         ("switch", {"order": [-1]}, "switch order"),
-        ("klora", {"k": 0}, "at least 1"),
-        ("klora", {"k": -5}, "at least 1"),
+        ("klora", {"k": 0}, "whole number ≥ 1"),
+        ("klora", {"k": -5}, "whole number ≥ 1"),
+        ("klora", {"alpha": float("nan")}, "klora alpha must be a finite number"),
+        ("switch", {"period": "abc"}, "switch period"),
+        ("switch", {"period": 0}, "switch period"),
     ],
 )
 def test_policy_parameters_are_checked(studio, name, params, match):
