@@ -145,17 +145,6 @@ def whole_number(value: Any, what: str, minimum: int) -> int:
     return int(number)
 
 
-def finite_param(value: Any, what: str) -> float:
-    """A policy parameter as a finite float, else a clear ValueError."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return number
-
-
 def _numbers(value: Any) -> bool:
     """True for a list or tuple of plain numbers."""
     return isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)

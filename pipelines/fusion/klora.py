@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.fusion.base import Factor, FusionContext, FusionPolicy, finite_param, register, whole_number
+from pipelines.fusion.base import Factor, FusionContext, FusionPolicy, register, whole_number
+from pipelines.recipe import finite_number
 
 
 def dense(f: Factor) -> torch.Tensor:
@@ -33,7 +34,7 @@ class KLora(FusionPolicy):
     def __init__(self, k: int = 64, alpha: float = 1.5, beta: float = 0.5) -> None:
         super().__init__(k=k, alpha=alpha, beta=beta)
         self.k = whole_number(k, "klora k (how many of the largest |ΔW| entries to score)", 1)
-        self.alpha, self.beta = finite_param(alpha, "klora alpha"), finite_param(beta, "klora beta")
+        self.alpha, self.beta = finite_number(alpha, "klora alpha"), finite_number(beta, "klora beta")
         self.scores: torch.Tensor | None = None  # (layers × adapters), balanced, 0 where absent
 
     def prepare(self, ctx: FusionContext):
