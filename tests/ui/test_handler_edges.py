@@ -312,7 +312,7 @@ def test_policy_parameters_are_checked(studio, name, params, match):
 
 
 def test_klora_k_is_checked_when_made():
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="whole number ≥ 1"):
         make_policy("klora", {"k": 0})
 
 
