@@ -27,7 +27,14 @@ from sqlalchemy import select, update
 from pipelines.images import ImageLimits, ImageUploadError, store_uploads
 from pipelines.training import ImageItem, TrainingCancelled, TrainProgress, TrainResult, TrainSpec, train_lora
 from pipelines.training.checkpoint import list_checkpoints
-from pipelines.training.data import CAPTION_SUFFIXES, SIDECAR_SUFFIXES, kohya_repeats, read_caption_file
+from pipelines.training.data import (
+    CAPTION_SUFFIXES,
+    SIDECAR_SUFFIXES,
+    kohya_repeats,
+    no_pictures_message,
+    picture_files,
+    read_caption_file,
+)
 from pipelines.training.lora_train import resolve_device
 from pipelines.training.orthogonal import BasisRegistry, BasisSlot
 from studio.config import StudioConfig
@@ -158,17 +165,9 @@ def folder_files(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"no such image folder: {root}")
     dirs = [root, *sorted(p for p in root.iterdir() if p.is_dir() and kohya_repeats(p) is not None)]
     files = [p for d in dirs for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    if not split_uploads_pictures(files) and (others := [p.name for p in root.iterdir() if p.is_dir()]):
-        raise ImageUploadError(
-            f"{root} holds no pictures (subfolders are read only when named like kohya's "
-            f"'10_name': {', '.join(sorted(others))})"
-        )
+    if not picture_files(files) and (others := [p.name for p in root.iterdir() if p.is_dir()]):
+        raise ImageUploadError(no_pictures_message(root, sorted(others)))
     return files
-
-
-def split_uploads_pictures(files: Sequence[Path]) -> list[Path]:
-    """The picture files among some files (sidecars left out)."""
-    return [f for f in files if f.suffix.lower() not in SIDECAR_SUFFIXES]
 
 
 def upload_repeats(picture: Path) -> tuple[int, str]:

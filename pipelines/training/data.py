@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +67,24 @@ def items_from_folder(folder: str | Path) -> list[ImageItem]:
             continue
         items += [ImageItem(p, read_caption(p), repeats, sub.name) for p in _pictures_in(sub)]
     if not items:
-        hint = f" (subfolders are read only when named like kohya's '10_name': {', '.join(others)})"
-        raise ValueError(f"{root} holds no pictures" + (hint if others else ""))
+        raise ValueError(no_pictures_message(root, others))
     return items
+
+
+def no_pictures_message(root: Path, subfolders: list[str]) -> str:
+    """Why a folder gave no pictures, naming the subfolders that were not read (not kohya ``N_name``)."""
+    hint = f" (subfolders are read only when named like kohya's '10_name': {', '.join(subfolders)})"
+    return f"{root} holds no pictures" + (hint if subfolders else "")
+
+
+def picture_files(files: Iterable[Path]) -> list[Path]:
+    """The picture files among some files (captions and other sidecars left out)."""
+    return [p for p in files if p.suffix.lower() not in SIDECAR_SUFFIXES]
 
 
 def _pictures_in(folder: Path) -> list[Path]:
     """The visible picture files directly in a folder, sorted."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [p for p in files if p.suffix.lower() not in SIDECAR_SUFFIXES]
+    return picture_files(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")))
 
 
 def kohya_repeats(folder: Path) -> int | None:
