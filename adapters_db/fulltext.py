@@ -87,8 +87,8 @@ def match_all_ids(session: Session, query: str, limit: int = 100_000) -> list[in
     ids = [i for i, _ in ranked_ids(session, " ".join(plain), limit, any_word=False)] if plain else None
     if not cjk:
         return ids or []
-    fields = (SearchDocument.name, SearchDocument.tags, SearchDocument.triggers, SearchDocument.files)
-    fields += (SearchDocument.description,)
+    doc = SearchDocument
+    fields = (doc.name, doc.tags, doc.triggers, doc.files, doc.description)
     conds = [or_(*(f.contains(t, autoescape=True) for f in fields)) for t in cjk]
     if ids is not None:
         conds.append(SearchDocument.adapter_id.in_(ids))

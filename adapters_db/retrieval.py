@@ -496,8 +496,8 @@ def _fts_rows(session: Session, index: SearchIndex, query: str) -> np.ndarray:
     if cjk and index.lexical is not None:  # the database tokenises a CJK run as one word: match its bigrams
         lex = index.lexical
         cols = lex.vocab.columns(np.array([lexical.term_ids(t)[0] for t in cjk], np.int64))
-        hits = [lex.meta_all.indices[lex.meta_all.indptr[c] : lex.meta_all.indptr[c + 1]] for c in cols]
-        rows = np.union1d(rows, np.concatenate([np.zeros(0, np.int64), *hits])[:FTS_LIMIT])
+        found = lexical.column_dot(lex.meta_all, cols, np.ones(len(cols), np.float32))
+        rows = np.union1d(rows, np.nonzero(found)[0][:FTS_LIMIT])
     return rows
 
 

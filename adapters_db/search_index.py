@@ -289,6 +289,7 @@ class TriggerTable:
     weight: dict[str, float]
     phrase_count: np.ndarray
     max_words: int = 6
+    _row_arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, triggers: list[list[str]], lex: LexicalIndex) -> TriggerTable:
@@ -321,10 +322,9 @@ class TriggerTable:
 
     def row_array(self, phrase: str) -> np.ndarray:
         """The rows of a phrase as an int64 array (cached)."""
-        cache = self.__dict__.setdefault("_row_arrays", {})
-        if phrase not in cache:
-            cache[phrase] = np.asarray(self.rows[phrase], np.int64)
-        return cache[phrase]
+        if phrase not in self._row_arrays:
+            self._row_arrays[phrase] = np.asarray(self.rows[phrase], np.int64)
+        return self._row_arrays[phrase]
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for ``triggers.json``."""
