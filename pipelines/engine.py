@@ -281,6 +281,10 @@ class Generation:
         )
 
 
+# gate name / hash, model family, the mix's (name, SHA-256) → local gate file
+GateResolver = Callable[[str, str | None, Sequence[tuple[str, str | None]]], Path]
+
+
 class Engine:
     """Runs recipes: loads models and adapters (cached), attaches the mix, runs diffusers."""
 
@@ -292,7 +296,7 @@ class Engine:
         resolve: Callable[[str], Path] | None = None,
         path_mode: str = "cost",
         plan_cache: Path | None = None,
-        resolve_gate: Callable[[str, str | None, Sequence[tuple[str, str | None]]], Path] | None = None,
+        resolve_gate: GateResolver | None = None,
     ) -> None:
         self.models = models
         self.cache = cache

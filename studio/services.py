@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.adapter_cache import AdapterCache
-from pipelines.engine import Engine
+from pipelines.engine import Engine, GateResolver
 from pipelines.models import POCKET_DIR, ModelStore, resolve_device, resolve_dtype
 from studio.config import StudioConfig
 
@@ -159,9 +159,6 @@ def catalog_resolver(catalog: Any) -> Callable[[str], Path]:
         return path
 
     return resolve
-
-
-GateResolver = Callable[[str, str | None, Sequence[tuple[str, str | None]]], Path]
 
 
 def catalog_gate_resolver(catalog: Any) -> GateResolver:
