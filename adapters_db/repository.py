@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, delete, event, func, select
+from sqlalchemy import Select, delete, event, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from adapters_db.catalog import bump_revision
@@ -271,6 +271,27 @@ def get_adapters(
         return _summaries(session, catalog.store, ids, max_nsfw)
     rows = session.execute(_full_query().where(Adapter.id.in_(list(ids)))).scalars().all()
     return {r.id: to_record(r, catalog.store, max_nsfw=max_nsfw) for r in rows}
+
+
+def adapter_ids_named(session: Session, name: str, *, tag_unsafe: str = "") -> list[int]:
+    """Ids of adapters whose name is ``name`` (case-insensitive; also with each character of
+    ``tag_unsafe`` in it written as ``_``) or with a file ``name`` or ``name.<ext>``. SQLite lower-cases
+    ASCII only."""
+    text = name.strip()
+    want = text.lower()
+    file_name = func.lower(AdapterFile.file_name)
+    by_file = (
+        select(AdapterVersion.adapter_id)
+        .join(AdapterFile, AdapterFile.version_id == AdapterVersion.id)
+        .where(or_(file_name == want, file_name.startswith(f"{want}.", autoescape=True)))
+    )
+    tagged, key = Adapter.name, want
+    for ch in tag_unsafe:
+        tagged, key = func.replace(tagged, ch, "_"), key.replace(ch, "_")
+    conds = [Adapter.name == text, func.lower(Adapter.name) == want, Adapter.id.in_(by_file)]
+    if tag_unsafe:
+        conds.append(func.lower(tagged) == key.strip())
+    return list(session.execute(select(Adapter.id).where(or_(*conds))).scalars())
 
 
 def find_by_hash(session: Session, catalog: Catalog, digest: str) -> AdapterRecord | None:

@@ -11,7 +11,8 @@ from typing import Any
 
 RECIPE_VERSION = 1
 MAX_SEED = 2**63 - 1  # the history stores seeds as signed 64-bit integers (SQL BIGINT)
-_TAG_UNSAFE = str.maketrans({":": "_", "<": "_", ">": "_"})
+TAG_UNSAFE = ":<>"  # characters an A1111 <lora:name:w> tag cannot hold in its name
+_TAG_UNSAFE = str.maketrans(dict.fromkeys(TAG_UNSAFE, "_"))
 
 
 def tag_name(name: str) -> str:

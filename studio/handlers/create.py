@@ -11,7 +11,7 @@ from typing import Any
 import adapters_db
 from adapters_db import AdapterRecord, SearchHit
 from pipelines.fusion.schedule import parse_keyframes
-from pipelines.recipe import finite_number, parse_lora_tags, tag_name
+from pipelines.recipe import TAG_UNSAFE, finite_number, parse_lora_tags, tag_name
 from studio.handlers import html
 from studio.handlers.conflicts import conflict_warning, family_warnings, pair_conflict
 from studio.handlers.state import MAX_MIX, MixItem, SessionState
@@ -112,35 +112,11 @@ def _by_name(session: Any, catalog: Any, name: str) -> tuple[AdapterRecord | Non
     """The adapter whose name, file stem or tag form of its name (:func:`tag_name`) is ``name``
     (case-insensitive): local ones first, then the most downloaded; a note names the pick when several
     adapters answer to the name."""
-    from sqlalchemy import func, or_, select
-
-    from adapters_db.models import Adapter, AdapterFile, AdapterVersion
-    from adapters_db.repository import get_adapters
+    from adapters_db.repository import adapter_ids_named, get_adapters
 
     text = name.strip()
     want, key = text.lower(), tag_name(text).lower()
-    escaped = want.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    file_name = func.lower(AdapterFile.file_name)
-    by_file = (
-        select(AdapterVersion.adapter_id)
-        .join(AdapterFile, AdapterFile.version_id == AdapterVersion.id)
-        .where(or_(file_name == want, file_name.like(f"{escaped}.%", escape="\\")))
-    )
-    tagged = Adapter.name
-    for ch in ":<>":
-        tagged = func.replace(tagged, ch, "_")
-    ids = list(
-        session.execute(
-            select(Adapter.id).where(
-                or_(
-                    Adapter.name == text,
-                    func.lower(Adapter.name) == want,
-                    func.lower(tagged) == key,
-                    Adapter.id.in_(by_file),
-                )
-            )
-        ).scalars()
-    )
+    ids = adapter_ids_named(session, text, tag_unsafe=TAG_UNSAFE)
     if not ids:  # names the database cannot lower-case (SQLite folds ASCII only)
         page = adapters_db.list_adapters(session, catalog, text=text, include_nsfw=True, limit=50)
         ids = [r.id for r in page.items]
