@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "studio.commands.catalog",
     "studio.commands.gate",
     "studio.commands.generate",
+    "studio.commands.jobs",
     "studio.commands.pocket",
     "studio.commands.train",
 )

@@ -38,7 +38,7 @@ from pipelines.training.data import (
 from pipelines.training.lora_train import resolve_device
 from pipelines.training.orthogonal import BasisRegistry, BasisSlot
 from studio.config import StudioConfig
-from studio.jobs_db import ACTIVE, TrainJobRow, make_engine, make_sessionmaker, utcnow
+from studio.jobs_db import ACTIVE, STATUSES, TrainJobRow, make_engine, make_sessionmaker, utcnow
 
 MAX_IMAGES = 200
 STALE_AFTER_S = 1800.0  # a job owned by another host that has not written its row for this long is gone
@@ -69,6 +69,7 @@ class JobStatus:
     started_at: datetime | None
     finished_at: datetime | None
     owner: str | None = None  # "host:pid:start-token:runner-token" of the process that runs it
+    user: str | None = None  # who started it in a studio with --auth
 
     @property
     def finished(self) -> bool:
@@ -103,6 +104,7 @@ def _status(row: TrainJobRow) -> JobStatus:
         row.started_at,
         row.finished_at,
         row.owner,
+        row.user,
     )
 
 
@@ -281,8 +283,10 @@ class JobRunner:
         out: str | Path | None = None,
         device: str | None = None,
         register: bool = True,
+        user: str | None = None,
     ) -> str:
-        """Queue a training job for uploaded files (pictures and ``.txt`` captions); returns its id."""
+        """Queue a training job for uploaded files (pictures and ``.txt`` captions); returns its id.
+        ``user``: who starts it, in a studio with logins (they see only their own jobs)."""
         manifest = self.store_pictures(files, captions)
         job_id = uuid.uuid4().hex
         work = self.config.jobs_dir / job_id
@@ -299,6 +303,7 @@ class JobRunner:
             work_dir=str(work),
             out_path=str(out_path),
             register=int(register),
+            user=user or None,
             total_steps=spec.steps or 0,
             phase="queued",
         )
@@ -317,11 +322,40 @@ class JobRunner:
                 raise KeyError(f"no such training job: {job_id}")
             return _status(row)
 
-    def jobs(self, limit: int = 50) -> list[JobStatus]:
-        """The newest jobs first."""
+    def jobs(self, limit: int = 50, status: str | None = None, user: str | None = None) -> list[JobStatus]:
+        """The newest jobs first (only those with the given status, and of the given user, if given)."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown job status {status!r}: use one of {', '.join(STATUSES)}")
+        query = select(TrainJobRow).order_by(TrainJobRow.created_at.desc()).limit(limit)
+        if status is not None:
+            query = query.where(TrainJobRow.status == status)
+        if user is not None:
+            query = query.where(TrainJobRow.user == user)
         with self.sessions() as s:
-            rows = s.scalars(select(TrainJobRow).order_by(TrainJobRow.created_at.desc()).limit(limit))
-            return [_status(r) for r in rows]
+            return [_status(r) for r in s.scalars(query)]
+
+    def find(self, ref: str, user: str | None = None) -> str:
+        """The id of the job whose id is ``ref`` or starts with it (the UI and the CLI show 8 characters),
+        among the given user's jobs if a user is given; ``KeyError`` when none or several match."""
+        ref = ref.strip()
+        if not ref:
+            raise KeyError("no training job given")
+        mine = () if user is None else (TrainJobRow.user == user,)
+        with self.sessions() as s:
+            if s.scalar(select(TrainJobRow.id).where(TrainJobRow.id == ref, *mine)) is not None:
+                return ref
+            found = list(
+                s.scalars(
+                    select(TrainJobRow.id)
+                    .where(TrainJobRow.id.startswith(ref, autoescape=True), *mine)
+                    .limit(3)
+                )
+            )
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise KeyError(f"no such training job: {ref}")
+        raise KeyError(f"several training jobs start with {ref!r} ({', '.join(found[:2])}, …); give more")
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.05) -> JobStatus:
         """Block until the job has finished (or the timeout passed); returns its state."""
@@ -362,8 +396,27 @@ class JobRunner:
             )
         status = self.status(job_id)
         if done.rowcount == 0 and status.status == "running":
-            self._cancel.setdefault(job_id, threading.Event()).set()
+            if job_id in self._cancel or status.owner == self.owner:  # this process runs it
+                self._cancel.setdefault(job_id, threading.Event()).set()
+            elif self.live_elsewhere(job_id):  # another one does: it reads this with its next progress write
+                self._update(job_id, cancel_requested=1)
+            else:  # the process that ran it is gone; a restart would otherwise resume it
+                self._stop_orphan(job_id)
         return self.status(job_id)
+
+    def _stop_orphan(self, job_id: str) -> None:
+        """Mark a ``running`` job whose process is gone cancelled (its checkpoints stay for a resume)."""
+        with self.sessions() as s, s.begin():
+            s.execute(
+                update(TrainJobRow)
+                .where(TrainJobRow.id == job_id, TrainJobRow.status == "running")
+                .values(
+                    status="cancelled",
+                    phase="cancelled",
+                    finished_at=utcnow(),
+                    reason="cancelled after the process that ran it had stopped; its checkpoints are kept",
+                )
+            )
 
     def resume(self, job_id: str) -> JobStatus:
         """Queue a cancelled or failed job again; it continues from its newest checkpoint."""
@@ -371,7 +424,13 @@ class JobRunner:
             res = s.execute(
                 update(TrainJobRow)
                 .where(TrainJobRow.id == job_id, TrainJobRow.status.in_(("cancelled", "failed")))
-                .values(status="queued", phase="queued", finished_at=None, reason="resumed on request")
+                .values(
+                    status="queued",
+                    phase="queued",
+                    finished_at=None,
+                    reason="resumed on request",
+                    cancel_requested=0,
+                )
             )
         if res.rowcount == 0:
             raise ValueError(f"job {job_id} is not cancelled or failed; nothing to resume")
@@ -391,7 +450,9 @@ class JobRunner:
         rows = [r for r in rows if r.owner != self.owner and not self._owned_elsewhere(r, now)]
         for row in rows:
             ck = list_checkpoints(Path(row.work_dir) / "checkpoints")
-            if ck:
+            if row.cancel_requested:  # asked to stop before its process went away
+                self._stop_orphan(row.id)
+            elif ck:
                 self._update(
                     row.id,
                     status="queued",
@@ -477,6 +538,7 @@ class JobRunner:
                     started_at=utcnow(),
                     attempts=TrainJobRow.attempts + 1,
                     owner=self.owner,
+                    cancel_requested=0,
                 )
             )
             return job_id if res.rowcount == 1 else None
@@ -546,24 +608,42 @@ class JobRunner:
             Path(job.out_path),
             work_dir=Path(job.work_dir),
             device=job.device,
-            progress=self._progress_fn(job.id, progress),
+            progress=self._progress_fn(job.id, progress, event),
             cancel=event,
             basis=basis,
             limits=self.limits,
         )
 
     def _progress_fn(
-        self, job_id: str, extra: Callable[[TrainProgress], None] | None
+        self,
+        job_id: str,
+        extra: Callable[[TrainProgress], None] | None,
+        cancel: threading.Event | None = None,
     ) -> Callable[[TrainProgress], None]:
-        """A progress callback that writes the row (at most once per interval) and tells listeners."""
+        """A progress callback that writes the row (at most once per interval), sets ``cancel`` when
+        another process asked the job to stop, and tells listeners."""
         last = {"t": 0.0, "phase": ""}
 
         def report(p: TrainProgress) -> None:
             now = time.monotonic()
             if p.phase != last["phase"] or now - last["t"] >= self.progress_interval_s or p.step == p.total:
                 last.update(t=now, phase=p.phase)
-                self._update(
-                    job_id,
+                if self._write_progress(job_id, p) and cancel is not None:
+                    cancel.set()
+            for fn in self._listeners:
+                fn(job_id, p)
+            if extra is not None:
+                extra(p)
+
+        return report
+
+    def _write_progress(self, job_id: str, p: TrainProgress) -> bool:
+        """Write the job's progress columns; returns whether a stop was requested from elsewhere."""
+        with self.sessions() as s, s.begin():
+            s.execute(
+                update(TrainJobRow)
+                .where(TrainJobRow.id == job_id)
+                .values(
                     phase=p.phase,
                     step=p.step,
                     total_steps=p.total,
@@ -571,12 +651,8 @@ class JobRunner:
                     eta_s=p.eta_s,
                     sample_path=None if p.sample_path is None else str(p.sample_path),
                 )
-            for fn in self._listeners:
-                fn(job_id, p)
-            if extra is not None:
-                extra(p)
-
-        return report
+            )
+            return bool(s.scalar(select(TrainJobRow.cancel_requested).where(TrainJobRow.id == job_id)))
 
     def _ended_done(self, job: JobStatus, result: TrainResult) -> None:
         """Register the adapter (when asked) and mark the job done, or failed if registering failed."""

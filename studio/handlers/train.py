@@ -128,12 +128,17 @@ def captions_from_rows(rows: Sequence[Sequence[Any]] | None) -> dict[str, str]:
     return out
 
 
-def start_training(services: Services, state: SessionState, req: TrainRequest) -> tuple[SessionState, str]:
-    """Validate the pictures and options, queue the job; returns the state (owning the job) and its id."""
+def start_training(
+    services: Services, state: SessionState, req: TrainRequest, user: str = ""
+) -> tuple[SessionState, str]:
+    """Validate the pictures and options, queue the job (``user``: the login, with ``--auth``); returns
+    the state (owning the job) and its id."""
     spec = build_spec(req)
     if not req.files:
         raise ValueError("upload the pictures of your concept first (5 to 30 work well)")
-    job_id = services.jobs.submit(spec, list(req.files), model=services.config.model, captions=req.captions)
+    job_id = services.jobs.submit(
+        spec, list(req.files), model=services.config.model, captions=req.captions, user=user or None
+    )
     return replace(state, jobs=(*state.jobs, job_id)), job_id
 
 
@@ -196,11 +201,18 @@ def sample_pictures(work_dir: str | Path) -> list[tuple[str, str]]:
     return [(str(p), f"step {int(p.stem.split('_')[1])}") for p in paths[-MAX_SAMPLES_SHOWN:]]
 
 
-def job_view(services: Services, job_id: str) -> JobView:
-    """The job's progress, loss curve and samples."""
-    job_id = (job_id or "").strip()
-    if not job_id:
+def job_ref(services: Services, ref: str, user: str = "") -> str:
+    """The full id of the job named by ``ref`` (its id or the first characters of it, as tables show);
+    with logins (``user`` not empty), only that user's jobs are found."""
+    ref = (ref or "").strip()
+    if not ref:
         raise ValueError("no training job selected")
+    return services.jobs.find(ref, user=user or None)
+
+
+def job_view(services: Services, job_id: str, user: str = "") -> JobView:
+    """The job's progress, loss curve and samples."""
+    job_id = job_ref(services, job_id, user)
     st = services.jobs.status(job_id)
     points = services.monitor.losses(job_id)
     loss_img = plots.loss_curve(points, f"{st.name}: loss") if points else None
@@ -228,31 +240,40 @@ def job_view(services: Services, job_id: str) -> JobView:
     )
 
 
-def cancel_job(services: Services, job_id: str) -> str:
-    """Ask a job to stop (a queued one is cancelled at once); returns its status."""
-    return services.jobs.cancel(job_id.strip()).status
+def cancel_job(services: Services, job_id: str, user: str = "") -> str:
+    """Ask a job to stop (a queued one is cancelled at once, one another process runs at its next
+    progress report); returns its status."""
+    return services.jobs.cancel(job_ref(services, job_id, user)).status
 
 
-def resume_job(services: Services, job_id: str) -> str:
+def resume_job(services: Services, job_id: str, user: str = "") -> str:
     """Queue a cancelled or failed job again from its last checkpoint; returns its status."""
-    return services.jobs.resume(job_id.strip()).status
+    return services.jobs.resume(job_ref(services, job_id, user)).status
 
 
-def session_jobs(services: Services, state: SessionState) -> list[list[str]]:
-    """Rows [id, name, status, step] of the jobs this session started, newest first."""
-    rows = []
-    for job_id in reversed(state.jobs):
-        try:
-            st = services.jobs.status(job_id)
-        except KeyError:
-            continue
-        rows.append([st.id, st.name, st.status, f"{st.step}/{st.total}"])
-    return rows
+JOB_COLUMNS = ("job", "name", "status", "step", "created", "yours")
 
 
-def trained_adapter_ref(services: Services, job_id: str) -> str:
+def jobs_table(services: Services, state: SessionState, user: str = "", limit: int = 50) -> list[list[str]]:
+    """Rows of :data:`JOB_COLUMNS` for the studio's newest jobs, whoever started them (the CLI too;
+    with logins, the user's own): the id's first 8 characters, "yes" for this browser session's."""
+    mine = set(state.jobs)
+    return [
+        [
+            st.id[:8],
+            st.name,
+            st.status,
+            f"{st.step}/{st.total}",
+            st.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if st.created_at else "",
+            "yes" if st.id in mine else "",
+        ]
+        for st in services.jobs.jobs(limit, user=user or None)
+    ]
+
+
+def trained_adapter_ref(services: Services, job_id: str, user: str = "") -> str:
     """The catalog id of a finished job's adapter (an error until the job is done and catalogued)."""
-    st = services.jobs.status(job_id.strip())
+    st = services.jobs.status(job_ref(services, job_id, user))
     if st.status != "done":
         raise ValueError(f"job {st.name!r} is {st.status}; its adapter is in the catalog once it is done")
     if not st.adapter_id:

@@ -51,8 +51,8 @@ def build_app(services: Services) -> gr.Blocks:
                 create_tab.build(ui, model)
             with gr.Tab("Catalog", id="catalog", elem_id="tab-catalog") as catalog:
                 catalog_tab.build(ui, catalog)
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
-                train_tab.build(ui)
+            with gr.Tab("Train", id="train", elem_id="tab-train") as train:
+                train_tab.build(ui, train)
             with gr.Tab("History", id="history", elem_id="tab-history") as history:
                 history_tab.build(ui, history)
         ui["cards"].click(ui["on_card"], state, [state, *ui["detail_outputs"]], api_name="card_action")

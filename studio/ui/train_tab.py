@@ -13,7 +13,7 @@ from studio.handlers import create
 from studio.handlers import html as H
 from studio.handlers import train as T
 from studio.handlers.state import SessionState
-from studio.ui.common import Ui, user_errors, warn
+from studio.ui.common import Ui, owner, user_errors, warn
 
 PRESET_HELP = {
     "quick": "quick: rank 8, 300 steps — a first look in minutes",
@@ -42,7 +42,7 @@ def _rows(captions: Any) -> list[list[Any]]:
     return list(captions)
 
 
-def build(ui: Ui) -> None:
+def build(ui: Ui, tab: gr.Tab) -> None:
     """Lay out the Train tab and wire its events."""
     services, state = ui.services, ui.state
     with gr.Row(equal_height=False):
@@ -126,9 +126,9 @@ def build(ui: Ui) -> None:
                 open_btn = gr.Button("Open in the catalog", elem_id="train-open")
                 send_btn = gr.Button("Send to Create", variant="primary", elem_id="train-send")
             jobs = gr.Dataframe(
-                headers=["job", "name", "status", "step"],
+                headers=list(T.JOB_COLUMNS),
                 interactive=False,
-                label="your jobs",
+                label="training jobs, newest first (click one to watch it)",
                 elem_id="train-jobs",
             )
     timer = gr.Timer(1.0, active=False)
@@ -171,6 +171,7 @@ def build(ui: Ui) -> None:
         text_encoder: bool = False,
         prior_preservation: str = "",
         options_json: str = "",
+        request: gr.Request | None = None,
     ) -> tuple[Any, ...]:
         with user_errors("Train"):
             req = T.TrainRequest(
@@ -189,9 +190,10 @@ def build(ui: Ui) -> None:
                 prior_preservation=T.PRIOR_CHOICES.get(prior_preservation or ""),
                 options_json=options_json or "",
             )
-            new, job = T.start_training(services, state, req)
+            new, job = T.start_training(services, state, req, owner(request))
         gr.Info(f"Training job {job[:8]} queued.")
-        return new, job, H.progress_bar(0.0, "queued"), gr.Timer(active=True), T.session_jobs(services, new)
+        table = T.jobs_table(services, new, owner(request))
+        return new, job, H.progress_bar(0.0, "queued"), gr.Timer(active=True), table
 
     start_btn.click(
         on_train,
@@ -216,12 +218,13 @@ def build(ui: Ui) -> None:
         api_name="train",
     )
 
-    def on_status(state: SessionState, job_id: str) -> tuple[Any, ...]:
+    def on_status(state: SessionState, job_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         with user_errors("Job status"):
-            mine = T.session_jobs(services, state)
+            user = owner(request)
+            mine = T.jobs_table(services, state, user)
             if not (job_id or "").strip():
                 return (gr.skip(),) * 5 + (gr.Timer(active=False), mine)
-            view = T.job_view(services, job_id)
+            view = T.job_view(services, job_id, user)
         done = view.status == "done" and bool(view.adapter_id)
         pictures = [(Image.open(p).convert("RGB"), c) for p, c in view.samples]
         return (
@@ -244,34 +247,48 @@ def build(ui: Ui) -> None:
         show_progress="hidden",
     )
 
-    def on_cancel(job_id: str) -> tuple[Any, ...]:
+    def on_pick(evt: gr.SelectData, request: gr.Request | None = None) -> tuple[Any, ...]:
+        with user_errors("Training jobs"):
+            row = evt.row_value or []
+            job = T.job_ref(services, str(row[0]), owner(request)) if row else ""
+        return job, gr.Timer(active=bool(job))
+
+    jobs.select(on_pick, None, [job_id, timer], api_name="train_pick_job")
+
+    def on_tab(state: SessionState, request: gr.Request | None = None) -> list[list[str]]:
+        with user_errors("Training jobs"):
+            return T.jobs_table(services, state, owner(request))
+
+    tab.select(on_tab, state, jobs, api_name="train_jobs", show_progress="hidden")
+
+    def on_cancel(job_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         with user_errors("Cancel"):
-            st = T.cancel_job(services, job_id)
+            st = T.cancel_job(services, job_id, owner(request))
         gr.Info(f"Job {st}.")
         return gr.Timer(active=True), gr.skip()
 
     cancel_btn.click(on_cancel, job_id, [timer, progress], api_name="train_cancel")
 
-    def on_resume(job_id: str) -> tuple[Any, ...]:
+    def on_resume(job_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         with user_errors("Resume"):
-            st = T.resume_job(services, job_id)
+            st = T.resume_job(services, job_id, owner(request))
         gr.Info(f"Job {st}.")
         return gr.Timer(active=True), gr.skip()
 
     resume_btn.click(on_resume, job_id, [timer, progress], api_name="train_resume")
 
-    def on_send(state: SessionState, job_id: str) -> tuple[Any, ...]:
+    def on_send(state: SessionState, job_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         with user_errors("Send to Create"):
-            ref = T.trained_adapter_ref(services, job_id)
+            ref = T.trained_adapter_ref(services, job_id, owner(request))
             new, notes = create.add_adapter(services, state, ref)
         warn(notes)
         return new, gr.Tabs(selected="create")
 
     send_btn.click(on_send, [state, job_id], [state, ui.tabs], api_name="train_send")
 
-    def on_open(state: SessionState, job_id: str) -> tuple[Any, ...]:
+    def on_open(state: SessionState, job_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         with user_errors("Open in the catalog"):
-            ref = T.trained_adapter_ref(services, job_id)
+            ref = T.trained_adapter_ref(services, job_id, owner(request))
             return ui["open_detail"](state, ref)
 
     open_btn.click(on_open, [state, job_id], [state, *ui["detail_outputs"]], api_name="train_open")

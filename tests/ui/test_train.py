@@ -101,7 +101,9 @@ def test_training_job_lands_in_the_catalog_and_the_mix(fresh_studio, tmp_path):
     assert [s for s, _ in services.monitor.losses(job)] == [1, 2, 3, 4]
     assert view.loss_image is not None and sorted({c for _, c in view.samples}) == ["step 2", "step 4"]
     assert view.data()["finished"] is True
-    assert T.session_jobs(services, state) == [[job, "my circle", "done", "4/4"]]
+    rows = T.jobs_table(services, state)
+    assert [r[:4] + r[5:] for r in rows] == [[job[:8], "my circle", "done", "4/4", "yes"]]
+    assert T.job_view(services, job[:8]).status == "done"  # the table shows 8 characters of the id
     record = create.resolve_adapter(services, T.trained_adapter_ref(services, job))
     assert record.name == "my circle" and "qx" in record.trigger_words and "trained" in record.tags
     assert any(i.prompt == "a qx circle" for i in record.images)  # captions feed retrieval
