@@ -258,9 +258,11 @@ class JobRunner:
         stored = store_uploads(pictures, self.config.data_dir / "uploads", self.limits)
         manifest, seen = [], set()
         for src, img in zip(pictures, stored, strict=True):
-            if img.sha256 not in seen:
-                seen.add(img.sha256)
-                repeats, dataset = upload_repeats(src)
+            repeats, dataset = upload_repeats(src)
+            # the same picture uploaded twice counts once; in two kohya subsets it counts in each
+            # (as in sd-scripts, where every subset folder lists its own files)
+            if (img.sha256, dataset) not in seen:
+                seen.add((img.sha256, dataset))
                 manifest.append(
                     {
                         "path": str(img.path),

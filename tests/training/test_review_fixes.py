@@ -357,6 +357,27 @@ def test_kohya_repeat_folders_are_read_with_their_repeats(tmp_path: Path) -> Non
         items_from_folder(tmp_path / "plain")
 
 
+def test_a_picture_in_two_kohya_subsets_counts_in_each(tmp_path: Path) -> None:
+    import shutil
+
+    from studio.config import StudioConfig
+    from studio.jobs import JobRunner, folder_files
+
+    root = _kohya_tree(tmp_path / "kohya")
+    closeup = root / "3_zqx closeup"
+    closeup.mkdir()
+    shutil.copy(root / "10_zqx star" / "k0.png", closeup / "k0.png")
+    (closeup / "k0.txt").write_text("zqx, closeup", encoding="utf-8")
+    shutil.copy(root / "10_zqx star" / "k1.png", root / "10_zqx star" / "k1_copy.png")  # same subset
+    runner = JobRunner(StudioConfig(data_dir=tmp_path / "data", device="cpu"), registrar=None)
+    manifest = runner.store_pictures(folder_files(root))
+    assert sorted((m["caption"], m["repeats"], m["dataset"]) for m in manifest) == [
+        ("zqx, closeup", 3, "3_zqx closeup"),
+        ("zqx, star 0", 10, "10_zqx star"),
+        ("zqx, star 1", 10, "10_zqx star"),
+    ]
+
+
 def test_kohya_repeats_reach_the_job_and_the_metadata(tmp_path: Path) -> None:
     from pipelines.training.lora_train import dataset_dirs
     from pipelines.training.metadata import RunInfo, kohya_metadata
