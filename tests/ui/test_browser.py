@@ -245,6 +245,19 @@ def test_train_five_pictures_into_the_catalog(page: Page, shots: Path, tmp_path:
     page.locator("#catalog-cards").get_by_text("my circle").wait_for()
 
 
+def test_train_jobs_are_listed_after_a_reload(page: Page) -> None:
+    page.reload()  # a new browser session: the job is still listed, and can be opened from the table
+    page.wait_for_selector("#prompt textarea")
+    open_tab(page, "Train")
+    cell = page.locator("#train-jobs").get_by_text("my circle").filter(visible=True).first
+    cell.wait_for()
+    cell.click()
+    page.locator("#train-progress").get_by_text("my circle: done").wait_for()
+    job = page.locator("#train-job textarea, #train-job input").first.input_value()
+    assert len(job) == 32  # the full id, from the 8 characters the table shows
+    page.locator("#train-send").wait_for()
+
+
 def test_history_lists_the_generation(page: Page, shots: Path) -> None:
     open_tab(page, "History")
     cards = page.locator("#history-cards")
