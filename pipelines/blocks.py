@@ -8,6 +8,7 @@ pocket model alike (hako-mikan/sd-webui-lora-block-weight).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,21 @@ BLOCKID12 = (
     "OUT04",
     "OUT05",
 )
+
+# Modules in no LBW block: hako-mikan's ``ratiodealer`` matches none of its key prefixes (``encoder``,
+# ``diffusion_model_input_blocks_N_``, ``…middle_block_``, ``…output_blocks_N_``) in LDM's ``time_embed``,
+# ``label_emb`` and ``out.0``/``out.2`` keys, so they keep ratio 1 under every vector and preset.
+_UNBLOCKED = (
+    "unet.time_embedding.",
+    "unet.time_proj.",
+    "unet.add_embedding.",
+    "unet.add_time_proj.",
+    "unet.class_embedding.",
+    "unet.encoder_hid_proj.",
+    "unet.conv_norm_out",
+    "unet.conv_out",
+)
+_SPECIAL = re.compile(r"X(?:([+-])(\d*\.?\d+))?")
 
 _DOWN = re.compile(r"^unet\.down_blocks\.(\d+)\.(attentions|resnets|downsamplers)\.(\d+)")
 _UP = re.compile(r"^unet\.up_blocks\.(\d+)\.(attentions|resnets|upsamplers)\.(\d+)")
@@ -91,6 +107,12 @@ class UnetLayout:
         return ("BASE", *ins, "M00", *outs)
 
 
+def in_lbw_block(path: str) -> bool:
+    """False for UNet modules LBW's block weights never scale: time/class embeddings, conv_norm_out, conv_out
+    (hako-mikan/sd-webui-lora-block-weight ``ratiodealer``); ``block_id`` shows them as IN00 / last OUT."""
+    return not (path + ".").startswith(_UNBLOCKED)
+
+
 def block_id(path: str, layout: UnetLayout) -> str:
     """LBW block id of a module path such as ``unet.down_blocks.1.attentions.0.…``."""
     if not path.startswith("unet."):
@@ -124,8 +146,12 @@ def _split(ids: Sequence[str], prefix: str, shallow_first: bool) -> tuple[list[s
 def preset(name: str, layout: UnetLayout) -> dict[str, float]:
     """LBW's named presets (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5) as block weights.
 
-    For SD 1.x they reproduce the extension's 17-value vectors exactly; other layouts get the
-    same cut (shallow/deep halves of the attention blocks).
+    For SD 1.x all but ALL and ALL0.5 are the extension's 17-value vectors (DEF_WEIGHT_PRESET), with the 9
+    blocks outside the short vector at 0 as LBW's ``to26`` sets them. ALL and ALL0.5 here weigh every block
+    1 (0.5), the 9 included; LBW's 17-value ALL zeroes them, which differs for LoCon files only. LBW ships
+    no SDXL presets (its 17-value ones would land on SDXL blocks by SD 1.x id); other layouts here get the
+    same cut of their own attention blocks: for SDXL's 12, INS = IN04-05, IND = IN07-08, OUTD = OUT00-02,
+    OUTS = OUT03-05.
     """
     ids = layout.attention_ids()
     ins_s, ins_d = _split(ids, "IN", True)
@@ -151,9 +177,37 @@ def preset(name: str, layout: UnetLayout) -> dict[str, float]:
     return {i: (1.0 if i in on[key] else 0.0) for i in layout.all_ids()}
 
 
+def parse_vector(text: str, inherited: float = 1.0) -> list[float]:
+    """An LBW vector's values (hako-mikan ``loradealer``): numbers, ``X``/``X+d``/``X-d`` (the inherited
+    weight, 1 without ``x=``, plus or minus d); random ``R``/``U`` and empty values are refused."""
+    values = []
+    for i, raw in enumerate(text.split(","), start=1):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"block-weight vector {text!r}: value {i} is empty")
+        if item in ("R", "U"):
+            raise ValueError(
+                f"block-weight vector {text!r}: value {i} is {item!r}, LBW's random weight; a recipe must "
+                "replay exactly, so write the number"
+            )
+        if m := _SPECIAL.fullmatch(item):
+            offset = float(m[2]) if m[1] else 0.0
+            values.append(inherited - offset if m[1] == "-" else inherited + offset)
+            continue
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(
+                f"block-weight vector {text!r}: value {i} ({item!r}) is not a number, X, X+d or X-d"
+            ) from None
+    return values
+
+
 def vector_weights(values: Sequence[float], layout: UnetLayout) -> dict[str, float]:
     """An LBW vector (short attention vector or the full vector) as block weights; others get 0."""
     short, full = layout.attention_ids(), layout.all_ids()
+    if not all(math.isfinite(float(v)) for v in values):
+        raise ValueError(f"block weights must be finite numbers, got {list(values)}")
     for ids in (short, full):
         if len(values) == len(ids):
             return dict.fromkeys(full, 0.0) | dict(zip(ids, map(float, values), strict=True))

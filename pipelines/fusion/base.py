@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from pipelines.blocks import UnetLayout
@@ -145,16 +146,23 @@ def whole_number(value: Any, what: str, minimum: int) -> int:
     return int(number)
 
 
-def _numbers(value: Any) -> bool:
+def plain_number(x: float) -> str:
+    """Shortest decimal that reads back as exactly ``x`` (``repr`` precision), never in exponent form, so it
+    fits A1111 ``<lora:…>`` tag weights as the studio's tag parser and sd-webui-loractl read them."""
+    text = np.format_float_positional(float(x), trim="-")
+    return "0" if text == "-0" else text
+
+
+def is_number_list(value: Any) -> bool:
     """True for a list or tuple of plain numbers."""
     return isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)
 
 
 def is_per_adapter(value: Any) -> bool:
     """True for a list meant as one entry per adapter (not a vector of numbers, not keyframe pairs)."""
-    if not isinstance(value, list | tuple) or not value or _numbers(value):
+    if not isinstance(value, list | tuple) or not value or is_number_list(value):
         return False
-    return not all(_numbers(v) and len(v) == 2 for v in value)  # [[w, pos], …] is one keyframe list
+    return not all(is_number_list(v) and len(v) == 2 for v in value)  # [[w, pos], …] is one keyframe list
 
 
 def per_adapter(value: Any, n: int, name: str = "the parameter") -> list[Any]:

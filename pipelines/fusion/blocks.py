@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from pipelines import blocks as B
-from pipelines.fusion.base import FusionContext, FusionPolicy, per_adapter, register
+from pipelines.fusion.base import FusionContext, FusionPolicy, per_adapter, plain_number, register
 
 _PATH = re.compile(r"^unet\.(down_blocks|up_blocks)\.(\d+)\.(?:attentions|resnets)\.(\d+)")
 
@@ -38,15 +38,17 @@ def _diffusers_scale(spec: Mapping[str, Any], path: str) -> float:
 def parse_block_spec(spec: Any, layout: B.UnetLayout) -> dict[str, float] | Mapping[str, Any]:
     """A block-weight spec → {block id: weight}; diffusers dicts are returned as given.
 
-    Accepts a preset name (``"OUTD"``), an LBW vector as text (``"1,0,0,…"``) or list, a dict of
-    block ids (``{"IN01": 0.5}``, others 1) or a diffusers ``{"down": …, "mid": …, "up": …}`` dict.
+    Accepts a preset name (``"OUTD"``), an LBW vector as text (``"1,0,0,…"``, with LBW's ``X``/``X±d``;
+    an ``lbw=`` prefix as in an A1111 tag is dropped) or list, a dict of block ids (``{"IN01": 0.5}``,
+    others 1) or a diffusers ``{"down": …, "mid": …, "up": …}`` dict.
     """
     if spec is None:
         return dict.fromkeys(layout.all_ids(), 1.0)
     if isinstance(spec, str):
-        if re.fullmatch(r"[\s\d.,+-]+", spec):
-            return B.vector_weights([float(v) for v in spec.split(",") if v.strip()], layout)
-        return B.preset(spec.strip(), layout)
+        text = re.sub(r"^\s*lbw\s*=", "", spec).strip()
+        if "," in text or re.fullmatch(r"[\d.+-]+", text):
+            return B.vector_weights(B.parse_vector(text), layout)
+        return B.preset(text, layout)
     if isinstance(spec, list | tuple):
         return B.vector_weights([float(v) for v in spec], layout)
     if isinstance(spec, Mapping):
@@ -62,9 +64,21 @@ def parse_block_spec(spec: Any, layout: B.UnetLayout) -> dict[str, float] | Mapp
     raise ValueError(f"cannot read a block-weight spec of type {type(spec).__name__}")
 
 
+def to_lbw(weights: Mapping[str, float], layout: B.UnetLayout) -> str:
+    """Block weights as an LBW vector (hako-mikan/sd-webui-lora-block-weight): the short one (17 values for
+    SD 1.x, 12 for SDXL) when every block outside it is 0, else the full one (26, 20); exact decimals."""
+    short = layout.attention_ids()
+    ids = short if all(weights.get(b, 0.0) == 0.0 for b in layout.all_ids() if b not in short) else None
+    return ",".join(plain_number(weights.get(b, 0.0)) for b in ids or layout.all_ids())
+
+
 @register
 class Blocks(FusionPolicy):
-    """Per-block weights (hako-mikan/sd-webui-lora-block-weight; diffusers ``set_adapters`` dicts)."""
+    """Per-block weights (hako-mikan/sd-webui-lora-block-weight; diffusers ``set_adapters`` dicts).
+
+    As in LBW, BASE is the text encoder(s) and a short vector switches off the blocks it does not list;
+    modules in no LBW block (time/added embeddings, conv_norm_out, conv_out) keep the adapter's weight.
+    """
 
     name = "blocks"
 
@@ -83,6 +97,8 @@ class Blocks(FusionPolicy):
             for ai, spec in enumerate(specs):
                 if set(spec) <= {"text_encoder", "unet", "down", "mid", "up"}:
                     mult[li, ai] = _diffusers_scale(spec, layer.path)
+                elif not B.in_lbw_block(layer.path):
+                    mult[li, ai] = 1.0  # time embeddings, conv_out: LBW leaves them at full weight
                 else:
                     mult[li, ai] = spec.get(layer.block, 0.0)
         self.multipliers = mult

@@ -9,16 +9,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.fusion.base import FusionPolicy, per_adapter, register
+from pipelines.fusion.base import FusionPolicy, is_number_list, per_adapter, plain_number, register
 
 
 def parse_keyframes(spec: Any) -> tuple[list[float], list[float]] | float:
-    """``"0.8@0,0.2@0.5,0@1"`` → (positions, weights); a bare number stays a constant (loractl)."""
+    """``"0.8@0,0.2@0.5,0@1"`` → (positions, weights) sorted by position; a bare number stays a constant and
+    a bare weight after a keyframe sits at position 1 (cheald/sd-webui-loractl ``sorted_positions``)."""
     if spec is None:
         return 1.0
     if isinstance(spec, int | float):
         return _finite([float(spec)], spec)[0]
     if isinstance(spec, list | tuple):
+        if not all(isinstance(wp, list | tuple) and len(wp) == 2 for wp in spec):
+            raise ValueError(
+                f"bad keyframes {spec!r}: expected [[weight, position], …] or 'weight@position, …'"
+            )
         pairs = [(float(w), float(p)) for w, p in spec]
     else:
         parts = [p.strip() for p in re.split(r"[,;]", str(spec)) if p.strip()]
@@ -28,6 +33,11 @@ def parse_keyframes(spec: Any) -> tuple[list[float], list[float]] | float:
             raise ValueError(f"bad keyframes {spec!r}: expected weight@position, …") from exc
         if len(raw) == 1 and len(raw[0]) == 1:
             return _finite(raw[0], spec)[0]
+        if raw and len(raw[0]) == 1:
+            raise ValueError(
+                f"bad keyframes {spec!r}: a bare weight must stand alone (loractl would run {raw[0][0]:g} "
+                "throughout and drop the rest); write weight@position for every keyframe"
+            )
         if any(len(r) > 2 for r in raw):
             raise ValueError(f"bad keyframe in {spec!r}")
         pairs = [(r[0], r[1] if len(r) == 2 else 1.0) for r in raw]
@@ -46,7 +56,14 @@ def _finite(values: list[float], spec: Any) -> list[float]:
 
 
 def keyframe_value(frames: tuple[list[float], list[float]] | float, step: int, num_steps: int) -> float:
-    """Weight at ``step``: linear interpolation, clamped; positions ≤ 1 are fractions of the run."""
+    """Weight at ``step`` (0-based): linear interpolation, clamped to the first/last keyframe's weight.
+
+    As in cheald/sd-webui-loractl ``calculate_weight``: when the last position is ≤ 1 all positions are
+    fractions of the run, else step numbers. Fraction p falls on step p·(num_steps − 1), so 0 is the first
+    step and 1 the last; loractl divides A1111's step counter (one step behind, ending at steps − 2) by
+    steps − 2, which also puts 0 and 1 on the first and last steps but lands interior keyframes and step
+    numbers up to one step later than here.
+    """
     if isinstance(frames, float):
         return frames
     pos, weights = frames
@@ -57,10 +74,18 @@ def keyframe_value(frames: tuple[list[float], list[float]] | float, step: int, n
 
 
 def to_loractl(frames: tuple[list[float], list[float]] | float) -> str:
-    """Keyframes back in loractl syntax."""
-    if isinstance(frames, float):
-        return f"{frames:g}"
-    return ",".join(f"{w:g}@{p:g}" for p, w in zip(*frames, strict=True))
+    """Keyframes in loractl syntax (cheald/sd-webui-loractl): plain decimals that parse back exactly."""
+    if isinstance(frames, int | float):
+        return plain_number(frames)
+    return ",".join(f"{plain_number(w)}@{plain_number(p)}" for p, w in zip(*frames, strict=True))
+
+
+def loractl_entry(te: str, unet: str | None = None) -> str | dict[str, str]:
+    """One adapter's schedule from an A1111 tag's ``te`` and ``unet`` weights (cheald/sd-webui-loractl
+    ``params_to_weights``: ``unet`` falls back to ``te``); text encoders are the ``BASE`` block."""
+    if unet is None or unet.strip() == te.strip():
+        return te.strip()
+    return {"BASE": te.strip(), "default": unet.strip()}
 
 
 @register
@@ -68,8 +93,11 @@ class Schedule(FusionPolicy):
     """Per-step keyframed weights (cheald/sd-webui-loractl), per adapter or per adapter and block,
     optionally times per-block weights (LoRA Block Weight); text encoders use the step-0 value.
 
-    An adapter's schedule is loractl text (``"1@0,0.2@1"``) or a dict of them by block id
-    (``{"IN01": "1@0,0@1", "default": "0.5"}``): per-block, per-step keyframes.
+    An adapter's schedule is loractl text (``"1@0,0.2@1"``), a number, or a dict of them by block id
+    (``{"IN01": "1@0,0@1", "default": "0.5"}``): per-block, per-step keyframes. The text encoders are
+    block ``BASE``, so loractl's ``te=…:unet=…`` is ``{"BASE": te, "default": unet}`` (``loractl_entry``).
+    A list of plain numbers is one constant per adapter. loractl's ``hr``/``hrte``/``hrunet`` (hires pass)
+    have no counterpart: there is no hires pass.
     """
 
     name = "schedule"
@@ -84,7 +112,11 @@ class Schedule(FusionPolicy):
 
     def prepare(self, ctx):
         super().prepare(ctx)
-        self.frames = [_frames_by_block(s) for s in per_adapter(self.spec, len(ctx.adapters), "schedule")]
+        n = len(ctx.adapters)
+        spec = self.spec
+        if is_number_list(spec):  # [0.5, 1.0]: one constant per adapter (keyframe lists are [[w, pos], …])
+            spec = [plain_number(v) for v in spec]
+        self.frames = [_frames_by_block(s) for s in per_adapter(spec, n, "schedule")]
         known = {layer.block for layer in ctx.layers} | {"default"}
         for f in self.frames:
             if unknown := set(f) - known - set(ctx.layout.all_ids() if ctx.layout else ()):
