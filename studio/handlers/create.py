@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -224,10 +225,26 @@ def clear_mix(state: SessionState) -> SessionState:
 
 
 def check_schedule(text: str) -> str:
-    """A loractl keyframe string, validated (``1``, ``1@0,0.2@1``)."""
+    """A loractl keyframe string, validated (``1``, ``1@0,0.2@1``), or keyframes by block as a JSON
+    object (``{"BASE": "1", "default": "0@0,1@1"}``: what a tag's separate ``te``/``unet`` weights become)."""
     value = (text or "1").strip()
-    parse_keyframes(value)
+    for frames in schedule_entry(value).values() if value.startswith("{") else (value,):
+        parse_keyframes(frames)
     return value
+
+
+def schedule_entry(text: str) -> str | dict[str, str]:
+    """A mix entry's schedule as the ``schedule`` policy takes it: keyframe text, or a dict by block."""
+    text = (text or "1").strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        frames = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"schedule {text!r} is neither keyframes nor a JSON object: {exc.msg}") from None
+    if not isinstance(frames, dict) or not all(isinstance(v, str | int | float) for v in frames.values()):
+        raise ValueError(f'schedule {text!r}: a JSON object of keyframes by block, e.g. {{"BASE": "1"}}')
+    return {str(k): str(v) for k, v in frames.items()}
 
 
 def check_blocks(text: str) -> str:

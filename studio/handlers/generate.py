@@ -14,11 +14,12 @@ from PIL import Image
 
 from pipelines.fusion import REGISTRY
 from pipelines.fusion.base import is_per_adapter
+from pipelines.fusion.schedule import loractl_entry
 from pipelines.models import SAMPLERS
 from pipelines.pngmeta import pinned_recipe, read_recipe
 from pipelines.recipe import MAX_SEED, MixRecipe, parse_lora_tags
 from studio.handlers import plots
-from studio.handlers.create import check_schedule, find_adapter, mix_item, resolve_adapter
+from studio.handlers.create import check_schedule, find_adapter, mix_item, resolve_adapter, schedule_entry
 from studio.handlers.policies import MIX_OWNED_PARAMS, policy_defaults, policy_names
 from studio.handlers.state import MAX_MIX, MixItem, SessionState
 from studio.services import Services
@@ -80,8 +81,11 @@ def tag_items(services: Services, prompt: str) -> tuple[str, list[MixItem], list
         record, note = find_adapter(services, tag.name)
         notes += [note] if note else []
         te, unet = tag.weights()
-        if tag.is_scheduled():
-            items.append(replace(mix_item(record), schedule=check_schedule(tag.te)))
+        if tag.is_scheduled():  # the keyframes are the strengths (loractl), te and unet apart when both given
+            entry = loractl_entry(tag.te, tag.unet)
+            text = entry if isinstance(entry, str) else json.dumps(entry)
+            keyframed = replace(mix_item(record), weight=1.0, te=1.0, unet=1.0, schedule=check_schedule(text))
+            items.append(keyframed)
         else:
             items.append(replace(mix_item(record), weight=1.0, te=te, unet=unet))
     return clean, items, notes
@@ -96,7 +100,7 @@ def fusion_args(fusion: str, params: dict[str, Any], items: Sequence[MixItem]) -
     if "blocks" in accepted and "blocks" not in args and items:
         args["blocks"] = [i.blocks for i in items]
     if "schedule" in accepted and "schedule" not in args and items:
-        args["schedule"] = [i.schedule for i in items]
+        args["schedule"] = [schedule_entry(i.schedule) for i in items]
     return args
 
 

@@ -345,3 +345,24 @@ def test_keyframed_tag_under_a_non_schedule_policy_gets_a_note(studio):
     recipe, notes = generate.build_recipe(services, SessionState(), req)
     assert recipe.fusion == "orthogonal"
     assert any("orthogonal policy ignores the keyframes of 'Beta Waves'" in n for n in notes)
+
+
+def test_keyframed_tags_are_the_strengths_with_te_and_unet_apart(studio):
+    services, _ = studio
+    _, (both,), _ = generate.tag_items(services, "x <lora:Beta Waves:0@0,1@1>")
+    assert (both.weight, both.te, both.unet, both.schedule) == (1.0, 1.0, 1.0, "0@0,1@1")
+    _, (apart,), _ = generate.tag_items(services, "x <lora:Beta Waves:0.7:0@0,1@1>")
+    assert (apart.weight, apart.te, apart.unet) == (1.0, 1.0, 1.0)
+    args = generate.fusion_args("schedule", {}, [apart])
+    assert args["schedule"] == [{"BASE": "0.7", "default": "0@0,1@1"}]  # loractl: te=0.7, unet keyframed
+    _, (named,), _ = generate.tag_items(services, "x <lora:Beta Waves:te=0@0,1@1:unet=0.5>")
+    assert generate.fusion_args("schedule", {}, [named])["schedule"] == [{"BASE": "0@0,1@1", "default": "0.5"}]
+    req = generate.GenerateRequest("x <lora:Beta Waves:0.7:0@0,1@1>", seed=1, **SIZE)
+    recipe, notes = generate.build_recipe(services, SessionState(), req)
+    assert recipe.fusion == "schedule" and recipe.fusion_args["schedule"] == [
+        {"BASE": "0.7", "default": "0@0,1@1"}
+    ]
+    assert create.check_schedule('{"BASE": "1", "default": "0@0,1@1"}')  # the mix panel takes it back
+    for bad in ('{"BASE": "1@"}', "{not json", '["1"]'):
+        with pytest.raises(ValueError):
+            create.check_schedule(bad)
