@@ -6,18 +6,29 @@ import json
 import math
 import numbers
 import re
+import secrets
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 RECIPE_VERSION = 1
 MAX_SEED = 2**63 - 1  # the history stores seeds as signed 64-bit integers (SQL BIGINT)
-TAG_UNSAFE = ":<>"  # characters an A1111 <lora:name:w> tag cannot hold in its name
+RANDOM_SEEDS = 2**32  # a random seed (A1111's -1) is drawn from [0, 2^32), the range A1111 draws from
+# Characters an A1111 <lora:name:w> tag cannot hold in its name: ":", "<", ">" end the tag or its name;
+# A1111 drops ":" and "," from the names it writes in ``Lora hashes`` and maps a pasted tag back to its
+# file only when the tag's name is exactly such a key, so "," is out too.
+TAG_UNSAFE = ":<>,"
 _TAG_UNSAFE = str.maketrans(dict.fromkeys(TAG_UNSAFE, "_"))
 
 
 def tag_name(name: str) -> str:
-    """A name as it can stand in an A1111 ``<lora:name:w>`` tag (``:``, ``<``, ``>`` become ``_``)."""
+    """A name as it can stand in an A1111 ``<lora:name:w>`` tag and be a ``Lora hashes`` key
+    (``:``, ``<``, ``>``, ``,`` become ``_``)."""
     return name.translate(_TAG_UNSAFE).strip()
+
+
+def random_seed() -> int:
+    """A random seed for A1111's ``-1``: uniform in [0, 2^32)."""
+    return secrets.randbelow(RANDOM_SEEDS)
 
 
 def finite_number(value: Any, what: str) -> float:
@@ -41,14 +52,21 @@ class AdapterSpec:
     unet: float = 1.0  # multiplier of the weight in the UNet
     te: float = 1.0  # multiplier of the weight in the text encoder(s)
     sha256: str | None = None
+    # The name A1111 finds the file by (its file stem, or its ss_output_name alias); "" = the label.
+    a1111_name: str = ""
 
     @property
     def label(self) -> str:
         """Display name (the file stem when no name is set)."""
         if self.name:
             return self.name
-        stem = self.ref.rsplit("/", 1)[-1]
+        stem = self.ref.replace("\\", "/").rsplit("/", 1)[-1]
         return stem.rsplit(".", 1)[0] if "." in stem else stem
+
+    @property
+    def tag(self) -> str:
+        """The name of this adapter in an A1111 ``<lora:name:w>`` tag and in ``Lora hashes``."""
+        return tag_name(self.a1111_name or self.label) or tag_name(self.label)
 
     def check(self) -> None:
         """Refuse NaN/Inf strengths (they turn the whole image black)."""
@@ -90,8 +108,13 @@ class MixRecipe:
             )
 
     def to_json(self) -> str:
-        """Stable JSON (sorted keys) with a format version."""
-        return json.dumps({"version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        """Stable JSON (sorted keys) with a format version; optional adapter fields left at their default
+        (``a1111_name``) are not written, so the JSON stays what older versions read."""
+        data = asdict(self)
+        for adapter in data["adapters"]:
+            if not adapter.get("a1111_name"):
+                adapter.pop("a1111_name", None)
+        return json.dumps({"version": RECIPE_VERSION, **data}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> MixRecipe:
@@ -112,6 +135,9 @@ class MixRecipe:
 
 
 _TAG = re.compile(r"<(lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
+_NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")
+# loractl's hires-pass weights: the studio has no hires pass, so they change nothing here
+_HIRES_ARGS = frozenset({"hr", "hrte", "hrunet"})
 
 
 @dataclass(frozen=True)
@@ -136,70 +162,176 @@ class LoraTag:
         return "@" in self.te or (self.unet is not None and "@" in self.unet)
 
 
+def _check_weight(value: str, tag: str) -> str:
+    """A tag's weight: a finite number (``0.8``, ``1e-3``) or loractl keyframes (``0@0,1@0.5``)."""
+    value = value.strip()
+    if "@" in value:
+        parts = [p for p in re.split(r"[,;]", value) if p.strip()]
+        numbers_ = [x for p in parts for x in p.split("@")]
+        ok = bool(parts) and all(len(p.split("@")) <= 2 for p in parts)
+        if ok and all(_NUMBER.fullmatch(x) and math.isfinite(float(x)) for x in numbers_):
+            return value
+        raise ValueError(f"bad weight {value!r} in LoRA tag {tag!r}: loractl keyframes are weight@position,…")
+    if _NUMBER.fullmatch(value) and math.isfinite(float(value)):
+        return value
+    hint = ""
+    if re.fullmatch(r"[\d.,\s+-]+", value):
+        hint = (
+            ": numbers without @positions are not loractl keyframes; block weights "
+            "(sd-webui-lora-block-weight) belong to the blocks fusion policy"
+        )
+    raise ValueError(f"bad weight {value!r} in LoRA tag {tag!r}{hint}")
+
+
+def _unsupported(key: str, value: str, tag: str) -> ValueError:
+    """The error for a tag argument the studio cannot follow (rather than an image that silently differs)."""
+    if key == "lbw" or key in ("start", "stop", "step"):
+        return ValueError(
+            f"LoRA tag {tag!r}: {key}={value} is sd-webui-lora-block-weight syntax, which prompt tags here "
+            "do not carry; add the LoRA to the mix and use the blocks fusion policy (per-adapter block "
+            f'presets or vectors, e.g. {{"blocks": "{value if key == "lbw" else "OUTD"}"}})'
+        )
+    if key == "dyn":
+        return ValueError(f"LoRA tag {tag!r}: dyn={value} (a DyLoRA rank cut) is not supported")
+    return ValueError(f"LoRA tag {tag!r}: unknown argument {key}={value} (known: te=, unet= and keyframes)")
+
+
 def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
-    """Split A1111 LoRA tags out of a prompt: (prompt without tags, tags in order)."""
+    """Split A1111 LoRA tags out of a prompt: (prompt without tags, tags in order).
+
+    As A1111: ``<lora:name>`` is weight 1, ``<lora:name:te>``, ``<lora:name:te:unet>``, named ``te=`` /
+    ``unet=``; ``<lyco:…>`` is the same. Arguments the studio cannot honour (``lbw=``, ``dyn=`` or a
+    fourth positional value, block-weight vectors) are a ValueError, not silently dropped."""
     tags = []
     for m in _TAG.finditer(prompt):
-        name = m[2].strip()
-        args = [a for a in m[3].split(":")[1:]]
+        name, tag = m[2].strip(), m[0]
+        args = m[3].split(":")[1:]
         pos = [a for a in args if "=" not in a]
-        named = dict(a.split("=", 1) for a in args if "=" in a)
-        te = named.get("te", pos[0] if pos else "1")
+        named: dict[str, str] = {}
+        for a in args:
+            if "=" in a:
+                key, value = a.split("=", 1)
+                named[key.strip().lower()] = value.strip()
+        if len(pos) > 2:  # A1111: the DyLoRA rank; some forks: a block-weight vector
+            raise _unsupported("lbw" if "," in pos[2] else "dyn", pos[2].strip(), tag)
+        for key, value in named.items():
+            if key not in ("te", "unet") and key not in _HIRES_ARGS:
+                raise _unsupported(key, value, tag)
+        te = _check_weight(named.get("te", pos[0] if pos else "1"), tag)
         unet = named.get("unet", pos[1] if len(pos) > 1 else None)
-        for value in (te, unet):
-            if value is not None and not re.fullmatch(r"[\d.@,;+\-\s]+", value):
-                raise ValueError(f"bad weight {value!r} in LoRA tag {m[0]!r}")
-        tags.append(LoraTag(name, te.strip(), unet.strip() if unet else None))
+        tags.append(LoraTag(name, te, None if unet is None else _check_weight(unet, tag)))
     clean = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip().strip(",").strip()
     return clean, tags
 
 
 def _fmt(x: float) -> str:
-    return f"{x:g}"
+    """A number as A1111 infotext shows it (``7``, ``0.8``; 10 significant digits)."""
+    return f"{x:.10g}"
+
+
+def quote(value: Any) -> str:
+    """An infotext value as A1111's ``quote`` writes it: JSON-quoted when it holds ``,``, ``:`` or a
+    line break (which would end or split the ``Key: value`` field), else as is."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(value: str) -> str:
+    """Inverse of :func:`quote` (A1111's ``unquote``): a JSON string is decoded, anything else kept."""
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return value
+    return decoded if isinstance(decoded, str) else value
 
 
 def a1111_parameters(
     recipe: MixRecipe, short_hashes: dict[str, str], sampler_name: str, width: int, height: int
 ) -> str:
-    """The ``parameters`` PNG text A1111 writes (and Civitai reads), LoRA tags and hashes included."""
-    tags = []
+    """The ``parameters`` PNG text A1111 writes (and Civitai reads), LoRA tags and hashes included.
+
+    Tags name each adapter by :attr:`AdapterSpec.tag` (its A1111 file name when known), and
+    ``Lora hashes`` (``short_hashes``: label → A1111's 12-hex hash) uses exactly those names, so A1111's
+    paste maps a tag to the local file with that hash even where the names differ."""
+    tags, hashes = [], {}
     for a in recipe.adapters:
-        te, unet, name = a.weight * a.te, a.weight * a.unet, tag_name(a.label)
+        te, unet, name = a.weight * a.te, a.weight * a.unet, a.tag
         tags.append(f"<lora:{name}:{_fmt(te)}>" if te == unet else f"<lora:{name}:{_fmt(te)}:{_fmt(unet)}>")
+        if short_hashes.get(a.label):
+            hashes.setdefault(name, short_hashes[a.label])
     prompt = " ".join([recipe.prompt, *tags]).strip()
-    fields = [
-        f"Steps: {recipe.steps}",
-        f"Sampler: {sampler_name}",
-        f"CFG scale: {_fmt(recipe.guidance)}",
-        f"Seed: {recipe.seed}",
-        f"Size: {width}x{height}",
-        f"Model: {recipe.model}",
-    ]
-    if short_hashes:
-        joined = ", ".join(f"{tag_name(name)}: {h}" for name, h in short_hashes.items())
-        fields.append(f'Lora hashes: "{joined}"')
-    if recipe.fusion != "linear":
-        fields.append(f"Fusion: {recipe.fusion}")
-    fields.append("Version: adapter-studio")
+    fields: dict[str, Any] = {
+        "Steps": recipe.steps,
+        "Sampler": sampler_name,
+        "CFG scale": _fmt(recipe.guidance),
+        "Seed": recipe.seed,
+        "Size": f"{width}x{height}",
+        "Model": recipe.model,
+        "Lora hashes": ", ".join(f"{k}: {h}" for k, h in hashes.items()) or None,
+        "Fusion": None if recipe.fusion == "linear" else recipe.fusion,
+        "Version": "adapter-studio",
+    }
     lines = [prompt]
     if recipe.negative_prompt:
         lines.append(f"Negative prompt: {recipe.negative_prompt}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines).strip()
+
+
+# A1111's infotext field: ``Key: value``, ``Key: "json string"``; keys may hold spaces, "-" and "/"
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_FIELD_END = re.compile(r"\s*(?:,|$)")
+_JSON = json.JSONDecoder()
+
+
+def _fields(line: str) -> list[tuple[str, str]]:
+    """The ``Key: value`` fields of an infotext line, as A1111's ``re_param.findall`` finds them; a value
+    that is a whole JSON array or object (Civitai's ``Civitai resources: [...]``) is kept whole."""
+    found = []
+    pos = 0
+    while (m := _PARAM.search(line, pos)) is not None:
+        key, value, pos = m[1], m[2], m.end()
+        start = m.start(2)
+        if line.startswith(("[", "{"), start):
+            try:
+                stop = _JSON.raw_decode(line, start)[1]
+            except ValueError:
+                stop = -1
+            end = _FIELD_END.match(line, stop) if stop > 0 else None
+            if end is not None:
+                value, pos = line[start:stop], end.end()
+        found.append((key.strip(), value))
+        if pos >= len(line):
+            break
+    return found
 
 
 def parse_a1111_parameters(text: str) -> dict[str, Any]:
-    """Read A1111 ``parameters`` text: prompt, negative prompt and the key: value fields."""
-    lines = text.strip().split("\n")
-    last = lines[-1] if lines else ""
-    fields: dict[str, Any] = {}
-    if re.match(r"^\s*Steps:", last):
-        lines = lines[:-1]
-        for m in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', last):
-            value = m[2].strip()
-            fields[m[1].strip()] = value[1:-1] if value.startswith('"') else value
-    text_body = "\n".join(lines)
-    prompt, _, negative = text_body.partition("\nNegative prompt:")
-    if text_body.startswith("Negative prompt:"):
-        prompt, negative = "", text_body[len("Negative prompt:") :]
-    return {"prompt": prompt.strip(), "negative_prompt": negative.strip(), **fields}
+    """Read A1111 ``parameters`` text (A1111, Forge, Civitai) by A1111's rules
+    (``infotext_utils.parse_generation_parameters``): the last line holds the fields only if it has at
+    least three ``Key: value`` pairs; the lines before are the prompt until one starts with
+    ``Negative prompt:``; quoted values are JSON strings. Returns ``prompt``, ``negative_prompt`` and
+    every field by its A1111 name (values as text, ``Size`` as ``WxH``)."""
+    *lines, last = text.strip().replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    fields = _fields(last)
+    if len(fields) < 3:
+        lines.append(last)
+        fields = []
+    prompt: list[str] = []
+    negative: list[str] = []
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("Negative prompt:"):
+            negative.append(line[len("Negative prompt:") :].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    out: dict[str, Any] = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for key, value in fields:
+        out[key] = unquote(value.strip())
+    return out

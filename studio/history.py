@@ -16,7 +16,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Float, Integer, String, Text, create_engine, event, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    Float,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    inspect,
+    or_,
+    select,
+)
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from pipelines.pngmeta import pinned_recipe
@@ -46,7 +60,7 @@ class GenerationRow(HistoryBase):
     adapters: Mapped[str] = mapped_column(Text, default="")  # names, for searching
     model: Mapped[str] = mapped_column(Text, default="")
     fusion: Mapped[str] = mapped_column(String(64), default="linear")
-    seed: Mapped[int] = mapped_column(Integer, default=0)
+    seed: Mapped[int] = mapped_column(BigInteger, default=0)  # up to recipe.MAX_SEED (2^63 - 1)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     recipe_json: Mapped[str] = mapped_column(Text)
     images_json: Mapped[str] = mapped_column(Text)  # paths relative to the history folder
@@ -92,7 +106,26 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     HistoryBase.metadata.create_all(engine)
+    _widen_seed(engine)
     return engine
+
+
+def _widen_seed(engine: Engine) -> None:
+    """Widen the ``seed`` column of a table made when it was a 32-bit INTEGER (PostgreSQL, MySQL), which
+    refused every seed from 2^31 on, half of the random ones. SQLite's INTEGER is 64-bit already."""
+    if engine.dialect.name not in ("postgresql", "mysql", "mariadb"):
+        return
+    columns = {c["name"]: c["type"] for c in inspect(engine).get_columns(GenerationRow.__tablename__)}
+    if isinstance(columns.get("seed"), BigInteger):
+        return
+    table = GenerationRow.__tablename__
+    alter = (
+        f"ALTER TABLE {table} ALTER COLUMN seed TYPE BIGINT"
+        if engine.dialect.name == "postgresql"
+        else f"ALTER TABLE {table} MODIFY seed BIGINT NOT NULL"
+    )
+    with engine.begin() as conn:
+        conn.execute(sql_text(alter))
 
 
 class HistoryStore:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pipelines.fusion import REGISTRY
 from pipelines.models import SAMPLERS
-from pipelines.recipe import AdapterSpec, MixRecipe
+from pipelines.recipe import MAX_SEED, AdapterSpec, MixRecipe, parse_lora_tags, random_seed
 
 
 def parse_lora_arg(text: str) -> AdapterSpec:
@@ -47,7 +48,11 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument(
         "--model", default="pocket", help="pocket, a diffusers folder, a .safetensors file or a Hub id"
     )
-    p.add_argument("--prompt", default=None, help="the prompt (A1111 <lora:name:w> tags are not parsed here)")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="the prompt (A1111 <lora:name:w> tags are refused here: give LoRAs as --lora PATH:W)",
+    )
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument(
         "--lora",
@@ -67,7 +72,13 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "--fusion-args", default="{}", help='policy parameters as JSON, e.g. \'{"blocks": "OUTD"}\''
     )
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50, diffusers' default)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the CPU torch.Generator (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the CPU torch.Generator; -1 (the default for a new prompt, as in A1111) draws a "
+        "random one, which is printed and recorded in the PNG; a replayed --recipe keeps its own seed",
+    )
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5)")
     p.add_argument("--size", type=parse_size, default=None, help="WxH (default: the model's native size)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's scheduler")
@@ -88,6 +99,13 @@ def recipe_from_args(args: argparse.Namespace) -> MixRecipe:
     else:
         if not args.prompt:
             raise ValueError("--prompt is required (or --recipe FILE.png to replay)")
+        _, tags = parse_lora_tags(args.prompt)
+        if tags:
+            names = ", ".join(t.name for t in tags)
+            raise ValueError(
+                f"--prompt holds A1111 LoRA tags ({names}); the command line would send them to the text "
+                "encoder as words: give each LoRA as --lora PATH:W[:UNET_W] instead"
+            )
         base = MixRecipe(prompt=args.prompt)
     try:
         fusion_args = json.loads(args.fusion_args)
@@ -103,9 +121,12 @@ def recipe_from_args(args: argparse.Namespace) -> MixRecipe:
             model=args.model,
             batch_size=args.batch,
         )
+    seed = args.seed if args.seed is not None or args.recipe is not None else -1
+    if seed is not None and not -1 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be -1 (random) or 0 to {MAX_SEED} (2^63 - 1), got {seed}")
     for key, value in (
         ("steps", args.steps),
-        ("seed", args.seed),
+        ("seed", random_seed() if seed == -1 else seed),
         ("guidance", args.guidance),
         ("sampler", args.sampler),
     ):
@@ -124,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from studio.services import build_engine_services, data_dir, lazy_gate_resolver
 
     recipe = recipe_from_args(args)
+    print(f"seed {recipe.seed}", file=sys.stderr)
     config = StudioConfig(
         data_dir=data_dir(args.data_dir), model=recipe.model, device=args.device, dtype=args.dtype
     )
