@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import adapters_db
@@ -193,6 +194,7 @@ def mix_item(record: AdapterRecord, weight: float = 1.0) -> MixItem:
         family=record.base_family,
         trigger_words=tuple(record.trigger_words),
         weight=weight,
+        a1111_name=Path(chosen.file_name).stem if chosen.file_name else "",
     )
 
 

@@ -411,5 +411,7 @@ def mix_from_recipe(services: Services, recipe: MixRecipe) -> tuple[tuple[MixIte
             picked = value[i] if isinstance(value, list) and i < len(value) else value
             if isinstance(picked, str | int | float):
                 extra[key] = str(picked)
+            elif isinstance(picked, dict):  # keyframes by block: the mix panel's JSON form
+                extra[key] = json.dumps(picked)
         items.append(replace(item, weight=spec.weight, te=spec.te, unet=spec.unet, **extra))
     return tuple(items[:MAX_MIX]), notes

@@ -27,6 +27,7 @@ class MixItem:
     unet: float = 1.0  # multiplier of the weight in the UNet
     blocks: str = "ALL"  # LoRA-Block-Weight preset or vector (``blocks`` policy)
     schedule: str = "1"  # loractl keyframes ``w@pos, …`` (``schedule`` policy)
+    a1111_name: str = ""  # what A1111 finds the file by: its file stem (``<lora:stem:w>``)
 
     def __post_init__(self) -> None:
         for what, value in (("weight", self.weight), ("te", self.te), ("unet", self.unet)):
@@ -41,6 +42,7 @@ class MixItem:
             unet=self.unet,
             te=self.te,
             sha256=self.sha256,
+            a1111_name=self.a1111_name,
         )
 
 

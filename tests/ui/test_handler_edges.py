@@ -275,7 +275,7 @@ def test_a1111_tags_of_names_with_colons_parse_back(fresh_studio):
     state = with_mix(services, "Style: Noir")
     res = generate.generate(services, state, generate.GenerateRequest("a circle", seed=1, **SIZE))
     first = read_text_chunks(res.images[0][0])["parameters"].splitlines()[0]
-    assert first == "a circle <lora:Style_ Noir:1>"
+    assert first == "a circle <lora:alpha_stars:1>"  # the file stem, what A1111 finds the file by
     pasted, _ = generate.build_recipe(services, SessionState(), generate.GenerateRequest(first, seed=1))
     assert [(a.name, a.sha256) for a in pasted.adapters] == [("Style: Noir", state.mix[0].sha256)]
 
@@ -356,9 +356,11 @@ def test_keyframed_tags_are_the_strengths_with_te_and_unet_apart(studio):
     args = generate.fusion_args("schedule", {}, [apart])
     assert args["schedule"] == [{"BASE": "0.7", "default": "0@0,1@1"}]  # loractl: te=0.7, unet keyframed
     _, (named,), _ = generate.tag_items(services, "x <lora:Beta Waves:te=0@0,1@1:unet=0.5>")
-    assert generate.fusion_args("schedule", {}, [named])["schedule"] == [{"BASE": "0@0,1@1", "default": "0.5"}]
+    assert generate.fusion_args("schedule", {}, [named])["schedule"] == [
+        {"BASE": "0@0,1@1", "default": "0.5"}
+    ]
     req = generate.GenerateRequest("x <lora:Beta Waves:0.7:0@0,1@1>", seed=1, **SIZE)
-    recipe, notes = generate.build_recipe(services, SessionState(), req)
+    recipe, _ = generate.build_recipe(services, SessionState(), req)
     assert recipe.fusion == "schedule" and recipe.fusion_args["schedule"] == [
         {"BASE": "0.7", "default": "0@0,1@1"}
     ]
@@ -366,3 +368,19 @@ def test_keyframed_tags_are_the_strengths_with_te_and_unet_apart(studio):
     for bad in ('{"BASE": "1@"}', "{not json", '["1"]'):
         with pytest.raises(ValueError):
             create.check_schedule(bad)
+
+
+def test_a1111_text_names_catalog_loras_by_their_file_stem(studio):
+    services, _ = studio
+    state = with_mix(services, "Beta Waves")
+    assert state.mix[0].a1111_name == "beta_waves"  # imported from beta_waves.safetensors
+    recipe, _ = generate.build_recipe(services, state, generate.GenerateRequest("x", seed=1, **SIZE))
+    text = a1111_parameters(recipe, {}, "Euler", 32, 32)
+    assert "<lora:beta_waves:" in text.splitlines()[0]
+    _, (tag,) = parse_lora_tags(text.splitlines()[0])
+    assert create.resolve_adapter(services, tag.name).name == "Beta Waves"  # and the studio reads it back
+    items, notes = generate.mix_from_recipe(
+        services,
+        replace(recipe, fusion="schedule", fusion_args={"schedule": [{"BASE": "1", "default": "0@0,1@1"}]}),
+    )
+    assert not notes and items[0].schedule == '{"BASE": "1", "default": "0@0,1@1"}'
