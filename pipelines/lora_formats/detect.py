@@ -26,8 +26,16 @@ LEGACY_MARKERS = (
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", POCKET.text_hidden: "pocket"}
 TEXT_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl", POCKET.text_hidden: "pocket"}
 _SDXL_KEY = re.compile(
-    r"^lora_te2_|(^|\.)text_encoder_2\.|^lora_unet_(input_blocks|middle_block|output_blocks|label_emb)_"
-    r"|add_embedding|transformer_blocks[._][1-9]"
+    r"^lora_te2_|(^|\.)text_encoder_2\.|^lora_unet_label_emb_|add_embedding|transformer_blocks[._][1-9]"
+    r"|^lora_unet_output_blocks_[012]_1_(?!conv(\.|$))"  # attention in SDXL's first up level
+)
+# kohya names in SGM/LDM block numbering: SDXL's (kohya-ss trains SDXL on that UNet) or, from some
+# tools, SD 1.x/2.x's; these blocks exist only in the four-level SD 1.x/2.x UNet (attention at the
+# first level, a fourth level, attention at the last up level, the first up level's upsampler).
+_LDM_KEY = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+_SD12_LDM_KEY = re.compile(
+    r"^lora_unet_(input_blocks_[12]_1_|input_blocks_(9|10|11)_|output_blocks_(9|10|11)_|output_blocks_[678]_1_"
+    r"|output_blocks_2_1_conv(\.|$))"
 )
 _DOWN_FACTOR = re.compile(r"(lora[._]down|lora_A(\.[^.]+)?)\.weight$|hada_w[12]_b$")
 
@@ -70,21 +78,39 @@ _BASE_RULES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("pocket", 
 
 
 def family_from_names(keys: Iterable[str]) -> str | None:
-    """``sdxl`` when a name exists only in SDXL LoRAs (second text encoder, SGM block names,
-    ``add_embedding``, a transformer block index above 0); else None."""
+    """``sdxl`` when a name exists only in SDXL LoRAs (second text encoder, ``label_emb`` /
+    ``add_embedding``, a transformer block index above 0, attention in the first up level); else None."""
     return "sdxl" if any(_SDXL_KEY.search(key) for key in keys) else None
+
+
+def family_from_layout(keys: Iterable[str]) -> str | None:
+    """``sdxl`` for kohya SGM/LDM block names that fit SDXL's three-level UNet; None when there are
+    none or some exist only in SD 1.x/2.x's four-level UNet (``input_blocks_1_1_…``, ``…_11_…``)."""
+    ldm = [key for key in keys if _LDM_KEY.match(key)]
+    return "sdxl" if ldm and not any(_SD12_LDM_KEY.match(key) for key in ldm) else None
+
+
+_CROSS_MARKERS = ("attn2.to.k", "attn2.processor.to.k")
+_TEXT_MARKERS = ("self.attn.q.proj", "self.attn.to.q")
+
+
+def cross_attention_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Family from the cross-attention key width (``attn2.to_k`` input)."""
+    width = _input_width(shapes, _CROSS_MARKERS)
+    return None if width is None else CROSS_ATTENTION_WIDTH.get(width)
+
+
+def text_encoder_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Family from the (first) text encoder's width (``q_proj`` input)."""
+    width = _input_width(shapes, _TEXT_MARKERS)
+    return None if width is None else TEXT_WIDTH.get(width)
 
 
 def family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """Family from the cross-attention key width (``attn2.to_k`` input), else the text-encoder width."""
-    for marker, table in (
-        (("attn2.to.k", "attn2.processor.to.k"), CROSS_ATTENTION_WIDTH),
-        (("self.attn.q.proj", "self.attn.to.q"), TEXT_WIDTH),
-    ):
-        width = _input_width(shapes, marker)
-        if width is not None:
-            return table.get(width)
-    return None
+    if _input_width(shapes, _CROSS_MARKERS) is not None:
+        return cross_attention_family(shapes)
+    return text_encoder_family(shapes)
 
 
 def _input_width(shapes: Mapping[str, tuple[int, ...]], markers: tuple[str, ...]) -> int | None:
@@ -108,8 +134,13 @@ def _input_width(shapes: Mapping[str, tuple[int, ...]], markers: tuple[str, ...]
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
-    """Base family: metadata first, then SDXL-only names, then layer widths; None if undecidable."""
-    return family_from_metadata(metadata) or family_from_names(shapes) or family_from_shapes(shapes)
+    """Base family: metadata first, then SDXL-only names, the cross-attention width, the UNet layout
+    of SGM block names, the text-encoder width; None if undecidable."""
+    if (family := family_from_metadata(metadata) or family_from_names(shapes)) is not None:
+        return family
+    if _input_width(shapes, _CROSS_MARKERS) is not None:
+        return cross_attention_family(shapes)
+    return family_from_layout(shapes) or text_encoder_family(shapes)
 
 
 # a caption tag counts as a trained word when at least this share of its dataset's pictures carry it
@@ -134,12 +165,18 @@ def trigger_words(metadata: Mapping[str, str]) -> list[str]:
     return unique
 
 
+def metadata_json(raw: str) -> object:
+    """A metadata value parsed as JSON, or None when it is not JSON (including JSON that Python
+    refuses: nesting past the recursion limit, integers of more than 4300 digits)."""
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return None
+
+
 def _image_counts(metadata: Mapping[str, str]) -> dict[str, int]:
     """Pictures per dataset folder from kohya's ``ss_dataset_dirs`` (``{dir: {"img_count": n}}``)."""
-    try:
-        dirs = json.loads(metadata.get("ss_dataset_dirs", "") or "{}")
-    except json.JSONDecodeError:
-        return {}
+    dirs = metadata_json(metadata.get("ss_dataset_dirs", ""))
     out = {}
     for name, info in dirs.items() if isinstance(dirs, dict) else ():
         n = info.get("img_count") if isinstance(info, dict) else None
@@ -151,10 +188,7 @@ def _image_counts(metadata: Mapping[str, str]) -> dict[str, int]:
 def dataset_tag_counts(raw: str) -> dict[str, dict[str, float]]:
     """Kohya's ``ss_tag_frequency`` JSON (``{dataset: {tag: count}}``) with tags stripped; empty tags,
     non-numeric counts and malformed JSON are skipped."""
-    try:
-        datasets = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        return {}
+    datasets = metadata_json(raw)
     out: dict[str, dict[str, float]] = {}
     for name, tags in datasets.items() if isinstance(datasets, dict) else ():
         clean: dict[str, float] = {}

@@ -85,7 +85,7 @@ def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, An
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, Python's 4300-digit int limit, deep nesting
         raise UnknownFormatError(f"metadata {DIFFUSERS_METADATA_KEY!r} is not JSON: {e}") from None
     configs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items() if isinstance(flat, dict) else ():
@@ -98,13 +98,29 @@ def config_alpha(config: Mapping[str, Any] | None, name: str, rank: int) -> floa
     """alpha in kohya terms (scale = alpha / rank) for module ``name`` under a PEFT config, or None."""
     if not config:
         return None
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config.get("r", rank))
+    rank_pattern, alpha_pattern = _pattern(config, "rank_pattern"), _pattern(config, "alpha_pattern")
+    r = _number(rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config.get("r", rank)), "r")
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", r))
-    if int(r) != rank:
-        raise ValueError(f"the adapter config gives rank {r} but the tensors have rank {rank}")
+    alpha = _number(alpha, "lora_alpha")
+    if r != rank:
+        raise ValueError(f"the adapter config gives rank {r:g} but the tensors have rank {rank}")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return float(scale * rank)
+
+
+def _pattern(config: Mapping[str, Any], field: str) -> Mapping[str, Any]:
+    """A config's ``rank_pattern``/``alpha_pattern`` table (absent: empty); anything else is refused."""
+    table = config.get(field) or {}
+    if not isinstance(table, Mapping) or not all(isinstance(key, str) for key in table):
+        raise ValueError(f"the adapter config's {field} is not a table of module patterns: {table!r}")
+    return table
+
+
+def _number(value: Any, field: str) -> float:
+    """A finite number from a config (JSON from the wild may hold strings, lists or null there)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"the adapter config's {field} {value!r} is not a number")
+    return float(value)
 
 
 def parse(

@@ -11,6 +11,7 @@ loaded model). Names not found there — SDXL files use SGM/LDM block names such
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -46,9 +47,13 @@ COMMON_PARTS = frozenset({"alpha", "dora_scale"})
 KOHYA_PARTS = LORA_PARTS | LOHA_PARTS | LOKR_PARTS | COMMON_PARTS
 _UNSUPPORTED = {
     "diff": "LyCORIS full fine-tune ('full')",
+    "diff_b": "LyCORIS full fine-tune ('full')",
     "oft_blocks": "LyCORIS OFT",
     "oft_diag": "LyCORIS OFT",
     "w_norm": "LyCORIS norm layers",
+    "b_norm": "LyCORIS norm layers",
+    "scalar": "LyCORIS use_scalar (saved without folding it into the factors)",
+    "bias": "a bias update (LyCORIS full or (IA)³)",
     "on_input": "LyCORIS (IA)³",
     "weight": "LyCORIS (IA)³ or full",
 }
@@ -87,26 +92,33 @@ def module_paths(names: Iterable[str], family: str | None) -> dict[str, str]:
     return paths
 
 
+_SGM_BLOCKS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+_DIFFUSERS_BLOCKS = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
+# SD 1.x/2.x's first up level has no attention, so its upsampler is output_blocks_2_1_conv (kohya-ss
+# networks/lora.py's compvis names); diffusers' SGM map takes index 1 for an attention.
+_FIRST_UPSAMPLER = re.compile(r"^(lora_unet_output_blocks_\d+)_1_conv$")
+
+
 def _converted_paths(names: list[str], family: str | None) -> dict[str, str]:
-    """Paths of names outside the known layouts, through diffusers' SGM and key converters."""
-    unet = {f"{n}.lora_down.weight": n for n in names if n.startswith("lora_unet_")}
+    """Paths of names outside the known layouts, through diffusers' SGM and key converters, one name
+    at a time (diffusers gathers SGM block ids by prefix: ``input_blocks_1`` would take ``_10``, ``_11``)."""
+    unet = [n for n in names if n.startswith("lora_unet_")]
+    if any(map(_SGM_BLOCKS.match, unet)) and any(map(_DIFFUSERS_BLOCKS.match, unet)):
+        raise UnknownFormatError(f"mixes SGM and diffusers block names: {some(unet)}")
     config = SimpleNamespace(layers_per_block=layers_per_block(family))
-    try:
-        mapped = _maybe_map_sgm_blocks_to_diffusers(dict(unet), config)
-    except (ValueError, IndexError) as e:
-        raise UnknownFormatError(f"cannot map SGM block names {some(unet.values())}: {e}") from None
-    if len(mapped) != len(unet):
-        raise UnknownFormatError(f"mixes SGM and diffusers block names: {some(unet.values())}")
-    peft = convert_unet_state_dict_to_peft(
-        {f"unet.{_convert_unet_lora_key(k)}": n for k, n in mapped.items()}
-    )
+    paths = {}
     for name in names:
-        if not name.startswith("lora_unet_"):
+        if name.startswith("lora_unet_"):
+            sgm = _FIRST_UPSAMPLER.sub(r"\1_2_conv", name)
+            try:
+                (key,) = _maybe_map_sgm_blocks_to_diffusers({f"{sgm}.lora_down.weight": name}, config)
+            except (ValueError, IndexError, KeyError) as e:
+                raise UnknownFormatError(f"cannot map SGM block name {name!r}: {e}") from None
+            (key,) = convert_unet_state_dict_to_peft({f"unet.{_convert_unet_lora_key(key)}": name})
+        else:
             component = "text_encoder_2" if name.startswith("lora_te2_") else "text_encoder"
             key = _convert_text_encoder_lora_key(f"{name}.lora_down.weight", name)
-            peft.update(convert_state_dict({f"{component}.{key}": name}, DIFFUSERS_OLD_TO_PEFT))
-    paths = {}
-    for key, name in peft.items():
+            (key,) = convert_state_dict({f"{component}.{key}": name}, DIFFUSERS_OLD_TO_PEFT)
         if not key.endswith(".lora_A.weight"):
             raise UnknownFormatError(f"cannot resolve the module of kohya name {name!r}")
         paths[name] = canonical_path(key.removesuffix(".lora_A.weight"))

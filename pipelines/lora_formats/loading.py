@@ -72,7 +72,7 @@ def read_config(path: Path) -> dict[str, Any]:
     """A PEFT ``adapter_config.json`` (must be a LoRA config)."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too-long ints, deep nesting
         raise LoraFormatError(f"{path}: not a valid JSON adapter config ({e})") from None
     if not isinstance(config, dict):
         raise LoraFormatError(f"{path}: the adapter config is not a JSON object")

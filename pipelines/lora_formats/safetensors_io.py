@@ -102,7 +102,7 @@ def _parse_header(path: Path, raw: bytes, size: int, data_size: int) -> Safetens
     """Decode the JSON header and check every entry against the data section's size."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too-long ints, deep nesting
         raise NotSafetensorsError(f"{path}: not a safetensors file: its header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise NotSafetensorsError(f"{path}: not a safetensors file: its header is not a JSON object")

@@ -31,15 +31,28 @@ BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", 
 RESOLUTION = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024", "pocket": "64x64"}
 IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}
 # Metadata that describes the file it came from and would be wrong in a rewritten one.
-_STALE = ("sshs_model_hash", "sshs_legacy_hash", "ss_network_args", "format", DIFFUSERS_METADATA_KEY)
+_STALE = (
+    "sshs_model_hash",
+    "sshs_legacy_hash",
+    "modelspec.hash_sha256",
+    "ss_network_args",
+    "format",
+    DIFFUSERS_METADATA_KEY,
+)
+
+
+# SDXL's added-condition MLP under kohya-ss's SGM names: diffusers' kohya converter strips the index of
+# ``add_embedding_linear_1``/``_2`` (its ``emb`` rule), so both would land on one non-existent module.
+_KOHYA_UNET_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def kohya_name(path: str, sdxl: bool) -> str:
     """kohya module name of a module path, as diffusers' ``convert_state_dict_to_kohya`` names it, with
-    kohya's own spellings: ``text_model_`` text-encoder names, ``lora_te1_`` only for SDXL."""
+    kohya's own spellings: ``text_model_`` text-encoder names, ``lora_te1_`` only for SDXL, SDXL's
+    ``label_emb``."""
     component, name = _split(path)
     prefix = "lora_te1" if sdxl and component == "text_encoder" else KOHYA_PREFIX[component]
-    name = name if component == "unet" else kohya_text_name(name)
+    name = _KOHYA_UNET_NAMES.get(name, name) if component == "unet" else kohya_text_name(name)
     return f"{prefix}_{name.replace('.', '_')}"
 
 

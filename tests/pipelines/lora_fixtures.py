@@ -124,6 +124,23 @@ def write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     return path
 
 
+def random_kohya(names_to_paths: dict[str, str], shapes: dict, rank: int = 2, seed: int = 0):
+    """Random kohya LoRA for real-architecture modules; returns (state dict, reference ΔW)."""
+    g = torch.Generator().manual_seed(seed)
+    sd, ref = {}, {}
+    for name, path in names_to_paths.items():
+        shape = tuple(shapes[path])
+        down = torch.randn(rank, *shape[1:], generator=g) * 0.05
+        up = torch.randn(shape[0], rank, *[1] * (len(shape) - 2), generator=g) * 0.05
+        sd |= {
+            f"{name}.lora_down.weight": down,
+            f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(1.0),
+        }
+        ref[path] = (up.reshape(shape[0], rank) @ down.reshape(rank, -1)).reshape(shape) / rank
+    return sd, ref
+
+
 # ---- LyCORIS by hand (key naming of LyCORIS modules/{locon,loha,lokr}.py) ---------------------------
 
 

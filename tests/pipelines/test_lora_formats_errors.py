@@ -25,8 +25,8 @@ from pipelines.lora_formats import (
     load,
     load_state_dict,
 )
-from tests.pipelines.lora_fixtures import tiny_shapes, write
-from tests.pipelines.test_lora_formats_read import SDXL_LDM, random_kohya
+from tests.pipelines.lora_fixtures import random_kohya, tiny_shapes, write
+from tests.pipelines.test_lora_formats_read import SDXL_LDM
 
 NAME = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 

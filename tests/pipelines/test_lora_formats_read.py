@@ -26,6 +26,7 @@ from tests.pipelines.lora_fixtures import (
     lokr_dense,
     lora_config,
     max_diff,
+    random_kohya,
     save_diffusers_reference,
     write,
 )
@@ -348,23 +349,6 @@ SDXL_LDM = {
     "lora_te1_text_model_encoder_layers_11_self_attn_k_proj": "text_encoder.encoder.layers.11.self_attn.k_proj",  # noqa: E501
     "lora_te2_text_model_encoder_layers_31_mlp_fc2": "text_encoder_2.text_model.encoder.layers.31.mlp.fc2",
 }
-
-
-def random_kohya(names_to_paths: dict[str, str], shapes: dict, rank: int = 2, seed: int = 0):
-    """Random kohya LoRA for real-architecture modules; returns (state dict, reference ΔW)."""
-    g = torch.Generator().manual_seed(seed)
-    sd, ref = {}, {}
-    for name, path in names_to_paths.items():
-        shape = tuple(shapes[path])
-        down = torch.randn(rank, *shape[1:], generator=g) * 0.05
-        up = torch.randn(shape[0], rank, *[1] * (len(shape) - 2), generator=g) * 0.05
-        sd |= {
-            f"{name}.lora_down.weight": down,
-            f"{name}.lora_up.weight": up,
-            f"{name}.alpha": torch.tensor(1.0),
-        }
-        ref[path] = (up.reshape(shape[0], rank) @ down.reshape(rank, -1)).reshape(shape) / rank
-    return sd, ref
 
 
 def test_sdxl_sgm_names(tmp_path):
