@@ -35,17 +35,17 @@ class GenerationCancelled(RuntimeError):
 def dora_delta(w0: torch.Tensor, layer: LoraLayer) -> torch.Tensor:
     """Dense ΔW of a DoRA layer: m ⊙ (W₀+ΔW)/‖W₀+ΔW‖ − W₀ (Liu et al., arXiv 2402.09353, eq. 5).
 
-    A magnitude with one entry per output channel normalises rows (PEFT); one per input channel
-    normalises columns (LyCORIS ``wd_on_out=False``).
+    A magnitude per output channel (``dora_axis`` 0) normalises rows (PEFT); one per input channel
+    (``dora_axis`` 1) normalises columns (LyCORIS ``wd_on_output=False``; A1111 ``apply_weight_decompose``).
     """
     w0 = w0.float()
     w = w0 + layer.delta().float().reshape(w0.shape)
     m = layer.dora_scale.float().flatten()
     flat = w.reshape(w.shape[0], -1)
-    if m.numel() == w.shape[0]:
+    if layer.dora_axis == 0 and m.numel() == w.shape[0]:
         norm = flat.norm(dim=1).clamp_min(torch.finfo(w.dtype).eps)
         scaled = flat * (m / norm)[:, None]
-    elif m.numel() == w.shape[1]:
+    elif layer.dora_axis == 1 and m.numel() == w.shape[1]:
         cols = w.transpose(0, 1).reshape(w.shape[1], -1)
         norm = cols.norm(dim=1).clamp_min(torch.finfo(w.dtype).eps)
         scaled = (

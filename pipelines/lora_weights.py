@@ -31,7 +31,9 @@ class LoraLayer:
 
     Linear: ``down`` (r, in), ``up`` (out, r). Conv: ``down`` (r, in, kh, kw) and ``up``
     (out, r, 1, 1), or with a LoCon/Tucker ``mid`` (r, r, kh, kw): ``down`` (r, in, 1, 1).
-    ``dora_scale`` is DoRA's magnitude vector (out,) (arXiv 2402.09353), or None.
+    ``dora_scale`` is DoRA's magnitude vector (arXiv 2402.09353), or None: one value per output channel
+    (``dora_axis`` 0: PEFT, kohya ``wd_on_output=True``) or per input channel (``dora_axis`` 1: LyCORIS'
+    and OneTrainer's default, the only layout A1111 reads).
     """
 
     down: torch.Tensor
@@ -39,6 +41,7 @@ class LoraLayer:
     alpha: float | None = None
     mid: torch.Tensor | None = None
     dora_scale: torch.Tensor | None = None
+    dora_axis: int = 0
 
     @property
     def rank(self) -> int:

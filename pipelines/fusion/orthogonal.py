@@ -173,7 +173,9 @@ def _rebuild(f: Factor, new_up: torch.Tensor) -> Factor:
     if isinstance(f, torch.Tensor):
         return new_up.view_as(f)
     up = new_up.view_as(f.up)
-    return LoraLayer(down=f.down, up=up, alpha=f.alpha, mid=f.mid, dora_scale=f.dora_scale)
+    return LoraLayer(
+        down=f.down, up=up, alpha=f.alpha, mid=f.mid, dora_scale=f.dora_scale, dora_axis=f.dora_axis
+    )
 
 
 def orthogonalised_deltas(policy: Orthogonal, li: int) -> dict[int, torch.Tensor]:

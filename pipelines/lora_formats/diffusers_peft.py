@@ -149,7 +149,7 @@ def _layer(parts: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None, 
     if up.shape[1] != down.shape[0] or down.dim() != up.dim():
         raise ValueError(f"lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} do not fit together")
     alpha = alpha_value(parts["alpha"]) if "alpha" in parts else config_alpha(config, name, down.shape[0])
-    dora = dora_magnitude(parts.get("lora_magnitude_vector"), up.shape[0], peft=True)
+    dora, _ = dora_magnitude(parts.get("lora_magnitude_vector"), up.shape[0], int(down.shape[1]), peft=True)
     return LoraLayer(down=down, up=up, alpha=alpha, dora_scale=dora)
 
 

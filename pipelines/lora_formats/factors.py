@@ -22,25 +22,29 @@ def alpha_value(alpha: torch.Tensor | None) -> float | None:
     return None if value == 0 else value
 
 
-def dora_magnitude(scale: torch.Tensor | None, out: int, *, peft: bool) -> torch.Tensor | None:
-    """DoRA's per-output magnitude as (out,) (arXiv 2402.09353 eq. 2).
+def dora_magnitude(
+    scale: torch.Tensor | None, out: int, inp: int, *, peft: bool
+) -> tuple[torch.Tensor | None, int]:
+    """DoRA's magnitude vector and its axis (0: per output channel, 1: per input channel; arXiv
+    2402.09353 eq. 2), told apart by the stored shape as ComfyUI's ``weight_decompose`` does.
 
-    kohya/LyCORIS store it as (out, 1, …) (``wd_on_output=True``), PEFT as (out,) or (1, out, 1, 1)
-    for convs. LyCORIS's older input-axis layout (1, in, …) has no per-output equivalent: refused.
+    kohya/LyCORIS store (out, 1, …) (``wd_on_output=True``) or (1, in, …) (``wd_on_output=False``,
+    LyCORIS' and OneTrainer's default); PEFT stores (out,) or (1, out, 1, 1) for convs.
     """
     if scale is None:
-        return None
+        return None, 0
     shape = tuple(scale.shape)
     if peft:
-        fits = shape in ((out,), (1, out, 1, 1))
-    else:
-        fits = scale.numel() == out and (len(shape) == 1 or shape[0] == out)
-    if not fits:
-        raise ValueError(
-            f"DoRA magnitude of shape {shape} is not one value per output channel ({out}); magnitudes "
-            "on the input axis (LyCORIS wd_on_output=False) are not supported"
-        )
-    return owned(scale).reshape(out)
+        if shape in ((out,), (1, out, 1, 1)):
+            return owned(scale).reshape(out), 0
+    elif scale.numel() == out and (len(shape) == 1 or shape[0] == out):
+        return owned(scale).reshape(out), 0
+    elif len(shape) >= 2 and shape[0] == 1 and shape[1] == inp and scale.numel() == inp:
+        return owned(scale).reshape(inp), 1
+    raise ValueError(
+        f"DoRA magnitude of shape {shape} is neither one value per output channel ({out}) nor, "
+        f"as (1, {inp}, …), one per input channel"
+    )
 
 
 def plain_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,8 +174,10 @@ def _lora_layer(parts: Mapping[str, torch.Tensor], path: str, family: str | None
         )
     if down.dim() != up.dim() or (mid is not None and (down.dim() != 4 or tuple(down.shape[2:]) != (1, 1))):
         raise ValueError(f"factor shapes {tuple(down.shape)}, {tuple(up.shape)} do not fit together")
-    dora = dora_magnitude(parts.get("dora_scale"), up.shape[0], peft=False)
-    return LoraLayer(down=down, up=up, alpha=alpha_value(parts.get("alpha")), mid=mid, dora_scale=dora)
+    dora, axis = dora_magnitude(parts.get("dora_scale"), up.shape[0], int(down.shape[1]), peft=False)
+    return LoraLayer(
+        down=down, up=up, alpha=alpha_value(parts.get("alpha")), mid=mid, dora_scale=dora, dora_axis=axis
+    )
 
 
 def _weight_shape(
@@ -204,8 +206,8 @@ def _to_lora(
     """Exact LoRA of scale·U·V shaped for the module (alpha = rank, so scale 1)."""
     shape = _weight_shape(u.shape[0], v.shape[1], kernel, path, family)
     down, up = lowrank_to_lora(u, v, scale, shape)
-    dora = dora_magnitude(parts.get("dora_scale"), shape[0], peft=False)
-    return LoraLayer(down=down, up=up, alpha=float(down.shape[0]), dora_scale=dora)
+    dora, axis = dora_magnitude(parts.get("dora_scale"), shape[0], shape[1], peft=False)
+    return LoraLayer(down=down, up=up, alpha=float(down.shape[0]), dora_scale=dora, dora_axis=axis)
 
 
 def _loha_layer(parts: Mapping[str, torch.Tensor], path: str, family: str | None) -> LoraLayer:

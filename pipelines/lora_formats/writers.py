@@ -118,12 +118,22 @@ def _common(values: list[float]) -> str:
     return f"{distinct.pop():g}" if len(distinct) == 1 else "Dynamic"
 
 
-def _dora_layout(magnitude: torch.Tensor, down: torch.Tensor, peft: bool) -> torch.Tensor:
-    """DoRA magnitude as stored: kohya/LyCORIS (out, 1, …); PEFT (out,) or (1, out, 1, 1) for convs."""
-    out = magnitude.numel()
+def _dora_layout(layer: LoraLayer, down: torch.Tensor, peft: bool) -> torch.Tensor:
+    """DoRA magnitude as stored: kohya/LyCORIS (out, 1, …) or, per input channel, (1, in, …); PEFT (out,)
+    or (1, out, 1, 1) for convs (PEFT has no per-input-channel form: refused)."""
+    magnitude = layer.dora_scale
+    assert magnitude is not None
+    n = magnitude.numel()
+    if layer.dora_axis == 1:
+        if peft:
+            raise LoraFormatError(
+                "DoRA magnitudes per input channel (LyCORIS/OneTrainer layout) have no PEFT/diffusers form; "
+                "save it as a kohya file"
+            )
+        return magnitude.reshape(1, n, *[1] * (down.dim() - 2))
     if down.dim() == 2:
-        return magnitude.reshape(out, 1) if not peft else magnitude.reshape(out)
-    return magnitude.reshape(1, out, 1, 1) if peft else magnitude.reshape(out, 1, 1, 1)
+        return magnitude.reshape(n, 1) if not peft else magnitude.reshape(n)
+    return magnitude.reshape(1, n, 1, 1) if peft else magnitude.reshape(n, 1, 1, 1)
 
 
 def _as_str(value: Any) -> str:
@@ -153,7 +163,7 @@ def save_kohya(weights: LoraWeights, path: Path | str, metadata: Mapping[str, st
         tensors[f"{name}.lora_up.weight"] = up if _alpha(layer) == alpha else up * (_alpha(layer) / alpha)
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if layer.dora_scale is not None:
-            tensors[f"{name}.dora_scale"] = _dora_layout(layer.dora_scale, down, peft=False)
+            tensors[f"{name}.dora_scale"] = _dora_layout(layer, down, peft=False)
     header = {**_carried(weights), **family_metadata(weights), **_kohya_fields(weights, path, alpha)}
     header.update({k: _as_str(v) for k, v in (metadata or {}).items()})
     write_safetensors(path, tensors, header)
@@ -171,7 +181,10 @@ def _kohya_fields(weights: LoraWeights, path: Path, alpha: float) -> dict[str, s
         "modelspec.title": weights.metadata.get("modelspec.title", path.stem),
     }
     if dora:
-        fields["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+        on_output = all(layer.dora_axis == 0 for layer in layers if layer.dora_scale is not None)
+        fields["ss_network_args"] = json.dumps(
+            {"algo": "lora", "dora_wd": "True", "wd_on_output": str(on_output)}
+        )
     return fields
 
 
@@ -199,7 +212,7 @@ def save_diffusers(weights: LoraWeights, path: Path | str) -> None:
         tensors[f"{name}.lora_A.weight"] = down
         tensors[f"{name}.lora_B.weight"] = up * layer.scale
         if layer.dora_scale is not None:
-            tensors[f"{name}.lora_magnitude_vector"] = _dora_layout(layer.dora_scale, down, peft=True)
+            tensors[f"{name}.lora_magnitude_vector"] = _dora_layout(layer, down, peft=True)
     header = {**_carried(weights), **family_metadata(weights), "format": "pt"}
     write_safetensors(path, tensors, header)
 
@@ -225,9 +238,7 @@ def save_peft(weights: LoraWeights, directory: Path | str, component: str = "une
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = down
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = up
         if layer.dora_scale is not None:
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _dora_layout(
-                layer.dora_scale, down, peft=True
-            )
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _dora_layout(layer, down, peft=True)
     config = json.dumps(peft_config(layers, dora), indent=2, sort_keys=True)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "adapter_model.safetensors", tensors, {**_carried(weights), "format": "pt"})

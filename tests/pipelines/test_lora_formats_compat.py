@@ -22,6 +22,7 @@ from diffusers.utils.state_dict_utils import (
 )
 
 from pipelines.lora_formats import (
+    LoraFormatError,
     NotSafetensorsError,
     UnknownFormatError,
     architecture_shapes,
@@ -213,3 +214,53 @@ def test_lycoris_extra_parts_are_refused_by_name(part, kind, tmp_path):
         load_state_dict(sd)
     with pytest.raises(UnknownFormatError, match=kind):
         inspect(write(tmp_path / "extra.safetensors", sd))
+
+
+def _a1111_weight_decompose(
+    updown: torch.Tensor, orig: torch.Tensor, dora_scale: torch.Tensor
+) -> torch.Tensor:
+    """A1111 extensions-builtin/Lora/network.py ``apply_weight_decompose`` (input-axis magnitudes)."""
+    merged = updown + orig
+    dim = orig.dim() - 1
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+    norm = norm.reshape(merged.shape[1], *[1] * dim).transpose(0, 1)
+    return merged * (dora_scale / norm) - orig
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_dora_per_input_channel_loads_and_applies_like_a1111(tmp_path, conv):
+    from pipelines.engine import dora_delta
+    from pipelines.lora_formats import save_diffusers
+
+    g = torch.Generator().manual_seed(3)
+    width, rank = 32, 4  # a square weight: the magnitude's shape, not its size, tells the axis
+    name = (
+        "lora_unet_down_blocks_0_resnets_0_conv1" if conv else "lora_unet_down_blocks_0_attentions_0_proj_in"
+    )
+    kernel = (3, 3) if conv else ()
+    down = torch.randn(rank, width, *kernel, generator=g) * 0.1
+    up = torch.randn(width, rank, *[1] * len(kernel), generator=g) * 0.1
+    orig = torch.randn(width, width, *kernel, generator=g)
+    magnitude = torch.rand(1, width, *[1] * len(kernel), generator=g) + 0.5  # LyCORIS wd_on_output=False
+    sd = {
+        f"{name}.lora_down.weight": down,
+        f"{name}.lora_up.weight": up,
+        f"{name}.alpha": torch.tensor(2.0),
+        f"{name}.dora_scale": magnitude,
+    }
+    weights = load(write(tmp_path / "dora.safetensors", sd))
+    (layer,) = weights.layers.values()
+    assert layer.dora_axis == 1 and layer.dora_scale.shape == (width,)
+    updown = (up.flatten(1) @ down.flatten(1)).reshape(orig.shape) * (2.0 / rank)
+    expected = _a1111_weight_decompose(updown, orig, magnitude)
+    assert torch.allclose(dora_delta(orig, layer), expected, atol=1e-5)
+    rows = dora_delta(orig, LoraLayer(layer.down, layer.up, layer.alpha, dora_scale=layer.dora_scale))
+    assert not torch.allclose(rows, expected, atol=1e-3)  # the other axis is a different update
+    save_kohya(weights, tmp_path / "copy.safetensors")
+    with safetensors.safe_open(str(tmp_path / "copy.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor(f"{name}.dora_scale").shape) == tuple(magnitude.shape)
+        assert json.loads(f.metadata()["ss_network_args"])["wd_on_output"] == "False"
+    again = load(tmp_path / "copy.safetensors")
+    assert torch.allclose(dora_delta(orig, next(iter(again.layers.values()))), expected, atol=1e-5)
+    with pytest.raises(LoraFormatError, match="no PEFT/diffusers form"):
+        save_diffusers(weights, tmp_path / "d.safetensors")

@@ -172,9 +172,9 @@ def test_empty_safetensors(tmp_path):
     expect(UnknownFormatError, write(tmp_path / "none.safetensors", {}), "holds no tensors")
 
 
-def test_dora_on_the_input_axis_is_refused(tmp_path):
-    sd = small_lora() | {f"{NAME}.dora_scale": torch.ones(1, 32)}  # LyCORIS wd_on_output=False
-    with pytest.raises(UnknownFormatError, match="input axis"):
+def test_dora_magnitude_of_neither_axis_is_refused(tmp_path):
+    sd = small_lora() | {f"{NAME}.dora_scale": torch.ones(2, 16)}
+    with pytest.raises(UnknownFormatError, match="neither one value per output channel"):
         load(write(tmp_path / "dora.safetensors", sd))
 
 
