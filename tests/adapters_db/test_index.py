@@ -18,7 +18,8 @@ import adapters_db
 from adapters_db import Catalog, HashingEmbedder
 from adapters_db.embedders import EmbeddingCache, MiniLMEmbedder, tiny_open_clip
 from adapters_db.models import Embedding
-from tests.adapters_db.conftest import PG_URL, SMALL_CATALOG, civitai_record
+from tests.adapters_db.conftest import SMALL_CATALOG, civitai_record
+from tests.databases import PG_URL, fresh_database
 
 QUERIES = [
     "a dragon in pixel art style, 8bit",
@@ -110,35 +111,18 @@ def test_every_hit_says_why(filled_catalog: Catalog) -> None:
 
 @pytest.mark.skipif(not PG_URL, reason="set STUDIO_TEST_PG_URL to compare SQLite and PostgreSQL rankings")
 def test_sqlite_and_postgres_rank_alike(tmp_path: Path) -> None:
-    from tests.adapters_db.conftest import BACKENDS  # noqa: F401  (documents the pairing)
-
     results = []
     for name in ("sqlite", "postgresql"):
-        url = f"sqlite:///{tmp_path / 'a.sqlite'}" if name == "sqlite" else _fresh_pg(tmp_path)
-        cat = adapters_db.open_catalog(url, tmp_path / name, embedder=HashingEmbedder(64))
-        with cat.session() as s:
-            adapters_db.import_civitai_records(s, cat, ((str(r["id"]), r) for r in SMALL_CATALOG))
-        results.append({q: _top(cat, q, k=3) for q in QUERIES})
-        cat.dispose()
+        with fresh_database(name, tmp_path, "a") as url:
+            cat = adapters_db.open_catalog(url, tmp_path / name, embedder=HashingEmbedder(64))
+            with cat.session() as s:
+                adapters_db.import_civitai_records(s, cat, ((str(r["id"]), r) for r in SMALL_CATALOG))
+            results.append({q: _top(cat, q, k=3) for q in QUERIES})
+            cat.dispose()
     sqlite, postgres = results
     for q in QUERIES:
         assert sqlite[q][0] == postgres[q][0], q
         assert len(set(sqlite[q]) & set(postgres[q])) >= 2, q
-
-
-def _fresh_pg(tmp_path: Path) -> str:
-    import uuid
-
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    assert PG_URL is not None
-    name = f"studio_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
 
 
 def test_minilm_embedder_is_real_and_offline(tmp_path: Path) -> None:

@@ -5,9 +5,7 @@ history stores seeds beyond 32 bits on every database."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,6 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.dialects import mysql, postgresql
-from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
 
 from pipelines.pngmeta import read_recipe, read_text_chunks
@@ -25,16 +22,8 @@ from studio.cli import build_parser
 from studio.cli import main as cli
 from studio.commands import generate as gen_cmd
 from studio.history import GenerationRow, HistoryStore
+from tests.databases import BACKENDS, fresh_database
 from tests.ui.test_views import FakeGeneration
-
-PG_URL = os.environ.get("STUDIO_TEST_PG_URL")
-BACKENDS = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(not PG_URL, reason="set STUDIO_TEST_PG_URL to run on PostgreSQL"),
-    ),
-]
 
 
 def args_of(*argv: str) -> argparse.Namespace:
@@ -101,20 +90,8 @@ def test_history_seed_column_holds_64_bit_seeds(dialect: object) -> None:
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped afterwards."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'history.sqlite'}"
-        return
-    assert PG_URL is not None
-    name = f"studio_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(request.param, tmp_path, "history") as url:
+        yield url
 
 
 SEEDS = (2**31, 2**32 - 1, MAX_SEED)  # random seeds reach 2^32 - 1; typed ones MAX_SEED
