@@ -54,6 +54,23 @@ class TrainSpec:
     caption_source: str = "auto"  # auto: a .txt beside the picture if there is one, else the template
     caption_template: str = "a photo of {trigger} {class_word}"
     caption_dropout: float = 0.0
+    # tag-style (booru) captions, as kohya-ss/sd-scripts treats them (library/train_util.py,
+    # BaseDataset.process_caption): after whole-caption dropout, the caption is split at
+    # caption_separator; the first keep_tokens tags (or those before keep_tokens_separator, and those
+    # after a second one) stay in place, the others are shuffled and each dropped with probability
+    # caption_tag_dropout. A tag holding the trigger is never dropped. Class and sample prompts are
+    # used as written.
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""  # e.g. "|||": "zq, 1girl ||| smile, outdoors ||| best quality"
+    caption_separator: str = ","
+    caption_tag_dropout: float = 0.0  # sd-scripts' caption_tag_dropout_rate
+    # picture augmentation (sd-scripts' flip_aug, color_aug, random_crop). flip_aug works with cached
+    # latents (both the picture and its mirror image are encoded once); color_aug and random_crop change
+    # the pixels every step, so, as in sd-scripts, they need cache_latents=False.
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
     # the adapter
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank (scale 1)
@@ -131,6 +148,16 @@ class TrainSpec:
     def peft_alpha(self) -> float:
         """The ``lora_alpha`` handed to PEFT."""
         return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def varies_captions(self) -> bool:
+        """Whether a picture's caption changes from step to step (tags shuffled or dropped)."""
+        return self.shuffle_caption or self.caption_tag_dropout > 0
+
+    @property
+    def augments_pixels(self) -> bool:
+        """Whether pictures are flipped, recoloured or cropped at random."""
+        return self.flip_aug or self.color_aug or self.random_crop
 
     @property
     def uses_prior(self) -> bool:
@@ -217,8 +244,29 @@ class TrainSpec:
             "keep_checkpoints",
             "name",
         }
-        data = {k: v for k, v in asdict(self).items() if k not in skip}
+        defaults = {f.name: f.default for f in fields(self)}
+        data = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in skip and not (k in LATER_OPTIONS and v == defaults[k])
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Options added after runs were already stored: hashed only when set, so a work folder (and its
+# checkpoints) of an older run still belongs to the same spec.
+LATER_OPTIONS = frozenset(
+    {
+        "shuffle_caption",
+        "keep_tokens",
+        "keep_tokens_separator",
+        "caption_separator",
+        "caption_tag_dropout",
+        "flip_aug",
+        "color_aug",
+        "random_crop",
+    }
+)
 
 
 def _problems(s: TrainSpec) -> list[str]:
@@ -231,6 +279,23 @@ def _problems(s: TrainSpec) -> list[str]:
         (
             s.prior_caption_dropout is None or 0 <= s.prior_caption_dropout < 1,
             f"prior_caption_dropout must be in [0, 1), got {s.prior_caption_dropout}",
+        ),
+        (s.keep_tokens >= 0, f"keep_tokens must be ≥ 0, got {s.keep_tokens}"),
+        (
+            0 <= s.caption_tag_dropout < 1,
+            f"caption_tag_dropout must be in [0, 1), got {s.caption_tag_dropout}",
+        ),
+        (bool(s.caption_separator.strip()), "caption_separator must be a non-blank string such as ','"),
+        (
+            not s.keep_tokens_separator
+            or (bool(s.keep_tokens_separator.strip()) and s.keep_tokens_separator != s.caption_separator),
+            f"keep_tokens_separator must be blank (off) or a marker other than the caption separator, "
+            f"got {s.keep_tokens_separator!r}",
+        ),
+        (
+            not (s.cache_latents and (s.color_aug or s.random_crop)),
+            "color_aug and random_crop change the pixels every step, so they cannot use cached latents "
+            "(as in sd-scripts); turn cache_latents off (--no-cache-latents) or leave them off",
         ),
         (0 <= s.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {s.lora_dropout}"),
         (

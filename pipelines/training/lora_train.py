@@ -35,16 +35,25 @@ from pipelines.lora_formats import UNKNOWN_FAMILY, pipeline_family
 from pipelines.training.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from pipelines.training.config import TrainSpec, for_family
 from pipelines.training.data import (
+    CAPTION_STREAM,
+    CLASS_IMAGE_STREAM,
+    IMAGE_STREAM,
+    NO_AUGMENT,
+    Augment,
     BatchPlan,
     Example,
     ImageItem,
     LatentCache,
+    augment_rng,
+    augmented_corner,
     buckets_for,
+    draw_augment,
     encode_pixels,
     examples_fingerprint,
     items_from_folder,
     load_pixels,
     prepare_examples,
+    step_caption,
 )
 from pipelines.training.export import peft_to_lora_weights, remove_lora, write_adapter
 from pipelines.training.metadata import RunInfo, text_encoder_lr, training_metadata
@@ -198,10 +207,20 @@ def adapters_disabled(models: Iterable[torch.nn.Module]) -> Iterator[None]:
 
 
 class TextConditioner:
-    """Caption → UNet conditioning through the pipeline's own ``encode_prompt``; cached when frozen."""
+    """Caption → UNet conditioning through the pipeline's own ``encode_prompt``; cached when frozen
+    (unless ``cache`` is off: with shuffled or dropped tags nearly every caption is new, as sd-scripts'
+    is_text_encoder_output_cacheable says)."""
 
-    def __init__(self, pipe: DiffusionPipeline, device: torch.device, clip_skip: int | None, trains: bool):
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        device: torch.device,
+        clip_skip: int | None,
+        trains: bool,
+        cache: bool = True,
+    ):
         self.pipe, self.device, self.clip_skip, self.trains = pipe, device, clip_skip, trains
+        self.caching = cache
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -223,6 +242,9 @@ class TextConditioner:
         """Conditioning for a batch; frozen encoders answer from (and fill) the cache."""
         if self.trains:
             return self._encode(captions)
+        if not self.caching:
+            with torch.no_grad():
+                return self._encode(captions)
         missing = sorted(set(captions) - set(self.cache))
         if missing:
             with torch.no_grad():
@@ -294,7 +316,10 @@ class LoraTrainer:
             self.cache = self.fill_cache(self.examples, "latents")
             if self.class_examples:
                 self.class_cache = self.fill_cache(self.class_examples, "class-latents")
-        self.text = TextConditioner(self.pipe, self.device, self.spec.clip_skip, self.spec.train_text_encoder)
+        s = self.spec
+        self.text = TextConditioner(
+            self.pipe, self.device, s.clip_skip, s.train_text_encoder, not s.varies_captions
+        )
         self.inject()
         self.build_optimizer()
         self.resume()
@@ -324,7 +349,8 @@ class LoraTrainer:
     def fill_cache(self, examples: list[Example], name: str) -> LatentCache:
         """Encode every picture once (kept on disk under a name that hashes the data and model)."""
         key = f"{examples_fingerprint(examples)}-{self.spec.seed}-{self.family}"
-        cache = LatentCache(self.pipe.vae, examples, self.spec.seed, self.work / f"{name}-{key}.safetensors")
+        path = self.work / f"{name}-{key}.safetensors"
+        cache = LatentCache(self.pipe.vae, examples, self.spec.seed, path, flip=self.spec.flip_aug)
         cache.fill(lambda done, total: self.report("caching latents"))
         return cache
 
@@ -439,12 +465,20 @@ class LoraTrainer:
 
     # ---- the loss --------------------------------------------------------------------------
     def latents(
-        self, examples: list[Example], idx: list[int], cache: LatentCache | None, gen: torch.Generator
+        self,
+        examples: list[Example],
+        idx: list[int],
+        cache: LatentCache | None,
+        gen: torch.Generator,
+        augments: Sequence[Augment] | None = None,
     ) -> torch.Tensor:
-        """Scaled latents of a batch: from the cache, or encoded now with this step's generator."""
-        if cache is not None:
-            return cache.get(idx).to(self.device)
-        pixels = torch.stack([load_pixels(examples[i]) for i in idx])
+        """Scaled latents of a batch (augmented): from the cache, or encoded now with the step's generator."""
+        augments = augments or [NO_AUGMENT] * len(idx)
+        if cache is not None:  # (only flips: the spec refuses colour and crop augmentation with a cache)
+            return cache.get(idx, [a.flip for a in augments]).to(self.device)
+        pixels = torch.stack(
+            [load_pixels(examples[i], augment=a) for i, a in zip(idx, augments, strict=True)]
+        )
         with torch.no_grad():
             return encode_pixels(self.pipe.vae, pixels, gen).float()
 
@@ -466,15 +500,27 @@ class LoraTrainer:
         gen: torch.Generator,
         dropout: float,
         distil: bool = False,
+        micro: int = 0,
+        prior: bool = False,
     ) -> torch.Tensor:
-        """The training loss of one batch of one bucket: random noise, timesteps and caption dropout."""
-        batch = [examples[i] for i in idx]
-        x0 = self.latents(examples, idx, cache, gen)
+        """The training loss of one batch of one bucket: random noise, timesteps, augmentation, caption
+        dropout, then (instance pictures only) tag shuffling and dropout, in sd-scripts' order."""
+        s = self.spec
+        stream = CLASS_IMAGE_STREAM if prior else IMAGE_STREAM
+        augments = [draw_augment(s, augment_rng(s.seed, micro, stream, k)) for k in range(len(idx))]
+        batch = [
+            replace(e, crop_top_left=augmented_corner(e, a))
+            for e, a in zip([examples[i] for i in idx], augments, strict=True)
+        ]
+        x0 = self.latents(examples, idx, cache, gen, augments)
         noise = torch.randn(x0.shape, generator=gen)
         if self.spec.noise_offset:  # Guttenberg 2023, "Diffusion with offset noise"
             noise += self.spec.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         captions = ["" if rng.random() < dropout else e.caption for e in batch]
+        if s.varies_captions and not prior:  # class prompts are used as written
+            rngs = [augment_rng(s.seed, micro, CAPTION_STREAM, k) for k in range(len(batch))]
+            captions = [c and step_caption(e, s, r) for c, e, r in zip(captions, batch, rngs, strict=True)]
         return self.denoise_loss(x0, noise.to(self.device), t.to(self.device), captions, batch, distil)
 
     def denoise_loss(
@@ -540,12 +586,14 @@ class LoraTrainer:
         rng = np.random.default_rng([s.seed, micro])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = self.plan.batch(micro)
-        loss = self.diffusion_loss(self.examples, idx, self.cache, rng, gen, s.caption_dropout)
+        loss = self.diffusion_loss(self.examples, idx, self.cache, rng, gen, s.caption_dropout, micro=micro)
         if self.class_examples:
             idx = self.class_plan.batch(micro)
             drop = s.prior_caption_dropout
             distil = s.prior_target == "base"
-            prior = self.diffusion_loss(self.class_examples, idx, self.class_cache, rng, gen, drop, distil)
+            prior = self.diffusion_loss(
+                self.class_examples, idx, self.class_cache, rng, gen, drop, distil, micro, prior=True
+            )
             loss = loss + s.prior_loss_weight * prior
         return loss
 

@@ -34,6 +34,10 @@ SPEC_OPTIONS: dict[str, str] = {
     "captions": "caption_source",
     "caption_template": "caption_template",
     "caption_dropout": "caption_dropout",
+    "keep_tokens": "keep_tokens",
+    "keep_tokens_separator": "keep_tokens_separator",
+    "caption_separator": "caption_separator",
+    "caption_tag_dropout": "caption_tag_dropout",
     "targets": "targets",
     "num_class_images": "num_class_images",
     "prior_loss_weight": "prior_loss_weight",
@@ -55,6 +59,17 @@ FLAGS: dict[str, tuple[str, bool]] = {  # flag → (field, value when given)
     "no_cache_latents": ("cache_latents", False),
     "gradient_checkpointing": ("gradient_checkpointing", True),
     "orthogonal": ("orthogonal", True),
+    "shuffle_caption": ("shuffle_caption", True),
+    "flip_aug": ("flip_aug", True),
+    "color_aug": ("color_aug", True),
+    "random_crop": ("random_crop", True),
+}
+
+FLAG_HELP: dict[str, str] = {
+    "shuffle_caption": "shuffle each caption's comma-separated tags every step (kohya's shuffle_caption)",
+    "flip_aug": "train on the mirror image of a picture half the time (works with cached latents)",
+    "color_aug": "small random hue or gamma changes (needs --no-cache-latents)",
+    "random_crop": "crop at a random place instead of the centre (needs --no-cache-latents)",
 }
 
 
@@ -96,6 +111,27 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-scheduler", choices=c.LR_SCHEDULERS)
     g.add_argument("--captions", choices=c.CAPTION_SOURCES, help="where captions come from (default auto)")
     g.add_argument("--caption-template", help="e.g. 'a photo of {trigger} {class_word}'")
+    g.add_argument(
+        "--keep-tokens",
+        type=int,
+        metavar="N",
+        help="with --shuffle-caption / --caption-tag-dropout: the first N tags stay in place (kohya's "
+        "keep_tokens; 1 keeps a leading trigger first)",
+    )
+    g.add_argument(
+        "--keep-tokens-separator",
+        metavar="MARK",
+        help="tags before MARK (and after a second MARK) stay in place, e.g. '|||' (kohya's form)",
+    )
+    g.add_argument("--caption-separator", metavar="SEP", help="what splits a caption into tags (default ',')")
+    g.add_argument(
+        "--caption-tag-dropout",
+        "--caption-tag-dropout-rate",
+        dest="caption_tag_dropout",
+        type=float,
+        metavar="P",
+        help="drop each tag that is not kept with probability P (a tag with the trigger never)",
+    )
     g.add_argument("--targets", choices=sorted(c.UNET_TARGETS))
     g.add_argument("--target-modules", help="comma-separated UNet module names (overrides --targets)")
     g.add_argument("--mixed-precision", choices=c.MIXED_PRECISION)
@@ -119,7 +155,7 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--name", help="adapter name (default: the trigger)")
     for flag in FLAGS:
-        g.add_argument(f"--{flag.replace('_', '-')}", action="store_true")
+        g.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help=FLAG_HELP.get(flag))
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
