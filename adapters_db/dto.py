@@ -134,6 +134,11 @@ class AdapterRecord:
         """Every preview image of every version."""
         return tuple(i for v in self.versions for i in v.images)
 
+    @property
+    def downloadable(self) -> bool:
+        """No local file, but a primary file with a download link and a SHA-256 to verify it against."""
+        return not self.has_local_file and any(f.remote_url and f.sha256 and f.primary for f in self.files)
+
 
 @dataclass(frozen=True)
 class SearchHit:

@@ -5,6 +5,8 @@ its hash. The base URL is configurable (tests run a fake API on 127.0.0.1).
 
 from __future__ import annotations
 
+import os
+import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import replace
@@ -36,6 +38,8 @@ class CivitaiClient:
         config: HttpConfig = HttpConfig(),
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.plain_config = config  # for downloads: the key is added per URL (Civitai's hosts only)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.config = replace(config, headers={**config.headers, **headers})
 
@@ -80,6 +84,10 @@ class CivitaiClient:
         """One model record."""
         return get_json(self._url(f"/api/v1/models/{int(model_id)}"), self.config)
 
+    def version(self, version_id: int) -> dict[str, Any]:
+        """One model-version record (it names its model: ``modelId``)."""
+        return get_json(self._url(f"/api/v1/model-versions/{int(version_id)}"), self.config)
+
     def version_by_hash(self, digest: str) -> dict[str, Any]:
         """The model version owning a file with this SHA-256 / AutoV2 hash (raises if unknown)."""
         return get_json(
@@ -87,38 +95,68 @@ class CivitaiClient:
         )
 
 
-def _remote_files(session: Session, adapter_ids: list[int]) -> list[AdapterFile]:
-    return list(
-        session.execute(
-            select(AdapterFile)
-            .join(AdapterVersion)
-            .where(
-                AdapterVersion.adapter_id.in_(adapter_ids),
-                AdapterFile.stored.is_(False),
-                AdapterFile.sha256.is_not(None),
-                AdapterFile.remote_url.is_not(None),
-                AdapterFile.primary.is_(True),
-            )
-        ).scalars()
+CIVITAI_HOSTS = ("civitai.com", "www.civitai.com")
+
+
+def client_from_env() -> CivitaiClient:
+    """A client of ``$STUDIO_CIVITAI_URL`` (default https://civitai.com) with the key in ``$CIVITAI_API_KEY``
+    (some files need one; it is only sent to Civitai's hosts and to the API itself)."""
+    base = os.environ.get("STUDIO_CIVITAI_URL") or "https://civitai.com"
+    return CivitaiClient(base_url=base, api_key=os.environ.get("CIVITAI_API_KEY") or None)
+
+
+def _remote_files(
+    session: Session, adapter_ids: list[int], civitai_version_ids: list[int] | None = None
+) -> list[AdapterFile]:
+    query = (
+        select(AdapterFile)
+        .join(AdapterVersion)
+        .where(
+            AdapterVersion.adapter_id.in_(adapter_ids),
+            AdapterFile.stored.is_(False),
+            AdapterFile.sha256.is_not(None),
+            AdapterFile.remote_url.is_not(None),
+            AdapterFile.primary.is_(True),
+        )
+        .order_by(AdapterFile.id)
     )
+    if civitai_version_ids is not None:
+        query = query.where(AdapterVersion.civitai_version_id.in_(civitai_version_ids))
+    return list(session.execute(query).scalars())
+
+
+def download_config(url: str, config: HttpConfig, api_key: str | None) -> HttpConfig:
+    """``config`` with Civitai's bearer token when ``url`` is on Civitai (never sent to other hosts)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if not api_key or host not in CIVITAI_HOSTS:
+        return config
+    return replace(config, headers={**config.headers, "Authorization": f"Bearer {api_key}"})
 
 
 def download_files(
-    session: Session, catalog: Catalog, adapter_ids: list[int], config: HttpConfig = HttpConfig()
+    session: Session,
+    catalog: Catalog,
+    adapter_ids: list[int],
+    config: HttpConfig = HttpConfig(),
+    *,
+    civitai_version_ids: list[int] | None = None,
+    api_key: str | None = None,
 ) -> list[ImportResult]:
-    """Download the primary files of catalogued adapters, verify each SHA-256, then mark them stored.
+    """Download the primary files of catalogued adapters (of the given Civitai versions only, if given),
+    verify each SHA-256, then mark them stored; ``api_key`` is sent to Civitai's hosts only.
 
     Each file is checked with ``inspect_lora`` (header, finite weights) before it is registered; a file
     that fails (HTTP error, hash mismatch, not a LoRA, NaN weights) leaves the entry remote and is reported.
     """
     results = []
-    for row in _remote_files(session, adapter_ids):
+    for row in _remote_files(session, adapter_ids, civitai_version_ids):
         url, sha = row.remote_url or "", row.sha256 or ""
+        auth = download_config(url, config, api_key)
         results.append(
             run_item(
                 session,
                 url,
-                lambda u=url, h=sha, n=row.file_name: _download_one(session, catalog, u, h, n, config),
+                lambda u=url, h=sha, n=row.file_name, c=auth: _download_one(session, catalog, u, h, n, c),
             )
         )
     return results
@@ -165,7 +203,53 @@ def import_from_api(
     if not download:
         return summary
     ids = [r.adapter_id for r in summary.results if r.ok and r.adapter_id is not None]
-    return ImportSummary(summary.results + tuple(download_files(session, catalog, ids, client.config)))
+    downloads = download_files(session, catalog, ids, client.plain_config, api_key=client.api_key)
+    return ImportSummary(summary.results + tuple(downloads))
+
+
+_PAGE = re.compile(r"/models/(\d+)(?:/[^/]*)?/?$")
+_DOWNLOAD = re.compile(r"/api/download/models/(\d+)/?$")
+
+
+CivitaiRef = tuple[int | None, int | None]  # (model id, version id)
+
+
+def parse_civitai_url(url: str, base_url: str = "https://civitai.com") -> CivitaiRef | None:
+    """(model id, version id) of a Civitai model page (``/models/4384/name?modelVersionId=128713``) or
+    download link (``/api/download/models/128713``) on Civitai or ``base_url``'s host; None otherwise."""
+    parts = urllib.parse.urlsplit(url.strip())
+    hosts = {*CIVITAI_HOSTS, urllib.parse.urlsplit(base_url).netloc.lower()}
+    if parts.scheme not in ("http", "https") or parts.netloc.lower() not in hosts:
+        return None
+    version = urllib.parse.parse_qs(parts.query).get("modelVersionId", [""])[0]
+    if m := _DOWNLOAD.search(parts.path):
+        return None, int(m[1])
+    if m := _PAGE.search(parts.path):
+        return int(m[1]), int(version) if version.isdigit() else None
+    return None
+
+
+def import_civitai_url(session: Session, catalog: Catalog, client: CivitaiClient, url: str) -> ImportSummary:
+    """Catalogue the model of a Civitai page or download link and download its version's file (the
+    page's ``modelVersionId``, else the newest version), verified as in :func:`download_files`."""
+    found = parse_civitai_url(url, client.base_url)
+    if found is None:
+        raise ValueError(f"{url} is not a Civitai model page or download link")
+    model_id, version_id = found
+    if model_id is None:
+        model_id = int(client.version(version_id or 0).get("modelId") or 0)
+    record = client.model(model_id)
+    versions = [v for v in record.get("modelVersions") or [] if isinstance(v, dict)]
+    if version_id is None and versions:
+        version_id = int(versions[0].get("id") or 0)  # Civitai lists the newest version first
+    if version_id not in {v.get("id") for v in versions}:
+        raise ValueError(f"Civitai model {model_id} has no version {version_id}")
+    summary = import_civitai_records(session, catalog, [(url, record)])
+    ids = [r.adapter_id for r in summary.results if r.ok and r.adapter_id is not None]
+    downloads = download_files(
+        session, catalog, ids, client.plain_config, civitai_version_ids=[version_id], api_key=client.api_key
+    )
+    return ImportSummary(summary.results + tuple(downloads))
 
 
 def identify_file(client: CivitaiClient, path: Path) -> dict[str, Any]:

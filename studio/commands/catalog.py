@@ -243,24 +243,44 @@ def cmd_catalog(args: argparse.Namespace) -> int:
                 f"{len(matcher.meta_vocab)} metadata terms): {matcher_path(catalog)}"
             )
         elif args.action in ("show", "delete"):
-            if args.id is None:
-                raise ValueError(f"catalog {args.action} needs --id")
-            return _show_or_delete(s, catalog, args)
+            if not args.id or len(args.id) > 1:
+                raise ValueError(f"catalog {args.action} needs one --id")
+            return _show_or_delete(s, catalog, args.action, args.id[0])
+        elif args.action == "download":
+            return _download(s, catalog, args)
     return 0
 
 
-def _show_or_delete(s: Any, catalog: Any, args: argparse.Namespace) -> int:
+def _download(s: Any, catalog: Any, args: argparse.Namespace) -> int:
+    """Download and verify the files of remote adapters (``--id``, repeatable); 1 if one failed."""
+    from adapters_db.dto import ImportSummary
+    from adapters_db.importers.civitai_api import client_from_env, download_files
+
+    if not args.id:
+        raise ValueError("catalog download needs --id (repeatable)")
+    client = client_from_env()
+    results = download_files(s, catalog, list(args.id), client.plain_config, api_key=client.api_key)
+    found = {r.adapter_id for r in results}
+    missing = [i for i in args.id if i not in found]
+    for adapter_id in missing:
+        print(f"adapter {adapter_id}: nothing to download (no such adapter, already stored, or no link)")
+    summary = ImportSummary(tuple(results))
+    _print_summary(summary, verbose=True)
+    return 1 if summary.failed or missing else 0
+
+
+def _show_or_delete(s: Any, catalog: Any, action: str, adapter_id: int) -> int:
     import dataclasses
 
     import adapters_db
 
-    if args.action == "delete":
-        ok = adapters_db.delete_adapter(s, catalog, args.id)
-        print(f"deleted adapter {args.id}" if ok else f"no adapter {args.id}")
+    if action == "delete":
+        ok = adapters_db.delete_adapter(s, catalog, adapter_id)
+        print(f"deleted adapter {adapter_id}" if ok else f"no adapter {adapter_id}")
         return 0 if ok else 1
-    record = adapters_db.get_adapter(s, catalog, args.id)
+    record = adapters_db.get_adapter(s, catalog, adapter_id)
     if record is None:
-        print(f"no adapter {args.id}")
+        print(f"no adapter {adapter_id}")
         return 1
     print(json.dumps(dataclasses.asdict(record), default=str, indent=1, ensure_ascii=False))
     return 0
@@ -347,13 +367,19 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "catalog",
         parents=[parent],
         help="catalog stats, repair, reindex, classifier / matcher (train a learned search channel), "
-        "show, delete",
+        "show, delete, download (a remote adapter's file, verified)",
         description=cmd_catalog.__doc__,
     )
     p.add_argument(
-        "action", choices=("stats", "repair", "reindex", "classifier", "matcher", "show", "delete")
+        "action",
+        choices=("stats", "repair", "reindex", "classifier", "matcher", "show", "delete", "download"),
     )
-    p.add_argument("--id", type=int, default=None, help="adapter id (show, delete)")
+    p.add_argument(
+        "--id",
+        type=int,
+        action="append",
+        help="adapter id (show, delete; download: repeatable; $CIVITAI_API_KEY is sent to Civitai only)",
+    )
     p.add_argument(
         "--grace", type=float, default=3600.0, help="repair: keep orphan files younger than this (s)"
     )

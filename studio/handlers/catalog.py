@@ -272,15 +272,42 @@ def import_folder(services: Services, folder: str) -> ImportSummary:
     return summary
 
 
+def download_adapter(services: Services, adapter_id: int | str) -> tuple[AdapterRecord, ImportSummary]:
+    """Download a remote adapter's file (verified against its SHA-256, checked as a LoRA) so it can be
+    used; the entry stays remote, and the reason is raised, when the download fails."""
+    from adapters_db.importers.civitai_api import client_from_env, download_files
+
+    record = get_record(services, adapter_id)
+    if not record.downloadable:
+        why = "its file is already stored" if record.has_local_file else "it has no download link with a hash"
+        raise ValueError(f"nothing to download for {record.name!r}: {why}")
+    client = client_from_env()
+    with services.catalog.session() as session:
+        results = download_files(
+            session, services.catalog, [record.id], client.plain_config, api_key=client.api_key
+        )
+    summary = ImportSummary(tuple(results))
+    if summary.failed:
+        raise ValueError(f"downloading {record.name!r} failed: {summary.failed[0].message}")
+    _embed(services, summary)
+    return get_record(services, record.id), summary
+
+
 def import_url(services: Services, url: str) -> ImportSummary:
-    """Import from a direct ``http(s)://…safetensors`` link or a Hugging Face repo (``owner/name``)."""
+    """Import from a Civitai model page or download link (the record and its version's file), a direct
+    ``http(s)://…safetensors`` link, or a Hugging Face repo (``owner/name``)."""
+    from adapters_db.importers.civitai_api import client_from_env, import_civitai_url, parse_civitai_url
     from adapters_db.importers.download import download_to_store
     from adapters_db.importers.huggingface import HuggingFaceClient, import_hf_repo
 
     text = (url or "").strip()
     parts = urllib.parse.urlsplit(text)
     catalog = services.catalog
-    if parts.scheme in ("http", "https") and parts.path.lower().endswith(".safetensors"):
+    client = client_from_env()
+    if parse_civitai_url(text, client.base_url) is not None:
+        with catalog.session() as session:
+            summary = import_civitai_url(session, catalog, client, text)
+    elif parts.scheme in ("http", "https") and parts.path.lower().endswith(".safetensors"):
         stored = download_to_store(text, catalog.store)
         name = urllib.parse.unquote(parts.path.rsplit("/", 1)[-1])
         with catalog.session() as session:
@@ -293,7 +320,8 @@ def import_url(services: Services, url: str) -> ImportSummary:
             summary = import_hf_repo(session, catalog, HuggingFaceClient(), m[1])
     else:
         raise ValueError(
-            "give a direct link to a .safetensors file (http/https) or a Hugging Face repo like owner/name"
+            "give a Civitai model page (https://civitai.com/models/…), a direct link to a .safetensors file "
+            "(http/https) or a Hugging Face repo like owner/name"
         )
     _embed(services, summary)
     return summary

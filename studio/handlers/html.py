@@ -219,6 +219,9 @@ def detail_view(record: AdapterRecord, *, in_mix: bool = False, show_nsfw: bool 
         else f'<button class="as-btn as-primary" data-action="add" data-id="{record.id}">'
         "+ Add to mix</button>"
         if record.has_local_file
+        else f'<button class="as-btn as-primary" data-action="download" data-id="{record.id}" '
+        'title="download its file, verify its SHA-256, then use it">⤓ Download file</button>'
+        if record.downloadable
         else '<button class="as-btn" disabled>remote only</button>'
     )
     facts = [

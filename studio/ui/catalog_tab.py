@@ -110,7 +110,9 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             folder_btn = gr.Button("Import folder", scale=1)
         with gr.Row():
             url = gr.Textbox(
-                "", label="URL of a .safetensors file, or a Hugging Face repo (owner/name)", scale=3
+                "",
+                label="Civitai model page, URL of a .safetensors file, or a Hugging Face repo (owner/name)",
+                scale=3,
             )
             url_btn = gr.Button("Import from URL", scale=1)
         import_report = gr.Markdown(elem_id="import-report", label="import report")
@@ -259,6 +261,11 @@ def build(ui: Ui, tab: gr.Tab) -> None:
                 warn(notes)
                 record = C.get_record(services, data.get("id"))
                 return new, H.detail_view(record, in_mix=True), gr.skip(), gr.skip(), gr.skip()
+            if data.get("action") == "download":
+                record, _ = C.download_adapter(services, data.get("id"))
+                info([f"{record.name}: downloaded and verified; it can be added to the mix now"])
+                in_mix = record.id in create.mix_ids(state)
+                return gr.skip(), H.detail_view(record, in_mix=in_mix), gr.skip(), gr.skip(), gr.skip()
         return (gr.skip(),) * 5
 
     detail.click(

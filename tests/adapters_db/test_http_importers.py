@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 import adapters_db
-from adapters_db import Catalog
+from adapters_db import Catalog, HashingEmbedder
 from adapters_db.importers.civitai_api import CivitaiClient, identify_file, import_from_api
 from adapters_db.importers.download import DownloadError, HttpConfig, download_to_store, partial_path
 from adapters_db.importers.huggingface import HuggingFaceClient, import_hf_repo
@@ -35,6 +35,7 @@ class FakeHub:
         self.json: dict[str, Any] = {}
         self.cut_once: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.authorization: dict[str, str | None] = {}  # path → its request's Authorization header
         self.models: list[dict[str, Any]] = []
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
@@ -46,6 +47,7 @@ class FakeHub:
 
             def do_GET(self) -> None:
                 hub.requests.append((self.path, self.headers.get("Range")))
+                hub.authorization[self.path] = self.headers.get("Authorization")
                 url = urllib.parse.urlsplit(self.path)
                 if url.path == "/api/v1/models":
                     return self._json(hub.models_page(urllib.parse.parse_qs(url.query), self.server))
@@ -272,3 +274,109 @@ def test_hugging_face_repo_import(
             "not a Hugging Face repo id" in import_hf_repo(s, catalog, client, "../../etc").results[0].message
         )
         assert s.execute(select(func.count(Adapter.id))).scalar() == 1
+
+
+def test_civitai_urls_are_recognised() -> None:
+    from adapters_db.importers.civitai_api import parse_civitai_url
+
+    base = "http://127.0.0.1:8765"
+    assert parse_civitai_url("https://civitai.com/models/4384") == (4384, None)
+    assert parse_civitai_url("https://civitai.com/models/4384/dreamshaper?modelVersionId=128713") == (
+        4384,
+        128713,
+    )
+    assert parse_civitai_url("https://www.civitai.com/api/download/models/128713") == (None, 128713)
+    assert parse_civitai_url(f"{base}/models/7/x", base) == (7, None)
+    assert parse_civitai_url(f"{base}/models/7/x") is None  # another host is only Civitai when configured
+    for other in (
+        "https://evil.example/models/4384",
+        "ftp://civitai.com/models/1",
+        "https://civitai.com/images/5",
+    ):
+        assert parse_civitai_url(other) is None
+
+
+def test_the_civitai_key_goes_to_civitai_only() -> None:
+    from adapters_db.importers.civitai_api import download_config
+
+    on = download_config("https://civitai.com/api/download/models/1", FAST, "secret")
+    assert on.headers["Authorization"] == "Bearer secret"
+    for url in ("https://huggingface.co/x/y/resolve/main/a.safetensors", "http://127.0.0.1:9/a"):
+        assert "Authorization" not in download_config(url, FAST, "secret").headers
+    assert "Authorization" not in download_config("https://civitai.com/a", FAST, None).headers
+
+
+def test_a_civitai_page_url_imports_the_model_and_downloads_its_version(
+    sqlite_catalog: Catalog, hub: tuple[FakeHub, str], lora_file: Callable[..., Path]
+) -> None:
+    from adapters_db.importers.civitai_api import import_civitai_url
+
+    fake, base = hub
+    old, new = lora_file("old.safetensors", seed=41), lora_file("new.safetensors", seed=42)
+    record = civitai_record(300, "Two Versions", sha256=hashlib.sha256(new.read_bytes()).hexdigest())
+    first = record["modelVersions"][0]
+    first["files"][0]["downloadUrl"] = f"{base}/api/download/models/3000"
+    second = json.loads(json.dumps(first))  # an older version of the same model, listed after it
+    second["id"] = 2999
+    second["files"][0] |= {
+        "id": 29990,
+        "name": "old.safetensors",
+        "hashes": {"SHA256": hashlib.sha256(old.read_bytes()).hexdigest().upper()},
+        "downloadUrl": f"{base}/api/download/models/2999",
+    }
+    second["images"] = []
+    record["modelVersions"].append(second)
+    fake.json["/api/v1/models/300"] = record
+    fake.json["/api/v1/model-versions/2999"] = {"id": 2999, "modelId": 300}
+    fake.files["/api/download/models/3000"] = new.read_bytes()
+    fake.files["/api/download/models/2999"] = old.read_bytes()
+    client = CivitaiClient(base_url=base, config=FAST)
+    cat = sqlite_catalog
+    with cat.session() as s:  # the page names the older version: only its file is downloaded
+        summary = import_civitai_url(s, cat, client, f"{base}/models/300/two-versions?modelVersionId=2999")
+    assert [r.status for r in summary.results] == ["imported", "updated"], summary.results
+    downloaded = [p for p, _ in fake.requests if p.startswith("/api/download")]
+    assert downloaded == ["/api/download/models/2999"]
+    with cat.session() as s:
+        rec = adapters_db.find_by_civitai_id(s, cat, 300)
+        stored = {f.file_name for f in rec.files if f.is_local}
+    assert stored == {"old.safetensors"} and rec.has_local_file
+    with cat.session() as s:  # a download link finds its model through the version endpoint
+        again = import_civitai_url(s, cat, client, f"{base}/api/download/models/2999")
+    assert [r.status for r in again.results] == ["duplicate"]  # nothing new, nothing downloaded twice
+    with cat.session() as s, pytest.raises(ValueError, match="has no version 5"):
+        import_civitai_url(s, cat, client, f"{base}/models/300?modelVersionId=5")
+
+
+def test_studio_catalog_download_fetches_a_remote_adapter(
+    tmp_path: Path,
+    hub: tuple[FakeHub, str],
+    lora_file: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from studio.cli import main
+
+    fake, base = hub
+    good = lora_file("good.safetensors", seed=51)
+    ok = civitai_record(401, "Fetch Me", sha256=hashlib.sha256(good.read_bytes()).hexdigest())
+    bad = civitai_record(402, "Tampered", sha256="cd" * 32)
+    for rec, path in ((ok, "/dl/4010"), (bad, "/dl/4020")):
+        rec["modelVersions"][0]["files"][0]["downloadUrl"] = base + path
+        fake.files[path] = good.read_bytes()
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text("\n".join(json.dumps(r) for r in (ok, bad)) + "\n")
+    data = ["--data-dir", str(tmp_path / "data"), "--embedder", "hashing"]
+    assert main(["import-civitai", str(dump), "--no-embed", *data]) == 0
+    cat = adapters_db.open_catalog(None, tmp_path / "data", embedder=HashingEmbedder(64))
+    with cat.session() as s:
+        ids = {n: adapters_db.find_by_civitai_id(s, cat, n).id for n in (401, 402)}
+    capsys.readouterr()
+    assert main(["catalog", "download", "--id", str(ids[401]), "--id", str(ids[402]), *data]) == 1
+    out = capsys.readouterr()
+    assert "SHA-256 mismatch" in out.err and "downloaded and verified" in out.err
+    with cat.session() as s:
+        assert adapters_db.get_adapter(s, cat, ids[401]).has_local_file
+        assert not adapters_db.get_adapter(s, cat, ids[402]).has_local_file
+    assert main(["catalog", "download", "--id", str(ids[401]), *data]) == 1  # already stored: nothing to do
+    assert "nothing to download" in capsys.readouterr().out
+    cat.dispose()
