@@ -44,6 +44,10 @@ PRIOR_TARGETS = ("noise", "base")
 CAPTION_SOURCES = ("auto", "txt", "template")
 
 
+# options held as tuples (JSON and the web form give lists)
+TUPLE_OPTIONS = frozenset({"target_modules", "sample_prompts", "sample_seeds", "prior_prompts"})
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """Every option of a DreamBooth-style LoRA run; validated on construction."""
@@ -224,8 +228,7 @@ class TrainSpec:
         known = {f.name for f in fields(cls)}
         if extra := sorted(set(data) - known):
             raise ValueError(f"unknown training options: {', '.join(extra)}")
-        tuples = {"target_modules", "sample_prompts", "sample_seeds", "prior_prompts"}
-        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in data.items()})
+        return cls(**{k: tuple(v) if k in TUPLE_OPTIONS and v is not None else v for k, v in data.items()})
 
     @classmethod
     def from_json(cls, text: str) -> TrainSpec:

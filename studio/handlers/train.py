@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.training import PRESETS, TrainSpec, preset
+from pipelines.training.config import TUPLE_OPTIONS
 from pipelines.training.data import SIDECAR_SUFFIXES
 from studio.handlers import html as H
 from studio.handlers import plots
@@ -57,8 +58,7 @@ def parse_options(text: str) -> dict[str, Any]:
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-    tuples = {"target_modules", "sample_prompts", "sample_seeds"}
-    return {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in value.items()}
+    return {k: tuple(v) if k in TUPLE_OPTIONS and isinstance(v, list) else v for k, v in value.items()}
 
 
 def preset_fields(name: str) -> dict[str, Any]:

@@ -35,6 +35,8 @@ def test_spec_from_the_form():
     off = T.TrainRequest(files=(), trigger="zq", class_word="dog", prior_preservation=T.PRIOR_CHOICES["off"])
     assert T.build_spec(off).prior_preservation is False and not T.build_spec(off).uses_prior
     assert T.build_spec(T.TrainRequest(files=(), trigger="zq", preset="quality")).rank == 32
+    prompts = T.TrainRequest(files=(), trigger="zq", options_json='{"prior_prompts": ["a dog", "a cat"]}')
+    assert T.build_spec(prompts).prior_prompts == ("a dog", "a cat")  # a JSON list becomes the tuple
     assert (
         T.preset_fields("balanced")["steps"] is None  # left to the model's family
         and T.preset_fields("quick")["rank"] == PRESETS["quick"]["rank"]
