@@ -393,7 +393,7 @@ class Engine:
                     dtype=dtype,
                     planner=planner,
                 ) as mix:
-                    images, width, height = self._run(pipe, recipe, on_step, cancel)
+                    images, width, height = self._run(pipe, recipe, on_step, cancel, family=model.family)
                 sampler = sampler_name(pipe.scheduler)
             finally:
                 pipe.scheduler = original_scheduler
@@ -419,8 +419,16 @@ class Engine:
         recipe: MixRecipe,
         on_step: Callable[[int, int], None] | None,
         cancel: threading.Event | None,
+        *,
+        family: str | None = None,
     ) -> tuple[list[Any], int, int]:
-        """Call the diffusers pipeline with a step callback (progress, cancel); attach gates the steps."""
+        """Call the diffusers pipeline with a step callback (progress, cancel); attach gates the steps.
+
+        Prompts with A1111 emphasis, ``BREAK``, more than one chunk of tokens or a clip skip are encoded
+        here (:mod:`pipelines.prompt_weighting`, text-encoder LoRAs attached); plain prompts go to the
+        pipeline as strings, as they always did."""
+        from pipelines.prompt_weighting import prompt_embeddings
+
         scale = getattr(pipe, "vae_scale_factor", 8)
         size = pipe.unet.config.sample_size * scale
         width, height = recipe.width or size, recipe.height or size
@@ -432,9 +440,13 @@ class Engine:
                 p._interrupt = True
             return tensors
 
+        text: dict[str, Any] | None = prompt_embeddings(
+            pipe, recipe.prompt, recipe.negative_prompt, clip_skip=recipe.clip_skip, family=family
+        )
+        if text is None:
+            text = {"prompt": recipe.prompt, "negative_prompt": recipe.negative_prompt or None}
         out = pipe(
-            prompt=recipe.prompt,
-            negative_prompt=recipe.negative_prompt or None,
+            **text,
             num_inference_steps=recipe.steps,
             guidance_scale=recipe.guidance,
             width=width,

@@ -42,6 +42,33 @@ def finite_number(value: Any, what: str) -> float:
     return number
 
 
+MAX_CLIP_SKIP = 12  # A1111's "Clip skip" slider goes from 1 to 12
+
+
+def check_clip_skip(value: Any) -> None:
+    """Refuse a clip skip that is not None or a whole number from 1 to 12 (A1111's range)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_CLIP_SKIP:
+        raise ValueError(
+            f"clip skip must be a whole number from 1 (the last layer) to {MAX_CLIP_SKIP}, got {value!r}"
+        )
+
+
+def infotext_clip_skip(params: dict[str, Any]) -> int | None:
+    """The clip skip of parsed A1111 ``parameters`` (:func:`parse_a1111_parameters`): its ``Clip skip``
+    field, None when absent (A1111 writes it only above 1)."""
+    value = params.get("Clip skip")
+    if value is None or not str(value).strip():
+        return None
+    try:
+        skip = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"Clip skip must be a whole number, got {value!r}") from None
+    check_clip_skip(skip)
+    return skip
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One adapter of a mix: where it is, what it is called, how strong it is."""
@@ -91,6 +118,8 @@ class MixRecipe:
     height: int | None = None
     sampler: str | None = None  # None: the model's own scheduler
     batch_size: int = 1
+    # A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the penultimate one; None = not set (1)
+    clip_skip: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fusion_args, dict):
@@ -106,11 +135,14 @@ class MixRecipe:
             raise ValueError(
                 f"seed must be a whole number from 0 to {MAX_SEED} (2^63 - 1), got {self.seed!r}"
             )
+        check_clip_skip(self.clip_skip)
 
     def to_json(self) -> str:
-        """Stable JSON (sorted keys) with a format version; optional adapter fields left at their default
-        (``a1111_name``) are not written, so the JSON stays what older versions read."""
+        """Stable JSON (sorted keys) with a format version; optional fields left at their default
+        (``a1111_name``, ``clip_skip``) are not written, so the JSON stays what older versions read."""
         data = asdict(self)
+        if data.get("clip_skip") is None:
+            data.pop("clip_skip", None)
         for adapter in data["adapters"]:
             if not adapter.get("a1111_name"):
                 adapter.pop("a1111_name", None)
@@ -271,6 +303,7 @@ def a1111_parameters(
         "Seed": recipe.seed,
         "Size": f"{width}x{height}",
         "Model": recipe.model,
+        "Clip skip": recipe.clip_skip if (recipe.clip_skip or 1) > 1 else None,  # A1111 omits 1
         "Lora hashes": ", ".join(f"{k}: {h}" for k, h in hashes.items()) or None,
         "Fusion": None if recipe.fusion == "linear" else recipe.fusion,
         "Version": "adapter-studio",

@@ -83,6 +83,14 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--size", type=parse_size, default=None, help="WxH (default: the model's native size)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's scheduler")
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        metavar="N",
+        help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate one "
+        "(SD 1.x and pocket; SD 2.x and SDXL ignore it, as A1111 does)",
+    )
     p.add_argument("--recipe", type=Path, default=None, help="replay the recipe embedded in a studio PNG")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
@@ -129,6 +137,7 @@ def recipe_from_args(args: argparse.Namespace) -> MixRecipe:
         ("seed", random_seed() if seed == -1 else seed),
         ("guidance", args.guidance),
         ("sampler", args.sampler),
+        ("clip_skip", getattr(args, "clip_skip", None)),
     ):
         if value is not None:
             changes[key] = value

@@ -17,7 +17,7 @@ from pipelines.fusion.base import is_per_adapter
 from pipelines.fusion.schedule import loractl_entry
 from pipelines.models import SAMPLERS
 from pipelines.pngmeta import pinned_recipe, read_recipe
-from pipelines.recipe import MAX_SEED, MixRecipe, parse_lora_tags
+from pipelines.recipe import MAX_SEED, MixRecipe, check_clip_skip, parse_lora_tags
 from studio.handlers import plots
 from studio.handlers.create import check_schedule, find_adapter, mix_item, resolve_adapter, schedule_entry
 from studio.handlers.policies import MIX_OWNED_PARAMS, policy_defaults, policy_names
@@ -46,8 +46,10 @@ class GenerateRequest:
     sampler: str | None = None
     batch_size: int = 1
     batch_count: int = 1
+    clip_skip: int | None = None  # A1111's Clip skip (1 = last layer); None: not set
 
     def __post_init__(self) -> None:
+        check_clip_skip(self.clip_skip)
         problems = [
             (1 <= self.steps <= 150, f"steps must be 1 to 150, got {self.steps}"),
             (0 <= self.guidance <= 30, f"guidance must be 0 to 30, got {self.guidance}"),
@@ -175,6 +177,7 @@ def _recipe(
         height=req.height,
         sampler=req.sampler,
         batch_size=req.batch_size,
+        clip_skip=req.clip_skip,
     )
     return recipe, items, notes
 
@@ -391,6 +394,7 @@ def request_from_recipe(recipe: MixRecipe) -> GenerateRequest:
         height=recipe.height,
         sampler=recipe.sampler,
         batch_size=recipe.batch_size,
+        clip_skip=recipe.clip_skip,
     )
 
 
