@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from pipelines.fusion.base import AdapterInfo, Factor, FusionContext, FusionPoli
 from pipelines.lora_weights import COMPONENTS, LoraLayer, LoraWeights
 from pipelines.multilora import GateTable, MultiLoraLayer, wrap
 from pipelines.path_plan import PathPlanner
-from pipelines.recipe import AdapterSpec, MixRecipe
+from pipelines.recipe import AdapterSpec, MixRecipe, batch_seeds
 
 
 class GenerationCancelled(RuntimeError):
@@ -265,11 +265,19 @@ class Generation:
     adapter_hashes: dict[str, str]
     short_hashes: dict[str, str]
 
+    def image_recipe(self, index: int) -> MixRecipe:
+        """The recipe of image ``index`` alone: its own seed (seed + index) and a batch of one, so that
+        replaying it, here or in A1111, gives that image."""
+        if self.recipe.batch_size == 1:
+            return self.recipe
+        seed = batch_seeds(self.recipe.seed, self.recipe.batch_size)[index]
+        return replace(self.recipe, seed=seed, batch_size=1)
+
     def save(self, path: str | Path, index: int = 0) -> Path:
-        """Write image ``index`` as PNG with A1111 parameters and the pinned recipe embedded."""
+        """Write image ``index`` as PNG with A1111 parameters and its own pinned recipe embedded."""
         from pipelines.pngmeta import pinned_recipe, save_png
 
-        recipe = pinned_recipe(self.recipe, self.adapter_hashes)
+        recipe = pinned_recipe(self.image_recipe(index), self.adapter_hashes)
         return save_png(
             self.images[index],
             path,
@@ -445,6 +453,7 @@ class Engine:
         )
         if text is None:
             text = {"prompt": recipe.prompt, "negative_prompt": recipe.negative_prompt or None}
+        seeds = batch_seeds(recipe.seed, recipe.batch_size)
         out = pipe(
             **text,
             num_inference_steps=recipe.steps,
@@ -452,7 +461,8 @@ class Engine:
             width=width,
             height=height,
             num_images_per_prompt=recipe.batch_size,
-            generator=torch.Generator("cpu").manual_seed(recipe.seed),
+            # one generator per image (A1111's seed + i): image i of a batch is the single image of seed + i
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             callback_on_step_end=on_step_end,
         )
         if cancel is not None and cancel.is_set():

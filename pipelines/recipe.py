@@ -31,6 +31,12 @@ def random_seed() -> int:
     return secrets.randbelow(RANDOM_SEEDS)
 
 
+def batch_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of a batch's images as A1111 gives them: seed, seed + 1, … (wrapping past MAX_SEED),
+    so image ``i`` of a batch is the single image of seed + i."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
 def finite_number(value: Any, what: str) -> float:
     """``value`` as a finite float, or a ValueError that names ``what``."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -328,6 +329,25 @@ def test_engine_recipe_png_replays_bit_exactly(lora_files, pipe, tmp_path):
     second = engine.generate(replayed)
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
     assert engine.cache.disk_reads == 2  # the second run came from the cache
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a"])
+def test_batch_images_are_the_single_images_of_seed_plus_i(sampler, lora_files, pipe, tmp_path):
+    engine = make_engine(pipe)
+    spec = AdapterSpec(str(lora_files["a_kohya"]), "alpha", 0.8)
+    base = MixRecipe("a red circle", model="tiny", steps=STEPS, seed=7, sampler=sampler, adapters=(spec,))
+    batch = engine.generate(replace(base, batch_size=3))
+    singles = [engine.generate(replace(base, seed=7 + i)) for i in range(3)]
+    for i, single in enumerate(singles):
+        a, b = np.asarray(batch.images[i], np.int16), np.asarray(single.images[0], np.int16)
+        assert np.abs(a - b).max() <= 1, (sampler, i)  # batched matmuls may differ in the last bit
+    assert not np.array_equal(np.asarray(batch.images[0]), np.asarray(batch.images[1]))
+    out = batch.save(tmp_path / "second.png", 1)
+    assert "Seed: 8," in read_text_chunks(out)["parameters"]
+    own = read_recipe(out)
+    assert (own.seed, own.batch_size) == (8, 1)  # replaying the file gives that image, not the batch
+    again = engine.generate(own)
+    assert np.abs(np.asarray(again.images[0], np.int16) - np.asarray(batch.images[1], np.int16)).max() <= 1
 
 
 def test_engine_refuses_changed_adapter_file(lora_files, pipe, tmp_path):
