@@ -287,6 +287,20 @@ def unquote(value: str) -> str:
     return decoded if isinstance(decoded, str) else value
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_title(model: str) -> str:
+    """The model as A1111 names it in infotext: a checkpoint's file stem or a folder's name, never the
+    local path around it (which would leak the user's folders); a Hub id or ``pocket`` as it is."""
+    text = model.strip()
+    checkpoint = text.lower().endswith((".safetensors", ".ckpt"))
+    if _HUB_ID.match(text) and not checkpoint:
+        return text
+    name = re.split(r"[/\\]", text.rstrip("/\\"))[-1]
+    return name.rsplit(".", 1)[0] if checkpoint else name
+
+
 def a1111_parameters(
     recipe: MixRecipe, short_hashes: dict[str, str], sampler_name: str, width: int, height: int
 ) -> str:
@@ -308,7 +322,7 @@ def a1111_parameters(
         "CFG scale": _fmt(recipe.guidance),
         "Seed": recipe.seed,
         "Size": f"{width}x{height}",
-        "Model": recipe.model,
+        "Model": model_title(recipe.model),
         "Clip skip": recipe.clip_skip if (recipe.clip_skip or 1) > 1 else None,  # A1111 omits 1
         "Lora hashes": ", ".join(f"{k}: {h}" for k, h in hashes.items()) or None,
         "Fusion": None if recipe.fusion == "linear" else recipe.fusion,

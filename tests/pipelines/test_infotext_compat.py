@@ -153,7 +153,7 @@ def test_written_infotext_round_trips_through_the_a1111_reader() -> None:
         "5.5",
         "512x768",
     )
-    assert got["Model"] == "C:\\models\\sd15, pruned.safetensors"
+    assert got["Model"] == "sd15, pruned"  # the checkpoint's name (quoted: it holds a comma), not its folder
 
 
 def a1111_paste(text: str) -> dict[str, str]:
@@ -244,3 +244,18 @@ def test_a1111_tags_the_studio_cannot_follow_are_clear_errors(tag: str, match: s
 def test_keyframed_tags_still_read() -> None:
     _, tags = parse_lora_tags("x <lora:name:0@0,1@0.5:unet=1@0,0.2@1>")
     assert tags[0].is_scheduled() and tags[0].te == "0@0,1@0.5" and tags[0].unet == "1@0,0.2@1"
+
+
+@pytest.mark.parametrize(
+    ("model", "title"),
+    [
+        ("pocket", "pocket"),
+        ("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+        ("/home/alice/models/sd15/", "sd15"),
+        ("/home/alice/ckpt/v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly"),
+        ("C:\\models\\dreamshaper_8.safetensors", "dreamshaper_8"),
+    ],
+)
+def test_the_model_field_names_the_model_not_its_folders(model: str, title: str) -> None:
+    text = a1111_parameters(MixRecipe("p", model=model), {}, "Euler", 8, 8)
+    assert f"Model: {quote(title)}," in text and "alice" not in text
