@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,7 +16,7 @@ from pipelines.fusion.base import is_per_adapter
 from pipelines.fusion.schedule import loractl_entry
 from pipelines.models import SAMPLERS
 from pipelines.pngmeta import pinned_recipe, read_recipe
-from pipelines.recipe import MAX_SEED, MixRecipe, check_clip_skip, parse_lora_tags
+from pipelines.recipe import MAX_SEED, MixRecipe, check_clip_skip, parse_lora_tags, random_seed
 from studio.handlers import plots
 from studio.handlers.create import check_schedule, find_adapter, mix_item, resolve_adapter, schedule_entry
 from studio.handlers.policies import MIX_OWNED_PARAMS, policy_defaults, policy_names
@@ -162,7 +161,7 @@ def _recipe(
     """The recipe, the mix entries it runs (prompt tags merged in) and notes for the person."""
     clean, items, fusion, notes = mix_with_tags(services, state, req)
     notes += gate_notes(services, fusion, req.fusion_params, items)
-    seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32)
+    seed = req.seed if req.seed >= 0 else random_seed()
     recipe = MixRecipe(
         prompt=clean,
         negative_prompt=req.negative_prompt,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -12,6 +11,7 @@ import gradio as gr
 
 from pipelines.engine import GenerationCancelled
 from pipelines.models import SAMPLERS
+from pipelines.recipe import random_seed
 from studio.handlers import create, generate, policies
 from studio.handlers import html as H
 from studio.handlers.state import MAX_MIX, SessionState
@@ -64,6 +64,7 @@ def _request(
     sampler: str,
     batch_size: float,
     batch_count: float,
+    clip_skip: float | None = 1,
 ) -> generate.GenerateRequest:
     """The handler's request from the form's values."""
     return generate.GenerateRequest(
@@ -79,6 +80,7 @@ def _request(
         sampler=_sampler(sampler),
         batch_size=int(batch_size),
         batch_count=int(batch_count),
+        clip_skip=int(clip_skip) if clip_skip and int(clip_skip) > 1 else None,
     )
 
 
@@ -203,6 +205,9 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 sampler = gr.Dropdown(
                     [generate.MODEL_SAMPLER, *SAMPLERS], value=generate.MODEL_SAMPLER, label="sampler"
                 )
+                clip_skip = gr.Slider(
+                    1, 12, 1, step=1, label="clip skip (2: many anime models)", elem_id="clip-skip"
+                )
             with gr.Row():
                 steps = gr.Slider(1, 100, 20, step=1, label="steps", elem_id="steps")
                 guidance = gr.Slider(0, 20, 7.5, step=0.5, label="guidance")
@@ -254,6 +259,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
         sampler,
         batch_size,
         batch_count,
+        clip_skip,
     ]
     ui.add(
         prompt=prompt,
@@ -268,6 +274,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
         sampler=sampler,
         batch_size=batch_size,
         batch_count=batch_count,
+        clip_skip=clip_skip,
         gallery=gallery,
         heatmap=heatmap,
         report=report,
@@ -469,6 +476,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
         sampler: str,
         batch_size: float,
         batch_count: float,
+        clip_skip: float,
         request: gr.Request,
         progress=gr.Progress(),
     ) -> tuple[Any, ...]:
@@ -487,6 +495,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 sampler,
                 batch_size,
                 batch_count,
+                clip_skip,
             )
             cancel = services.cancels.begin(key)
             try:
@@ -543,6 +552,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
         sampler: str,
         batch_size: float,
         batch_count: float,
+        clip_skip: float,
         compare_with: list[str],
         leave_one_out: bool,
         request: gr.Request,
@@ -563,9 +573,10 @@ def build(ui: Ui, model: ModelInfo) -> None:
                 sampler,
                 1,
                 1,
+                clip_skip,
             )
             if req.seed < 0:
-                req = replace(req, seed=secrets.randbelow(2**32))
+                req = replace(req, seed=random_seed())
             cancel = services.cancels.begin(key)
             try:
                 res = generate.ab_compare(

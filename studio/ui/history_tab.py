@@ -116,6 +116,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             req.sampler or "model default",
             req.batch_size,
             1,
+            req.clip_skip or 1,
         ]
         return (new, *values, gr.Tabs(selected="create"))
 

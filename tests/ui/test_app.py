@@ -58,6 +58,7 @@ def test_every_event_is_named_and_the_documented_api_exists(served):
         "sampler",
         "batch_size",
         "batch_count",
+        "clip_skip",
     ]
     assert demo.analytics_enabled is False and url.startswith("http://127.0.0.1:")
 
@@ -234,3 +235,13 @@ def test_policy_and_compare_endpoints(served):
     with Image.open(grid) as im:
         assert im.size == (4 * 128, 128 + 18)  # current, ties, without each adapter
     assert "4 variants" in text and "without Beta Waves" in text
+
+
+def test_clip_skip_from_the_form_reaches_the_recipe_and_comes_back(served):
+    url, _ = served
+    client = Client(url, verbose=False)
+    client.predict(api_name="/clear_mix")
+    _gallery, recipe, _heatmap, _report = client.predict(**GEN, clip_skip=2, api_name="/generate")
+    assert json.loads(recipe)["clip_skip"] == 2
+    _gallery, recipe, _heatmap, _report = client.predict(**GEN, api_name="/generate")  # the default: unset
+    assert "clip_skip" not in json.loads(recipe)
