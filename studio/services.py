@@ -188,21 +188,36 @@ def catalog_gate_resolver(catalog: Any) -> GateResolver:
     return resolve
 
 
-def lazy_gate_resolver(config: StudioConfig) -> GateResolver:
-    """:func:`catalog_gate_resolver` over the configuration's catalog, opened on first use only (a
-    command that names no catalog gate never opens, or creates, a catalog)."""
-    resolvers: list[GateResolver] = []
+class LazyCatalog:
+    """The configuration's catalog, opened on first use only (a command that needs no catalog never
+    opens, or creates, one)."""
 
-    def resolve(ref: str, family: str | None, loras: Sequence[tuple[str, str | None]] = ()) -> Path:
-        if not resolvers:
+    def __init__(self, config: StudioConfig) -> None:
+        self.config = config
+        self._catalog: Any = None
+
+    def __call__(self) -> Any:
+        """The catalog (opened now if it was not yet)."""
+        if self._catalog is None:
             import adapters_db
 
-            resolvers.append(
-                catalog_gate_resolver(adapters_db.open_catalog(config.catalog_url, config.data_dir))
-            )
-        return resolvers[0](ref, family, loras)
+            self._catalog = adapters_db.open_catalog(self.config.catalog_url, self.config.data_dir)
+        return self._catalog
 
-    return resolve
+    def resolve(self, sha256: str) -> Path:
+        """:func:`catalog_resolver` over the catalog: ``sha256 → local file``."""
+        return catalog_resolver(self())(sha256)
+
+    def resolve_gate(
+        self, ref: str, family: str | None, loras: Sequence[tuple[str, str | None]] = ()
+    ) -> Path:
+        """:func:`catalog_gate_resolver` over the catalog."""
+        return catalog_gate_resolver(self())(ref, family, loras)
+
+
+def lazy_gate_resolver(config: StudioConfig) -> GateResolver:
+    """:func:`catalog_gate_resolver` over the configuration's catalog, opened on first use only."""
+    return LazyCatalog(config).resolve_gate
 
 
 def build_services(

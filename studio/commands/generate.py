@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipelines.fusion import REGISTRY
 from pipelines.models import SAMPLERS
@@ -51,7 +52,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument(
         "--prompt",
         default=None,
-        help="the prompt (A1111 <lora:name:w> tags are refused here: give LoRAs as --lora PATH:W)",
+        help="the prompt; A1111 <lora:name:w> tags name LoRAs of the --data-dir catalog (name, file stem "
+        "or hash), as in the studio's prompt box",
     )
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument(
@@ -107,13 +109,7 @@ def recipe_from_args(args: argparse.Namespace) -> MixRecipe:
     else:
         if not args.prompt:
             raise ValueError("--prompt is required (or --recipe FILE.png to replay)")
-        _, tags = parse_lora_tags(args.prompt)
-        if tags:
-            names = ", ".join(t.name for t in tags)
-            raise ValueError(
-                f"--prompt holds A1111 LoRA tags ({names}); the command line would send them to the text "
-                "encoder as words: give each LoRA as --lora PATH:W[:UNET_W] instead"
-            )
+        parse_lora_tags(args.prompt)  # a malformed tag is an error before anything loads
         base = MixRecipe(prompt=args.prompt)
     try:
         fusion_args = json.loads(args.fusion_args)
@@ -146,19 +142,54 @@ def recipe_from_args(args: argparse.Namespace) -> MixRecipe:
     return base.with_(**changes)
 
 
+def with_prompt_tags(recipe: MixRecipe, services: Any) -> tuple[MixRecipe, list[str]]:
+    """The recipe with its prompt's ``<lora:name:w>`` tags found in ``services.catalog`` (name, file stem
+    or hash) and added after the ``--lora`` adapters, as the Create tab does; keyframed tags turn
+    ``linear`` into ``schedule``. Returns notes (which adapter an ambiguous name picked)."""
+    from studio.handlers.create import schedule_entry
+    from studio.handlers.generate import tag_items
+
+    try:
+        clean, items, notes = tag_items(services, recipe.prompt)
+    except LookupError as exc:  # e.g. a name the catalog does not hold
+        raise ValueError(f"{exc.args[0]} (--data-dir {services.config.data_dir}); import it first") from None
+    if not items:
+        return recipe, notes
+    changes: dict[str, Any] = {"prompt": clean, "adapters": (*recipe.adapters, *(i.spec() for i in items))}
+    if any(i.schedule not in ("1", "1.0") for i in items):
+        if recipe.fusion not in ("linear", "schedule") or "schedule" in recipe.fusion_args:
+            raise ValueError(
+                "keyframed <lora:…:w@pos,…> tags need the schedule policy without a --fusion-args schedule "
+                f"of its own (got --fusion {recipe.fusion})"
+            )
+        plain = ["1"] * len(recipe.adapters)
+        changes["fusion"] = "schedule"
+        changes["fusion_args"] = {
+            **recipe.fusion_args,
+            "schedule": [*plain, *(schedule_entry(i.schedule) for i in items)],
+        }
+    return recipe.with_(**changes), notes
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate and write the image(s) with their recipe embedded."""
     from tqdm import tqdm
 
     from studio.config import StudioConfig
-    from studio.services import build_engine_services, data_dir, lazy_gate_resolver
+    from studio.services import LazyCatalog, build_engine_services, data_dir
 
     recipe = recipe_from_args(args)
-    print(f"seed {recipe.seed}", file=sys.stderr)
     config = StudioConfig(
         data_dir=data_dir(args.data_dir), model=recipe.model, device=args.device, dtype=args.dtype
     )
-    services = build_engine_services(config, resolve_gate=lazy_gate_resolver(config))
+    catalog = LazyCatalog(config)  # catalog adapters (sha256:… refs, prompt tags) and gates, if named
+    services = build_engine_services(config, resolve=catalog.resolve, resolve_gate=catalog.resolve_gate)
+    if parse_lora_tags(recipe.prompt)[1]:
+        services.catalog = catalog()
+        recipe, notes = with_prompt_tags(recipe, services)
+        for note in notes:
+            print(note, file=sys.stderr)
+    print(f"seed {recipe.seed}", file=sys.stderr)
     with tqdm(total=recipe.steps, desc="generate", unit="step") as bar:
 
         def on_step(i: int, n: int) -> None:

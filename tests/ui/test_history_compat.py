@@ -50,9 +50,9 @@ def test_explicit_seeds_are_kept_and_bad_ones_refused() -> None:
             gen_cmd.recipe_from_args(args_of("--prompt", "x", "--seed", bad))
 
 
-def test_lora_tags_in_the_command_line_prompt_are_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"LoRA tags \(cat_v2\).*--lora PATH:W"):
-        gen_cmd.recipe_from_args(args_of("--prompt", "a cat <lora:cat_v2:0.8>"))
+def test_malformed_lora_tags_in_the_command_line_prompt_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="bad weight"):
+        gen_cmd.recipe_from_args(args_of("--prompt", "a cat <lora:cat_v2:lots>"))
 
 
 def test_random_seed_is_printed_recorded_and_replays(
