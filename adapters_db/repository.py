@@ -665,15 +665,20 @@ def _merge_files(version: AdapterVersion, specs: Iterable[FileSpec]) -> None:
                 setattr(row, column, getattr(fresh, column))
 
 
-def _image_keys(civitai_image_id: int | None, url: str | None) -> list[tuple[str, Any]]:
-    return [k for k in (("id", civitai_image_id), ("url", url)) if k[1]]
+def _image_keys(
+    civitai_image_id: int | None, url: str | None, local_sha256: str | None = None
+) -> list[tuple[str, Any]]:
+    return [k for k in (("id", civitai_image_id), ("url", url), ("local", local_sha256)) if k[1]]
 
 
 def _merge_images(version: AdapterVersion, specs: Iterable[ImageSpec], adapter: Adapter) -> None:
-    """Append a version's new pictures; one it has (same Civitai image id, else URL) is updated instead."""
-    known = {k: im for im in version.images for k in _image_keys(im.civitai_image_id, im.url)}
+    """Append a version's new pictures; one it has (same Civitai image id, else URL, else the same stored
+    local copy) is updated instead."""
+    known = {
+        k: im for im in version.images for k in _image_keys(im.civitai_image_id, im.url, im.local_sha256)
+    }
     for spec in specs:
-        keys = _image_keys(spec.civitai_image_id, spec.url)
+        keys = _image_keys(spec.civitai_image_id, spec.url, spec.local_sha256)
         row = next((known[k] for k in keys if k in known), None)
         if row is None:
             row = _image_row(spec, adapter, len(version.images))

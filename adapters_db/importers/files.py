@@ -10,7 +10,9 @@ reuses or garbage collection removes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adapters_db.dto import ImportResult, ImportSummary, LicenceFlags
+from adapters_db.dto import ImportResult, ImportSummary, LicenceFlags, Stats
 from adapters_db.families import family_from_civitai, normalize_family
 from adapters_db.importers.civitai import image_spec
 from adapters_db.importers.common import (
@@ -34,10 +36,12 @@ from adapters_db.importers.sidecars import (
     LORA_EXTS,
     REFUSED_EXTS,
     Sidecars,
+    _listing,
+    civitai_version,
     find_sidecars,
     image_parameters,
 )
-from adapters_db.models import AdapterFile, AdapterVersion
+from adapters_db.models import Adapter, AdapterFile, AdapterVersion
 from adapters_db.repository import add_version, attach_local_file, write_adapter
 from adapters_db.specs import AdapterSpec, FileSpec, ImageSpec, VersionSpec
 from adapters_db.store import StoredFile
@@ -47,6 +51,11 @@ if TYPE_CHECKING:
 
 MAX_HEADER_TRIGGERS = 12
 MAX_METADATA_VALUE = 65_536
+# ``Adapter.extra[SIDECARS_KEY]``: ``{sha256: [path, fingerprint]}``: where a local import found the file
+# and a fingerprint of the sidecars it read there, so that importing the folder again refreshes an adapter
+# whose sidecars changed, and reports the rest (and a copy of the file elsewhere) as duplicates.
+SIDECARS_KEY = "local_sidecars"
+log = logging.getLogger(__name__)
 
 
 class UnsupportedFileError(ImportErrorBase):
@@ -54,6 +63,8 @@ class UnsupportedFileError(ImportErrorBase):
 
 
 def _check_path(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path}: broken symbolic link (its target {os.readlink(path)!r} is missing)")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if not path.is_file():
@@ -87,20 +98,31 @@ def _file_spec(path: Path, stored: StoredFile, info: Any, file_name: str | None 
     )
 
 
-def _preview_specs(catalog: Catalog, previews: Sequence[Path]) -> tuple[ImageSpec, ...]:
-    out = []
+def _preview_specs(
+    catalog: Catalog, previews: Sequence[Path], written: list[StoredFile] | None = None
+) -> tuple[ImageSpec, ...]:
+    """Stored copies of the readable preview pictures, in lookup order, each picture once (the same bytes
+    under two names are one picture); stored under the extension of their real format."""
+    out: list[ImageSpec] = []
+    seen: set[str] = set()
     for path in previews:
         params = image_parameters(path)
         if not params:
-            continue  # not an image PIL can read: skip the preview, keep the LoRA
-        stored = catalog.store.put_file(path, kind="images", ext=path.suffix.lower())
+            continue  # not an image PIL can read (a video saved as .preview.png): skip it, keep the LoRA
+        ext = params.pop("_ext", None) or path.suffix.lower()
+        stored = catalog.store.put_file(path, kind="images", ext=ext)
+        if written is not None:
+            written.append(stored)
+        if stored.sha256 in seen:
+            continue
+        seen.add(stored.sha256)
         prompt = params.pop("prompt", None) or None
         negative = params.pop("negativePrompt", None) or None
         width, height = params.pop("_width", None), params.pop("_height", None)
         out.append(
             ImageSpec(
                 local_sha256=stored.sha256,
-                local_ext=path.suffix.lower(),
+                local_ext=ext,
                 width=width,
                 height=height,
                 prompt=prompt,
@@ -118,7 +140,23 @@ def _first(*values: Any) -> Any:
 def _split_words(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = value.split(",")
-    return tuple(w.strip() for w in value or () if isinstance(w, str) and w.strip())
+    if not isinstance(value, (list, tuple)):
+        return ()
+    return tuple(dict.fromkeys(w.strip() for w in value if isinstance(w, str) and w.strip()))
+
+
+def _civitai(sidecars: Sidecars, file: FileSpec) -> tuple[dict[str, Any] | None, list[str]]:
+    """The Civitai version that describes this file: from ``.civitai.info`` (or LoRA Manager's block),
+    else ``.api_info.json``; a sidecar that describes another file is left out with a warning."""
+    warnings: list[str] = []
+    for label, data in ((".civitai.info", sidecars.civitai_info), (".api_info.json", sidecars.api_info)):
+        if not data:
+            continue
+        version, why = civitai_version(data, file.sha256 or "", file.file_name)
+        if version is not None:
+            return version, warnings
+        warnings.append(f"{label}: left out, {why}")
+    return None, warnings
 
 
 def local_spec(
@@ -128,10 +166,14 @@ def local_spec(
     sidecars: Sidecars,
     images: tuple[ImageSpec, ...],
     extra: dict[str, Any],
+    civitai: dict[str, Any] | None = None,
 ) -> AdapterSpec:
-    """Build the spec of a local file from (in priority order) explicit arguments, a ``.civitai.info``,
-    the A1111 user metadata / description sidecars and the safetensors header."""
-    meta, civ, user = dict(info.metadata), sidecars.civitai_info or {}, sidecars.user_metadata
+    """Build the spec of a local file from (in priority order) explicit arguments, the Civitai version
+    (``civitai``; else resolved from the sidecars), LoRA Manager's metadata, the A1111 user metadata /
+    description sidecars and the safetensors header."""
+    if civitai is None:
+        civitai = _civitai(sidecars, file)[0]
+    meta, civ, user, manager = dict(info.metadata), civitai or {}, sidecars.user_metadata, sidecars.manager
     model = civ.get("model") if isinstance(civ.get("model"), dict) else {}
     header_family = info.family if info.family in ("sd1", "sd2", "sdxl", "pocket") else None
     family = _first(
@@ -139,6 +181,7 @@ def local_spec(
         header_family,
         family_from_civitai(civ.get("baseModel")),
         _user_family(user.get("sd version")),
+        family_from_civitai(manager.get("base_model")),
     )
     triggers = (
         _first(
@@ -152,6 +195,7 @@ def local_spec(
     description = _first(
         extra.get("description_html"),
         model.get("description"),
+        manager.get("modelDescription"),
         civ.get("description"),
         sidecars.description,
         user.get("description"),
@@ -163,7 +207,9 @@ def local_spec(
             _first(extra.get("version_name"), civ.get("name"), meta.get("ss_training_comment"), "local")
         )[:400],
         civitai_version_id=civ.get("id") if isinstance(civ.get("id"), int) else None,
-        base_model=_first(civ.get("baseModel"), meta.get("ss_base_model_version"), header_family),
+        base_model=_first(
+            civ.get("baseModel"), meta.get("ss_base_model_version"), manager.get("base_model"), header_family
+        ),
         base_family=family,
         description_html=str(civ.get("description") or ""),
         download_url=civ.get("downloadUrl"),
@@ -171,33 +217,42 @@ def local_spec(
         files=(file,),
         images=images + civ_images,
     )
-    tags = tuple(extra.get("tags") or ()) or _split_words(meta.get("modelspec.tags")) + _split_words(
-        model.get("tags")
+    header_tags = _split_words(meta.get("modelspec.tags"))
+    tags = tuple(extra.get("tags") or ()) or _split_words(
+        [*header_tags, *_split_words(model.get("tags")), *manager.get("tags", ())]
     )
+    notes = "\n\n".join(n.strip() for n in (user.get("notes"), manager.get("notes")) if n and n.strip())
+    local_extra = {
+        "preferred_weight": _first(user.get("preferred weight"), manager.get("strength")),
+        "negative_text": (user.get("negative text") or "").strip() or None,
+        "notes": notes or None,
+        "folder": extra.get("folder") or None,
+    }
     return AdapterSpec(
         name=str(
             _first(
                 extra.get("name"),
+                manager.get("model_name"),
                 model.get("name"),
                 meta.get("modelspec.title"),
                 meta.get("ss_output_name"),
                 Path(file.file_name).stem,
             )
         ),
-        source=str(extra.get("source") or ("civitai" if civ else "local")),
+        source=str(extra.get("source") or ("civitai" if civ.get("id") or civ.get("modelId") else "local")),
         kind=str(extra.get("kind") or "lora"),
         description_html=str(description or ""),
         base_family=family,
         base_model=version.base_model,
         nsfw_level=int(extra.get("nsfw_level", 2 if model.get("nsfw") else 0)),
-        creator=_first(extra.get("creator"), meta.get("modelspec.author")),
+        creator=_first(extra.get("creator"), model.get("creator"), meta.get("modelspec.author")),
         civitai_model_id=civ.get("modelId") if isinstance(civ.get("modelId"), int) else None,
         hf_repo=extra.get("hf_repo"),
         source_url=extra.get("source_url"),
         licence=extra.get("licence") or LicenceFlags(license=meta.get("modelspec.license") or None),
         tags=tuple(t.lower() for t in tags),
         versions=(version,),
-        extra={"preferred_weight": user.get("preferred weight")} if user.get("preferred weight") else {},
+        extra={k: v for k, v in local_extra.items() if v is not None},
     )
 
 
@@ -225,13 +280,11 @@ def _import_file(
     stored = catalog.store.put_file(path)
     written.append(stored)
     crash_point("after_store_write")
+    sidecars = sidecars or Sidecars()
     existing = _existing_file(session, stored.sha256)
-    if existing is not None and existing.stored:
-        adapter_id = existing.version.adapter_id
-        raise DuplicateError(
-            f"{path}: already in the catalog as adapter {adapter_id} (SHA-256 {stored.sha256[:12]}…)"
-        )
     file = _file_spec(path, stored, info, extra.get("file_name"))
+    if existing is not None and existing.stored:
+        return _refresh(session, catalog, path, existing, info, file, sidecars, extra, written)
     if existing is not None:
         adapter_id = attach_local_file(session, stored.sha256, file)
         return ImportResult(
@@ -242,11 +295,104 @@ def _import_file(
             stored.sha256,
             "linked to its catalogued entry",
         )
-    sidecars = sidecars or Sidecars()
-    images = _preview_specs(catalog, sidecars.previews)
-    spec = local_spec(path, info, file, sidecars, images, extra)
+    civitai, warnings = _civitai(sidecars, file)
+    images = _preview_specs(catalog, sidecars.previews, written)
+    spec = local_spec(path, info, file, sidecars, images, extra, civitai)
     adapter_id, status = _write_or_merge(session, spec)
-    return ImportResult(str(path), status, adapter_id, spec.name, stored.sha256)
+    if status == "imported" and sidecars.fingerprint:
+        _remember_sidecars(session, adapter_id, stored.sha256, path, sidecars.fingerprint)
+    return ImportResult(
+        str(path), status, adapter_id, spec.name, stored.sha256, _warn(path, [*sidecars.warnings, *warnings])
+    )
+
+
+def _warn(path: Path, warnings: Sequence[str]) -> str:
+    """The result message for sidecars left out (also logged as a warning)."""
+    if not warnings:
+        return ""
+    message = "imported without " + "; ".join(warnings)
+    log.warning("%s: %s", path, message)
+    return message
+
+
+def _remember_sidecars(session: Session, adapter_id: int, sha256: str, path: Path, fingerprint: str) -> None:
+    row = session.get(Adapter, adapter_id)
+    if row is None:
+        return
+    extra = dict(row.extra or {})
+    extra[SIDECARS_KEY] = {
+        **dict(extra.get(SIDECARS_KEY) or {}),
+        sha256: [os.path.abspath(path), fingerprint],
+    }
+    row.extra = extra
+    session.flush()
+
+
+def _refresh(
+    session: Session,
+    catalog: Catalog,
+    path: Path,
+    existing: AdapterFile,
+    info: Any,
+    file: FileSpec,
+    sidecars: Sidecars,
+    extra: dict[str, Any],
+    written: list[StoredFile],
+) -> ImportResult:
+    """A file already stored: a duplicate, unless a local import made its adapter from this very path and
+    the sidecars there have changed since; then the adapter is refreshed from them (as a Civitai record
+    refresh is: versions, files and pictures merged, what the sidecars cannot say kept)."""
+    row = session.get(Adapter, existing.version.adapter_id)
+    assert row is not None
+    seen = dict((row.extra or {}).get(SIDECARS_KEY) or {}).get(file.sha256 or "")
+    here = [os.path.abspath(path), sidecars.fingerprint]
+    if not isinstance(seen, list) or seen[:1] != here[:1] or seen == here or not sidecars.fingerprint:
+        raise DuplicateError(
+            f"{path}: already in the catalog as adapter {row.id} (SHA-256 {(file.sha256 or '')[:12]}…)"
+        )
+    civitai, warnings = _civitai(sidecars, file)
+    images = _preview_specs(catalog, sidecars.previews, written)
+    spec = _keep_catalogued(local_spec(path, info, file, sidecars, images, extra, civitai), row)
+    adapter_id, status = write_adapter(session, spec, adapter_id=row.id)
+    _remember_sidecars(session, adapter_id, file.sha256 or "", path, sidecars.fingerprint)
+    if status == "duplicate":  # the sidecars changed, what they say did not
+        message = f"already in the catalog as adapter {adapter_id}; its sidecars say nothing new"
+    else:
+        message = "metadata refreshed from its changed sidecars"
+    message = _warn(path, [*sidecars.warnings, *warnings]) or message
+    return ImportResult(str(path), status, adapter_id, spec.name, file.sha256, message)
+
+
+def _keep_catalogued(spec: AdapterSpec, row: Adapter) -> AdapterSpec:
+    """A refresh from sidecars changes what they say and keeps what they cannot say (community counters,
+    licence flags, links) or no longer say (a description, tags, a Civitai id)."""
+    return replace(
+        spec,
+        source=row.source if spec.source == "local" else spec.source,
+        description_html=spec.description_html or row.description_html or "",
+        base_family=spec.base_family or row.base_family,
+        base_model=spec.base_model or row.base_model,
+        creator=spec.creator or row.creator,
+        civitai_model_id=spec.civitai_model_id or row.civitai_model_id,
+        source_url=spec.source_url or row.source_url,
+        nsfw_level=max(spec.nsfw_level, row.nsfw_level or 0),
+        poi=spec.poi or bool(row.poi),
+        tags=tuple(dict.fromkeys([*(t.name for t in row.tags), *spec.tags])),
+        licence=LicenceFlags(
+            license=spec.licence.license or row.license,
+            allow_no_credit=row.allow_no_credit,
+            allow_commercial_use=row.allow_commercial_use,
+            allow_derivatives=row.allow_derivatives,
+            allow_different_license=row.allow_different_license,
+        ),
+        stats=Stats(
+            downloads=row.download_count or 0,
+            favorites=row.favorite_count or 0,
+            comments=row.comment_count or 0,
+            ratings=row.rating_count or 0,
+            rating=row.rating or 0.0,
+        ),
+    )
 
 
 def _write_or_merge(session: Session, spec: AdapterSpec) -> tuple[int, str]:
@@ -313,19 +459,37 @@ def import_file(
     return result
 
 
+def _walk(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """``(folder, file names)`` under ``root`` as A1111 lists a LoRA tree: symbolic links to folders are
+    followed (each real folder once, so a link loop ends), hidden folders and files (``.git``,
+    ``.ipynb_checkpoints``, macOS ``._name`` files) are left out."""
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield Path(folder), sorted(f for f in files if not f.startswith("."))
+
+
 def scan_folder(root: Path) -> tuple[list[Path], list[Path]]:
-    """LoRA files under ``root`` (recursively) and other model-like files that will be refused."""
+    """LoRA files under ``root`` (recursively, see :func:`_walk`) and other model-like files that will be
+    refused."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
     loras, refused = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        suffix = path.suffix.lower()
-        if suffix in LORA_EXTS:
-            loras.append(path)
-        elif suffix in REFUSED_EXTS:
-            refused.append(path)
-    return loras, refused
+    for folder, names in _walk(root):
+        for name in names:
+            path = folder / name
+            suffix = path.suffix.lower()
+            if suffix in LORA_EXTS and (path.is_file() or path.is_symlink()):
+                loras.append(path)
+            elif suffix in REFUSED_EXTS and (path.is_file() or path.is_symlink()):
+                refused.append(path)
+    return sorted(loras), sorted(refused)
 
 
 def import_folder(
@@ -334,17 +498,21 @@ def import_folder(
     """Import an A1111/ComfyUI ``models/Lora`` tree: every .safetensors with its previews and sidecars.
 
     Pickled checkpoints are reported as failed (never opened); previews and sidecars are picked up
-    by name; a broken sidecar fails only its own LoRA.
+    by name (case-insensitively, as A1111 does); a sidecar that cannot be read is left out with a warning
+    in the file's result, and the file is imported from its header. A file's subfolder (A1111 shows it as
+    a category) is kept as ``extra["folder"]``.
     """
-    loras, refused = scan_folder(Path(root))
+    root = Path(root)
+    loras, refused = scan_folder(root)
     results: list[ImportResult] = []
+    listings: dict[Path, dict[str, str]] = {}
     for path in progress(loras, show_progress, len(loras), "LoRA files"):
-        try:
-            cars = find_sidecars(path)
-        except ValueError as exc:
-            results.append(ImportResult(str(path), "failed", message=f"SidecarError: {exc}"))
-            continue
-        results.append(import_file(session, catalog, path, sidecars=cars, **extra))
+        if path.parent not in listings:
+            listings[path.parent] = _listing(path.parent)
+        cars = find_sidecars(path, listings[path.parent])
+        folder = path.parent.relative_to(root).as_posix()
+        item_extra = {**extra, "folder": folder} if folder not in ("", ".") else extra
+        results.append(import_file(session, catalog, path, sidecars=cars, **item_extra))
     for path in refused:
         results.append(import_file(session, catalog, path))
     return ImportSummary(tuple(results))
