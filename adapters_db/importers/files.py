@@ -197,8 +197,8 @@ def local_spec(
         model.get("description"),
         manager.get("modelDescription"),
         civ.get("description"),
+        user.get("description"),  # A1111's user metadata overrides the .txt description (read_user_metadata)
         sidecars.description,
-        user.get("description"),
         meta.get("modelspec.description"),
     )
     civ_images = tuple(image_spec(im) for im in civ.get("images") or [] if isinstance(im, dict))

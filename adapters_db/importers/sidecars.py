@@ -12,7 +12,7 @@ For ``models/Lora/foo.safetensors`` (formats checked against the tools that writ
 - ``foo.json``: A1111's extra-networks user metadata (``description``, ``sd version`` = SD1 / SD2 / SDXL /
   Unknown, ``activation text``, ``preferred weight`` (0: unset), ``negative text``, ``notes``); Civitai
   Browser+ adds ``sha256``, ``modelId`` and writes ``sd version`` "Other".
-- ``foo.description.txt`` / ``foo.txt``: a plain description.
+- ``foo.txt`` / ``foo.description.txt``: a plain description (A1111 reads them in that order).
 - previews, looked up as A1111 does (case-insensitively; for each of .png, .jpg, .jpeg, .webp, .gif:
   ``foo.EXT`` before ``foo.preview.EXT``); the first one found is A1111's card picture. Civitai Helper
   and Civitai Browser+ name every preview ``.preview.png`` whatever its format.
@@ -145,7 +145,7 @@ def find_sidecars(lora: Path, listing: Mapping[str, str] | None = None) -> Sidec
     if not info and isinstance(manager_raw.get("civitai"), dict) and manager_raw["civitai"]:
         info = manager_raw["civitai"]
     description = ""
-    for name in (f"{stem}.description.txt", f"{stem}.txt"):
+    for name in (f"{stem}.txt", f"{stem}.description.txt"):  # A1111's find_description order
         path = _find(folder, name, listing)
         if path is None:
             continue

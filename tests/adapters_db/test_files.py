@@ -209,7 +209,8 @@ def test_folder_with_sidecars_and_a_bad_batch(
         assert local.width == 24 and local.local_path.is_file()
         assert any(i.prompt == "ghibli style, a hill town" and i.url for i in previews)
         ink = adapters_db.list_adapters(s, catalog, text="inkpen").items[0]
-        assert ink.trigger_words == ("inkpen", "lineart") and ink.description_text == "Black ink line art."
+        assert ink.trigger_words == ("inkpen", "lineart")
+        assert ink.description_text == "Ink pen drawings"  # A1111: the .json description wins over the .txt
         assert ink.extra["preferred_weight"] == 0.7
         assert s.execute(select(func.count(Adapter.id))).scalar() == 4
         hit = adapters_db.search(s, catalog, "a windmill on a hill", k=1)[0]

@@ -360,3 +360,18 @@ def test_importing_again_is_idempotent_and_picks_up_changed_sidecars(
     (elsewhere,) = _import(catalog, copy.parent).results
     assert elsewhere.status == "duplicate" and elsewhere.adapter_id == adapter_id
     assert _record(catalog, adapter_id).trigger_words == ("second", "third")
+
+
+def test_descriptions_are_read_in_a1111s_order(
+    sqlite_catalog: Catalog, lora_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "loras"
+    both = lora_file("both.safetensors", folder=root)
+    (root / "both.txt").write_text("from the txt")
+    (root / "both.description.txt").write_text("from the description.txt")
+    over = lora_file("over.safetensors", folder=root)
+    (root / "over.txt").write_text("from the txt")
+    (root / "over.json").write_text(json.dumps({"description": "from the user metadata"}))
+    results = _by_name(_import(sqlite_catalog, root))
+    assert _record(sqlite_catalog, results[both.name].adapter_id).description_text == "from the txt"
+    assert _record(sqlite_catalog, results[over.name].adapter_id).description_text == "from the user metadata"
