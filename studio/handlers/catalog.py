@@ -13,6 +13,7 @@ import adapters_db
 from adapters_db import AdapterRecord, ImportResult, ImportSummary
 from adapters_db.models import UNSEARCHABLE_KINDS
 from adapters_db.repository import LICENCE_FLAGS, SORTS
+from studio.handlers import html
 from studio.handlers.state import SessionState
 from studio.services import Services
 
@@ -229,6 +230,11 @@ def edit_metadata(services: Services, adapter_id: int, edit: MetadataEdit) -> Ad
         return adapters_db.update_metadata(session, services.catalog, int(adapter_id), **changes)
 
 
+def delete_question(record: AdapterRecord) -> str:
+    """The Markdown question that asks before an adapter is deleted (its name shown as typed)."""
+    return f"Delete **{html.md(record.name)}** and its files for good?"
+
+
 def delete(services: Services, state: SessionState, adapter_id: int) -> tuple[SessionState, str]:
     """Delete an adapter (and its files nothing else uses); the mix loses it too."""
     record = get_record(services, adapter_id)
@@ -327,15 +333,20 @@ def import_url(services: Services, url: str) -> ImportSummary:
     return summary
 
 
-def summary_text(summary: ImportSummary) -> str:
-    """Markdown report of an import: counts, then one line per item that did not import cleanly."""
-    lines = [f"**Import:** {summary.describe()}"]
+def summary_text(summary: ImportSummary, *, short_paths: bool = False) -> str:
+    """Markdown report of an import: counts, then one line per item (names and messages come from files
+    and the web: shown as text, never as Markdown or HTML). ``short_paths``: name each item by its file
+    name in the messages too (uploads, whose paths are the server's temporary folders)."""
+    lines = [f"**Import:** {html.md(summary.describe())}"]
     for r in summary.results:
-        lines.append(_result_line(r))
+        lines.append(_result_line(r, short_paths))
     return "\n".join(lines)
 
 
-def _result_line(r: ImportResult) -> str:
+def _result_line(r: ImportResult, short_paths: bool = False) -> str:
     name = r.name or Path(r.source).name
-    detail = f" — {r.message}" if r.message else ""
-    return f"- {r.status}: {name}{detail}"
+    message = r.message
+    if short_paths and r.source and Path(r.source).name:
+        message = message.replace(str(r.source), Path(r.source).name)
+    detail = f" — {html.md(message)}" if message else ""
+    return f"- {html.md(r.status)}: {html.md(name)}{detail}"

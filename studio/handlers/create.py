@@ -315,6 +315,18 @@ def mix_warnings(services: Services, state: SessionState) -> list[str]:
     return out
 
 
+def slot_title(index: int, item: MixItem) -> str:
+    """The Markdown title of mix entry ``index``: number, name, base family and trigger words (catalog
+    text, shown as typed)."""
+    triggers = ", ".join(html.md_code(w) for w in item.trigger_words[:4]) or "no trigger words"
+    return f"**{index + 1}. {html.md(item.name)}** · {html.md(item.family or 'unknown base')} · {triggers}"
+
+
+def warnings_markdown(warnings: Sequence[str]) -> str:
+    """The mix's warnings as Markdown lines (they quote adapter names: shown as typed)."""
+    return "\n\n".join(f"⚠️ {html.md(w)}" for w in warnings)
+
+
 def insert_triggers(prompt: str, state: SessionState) -> str:
     """The prompt with the trigger words of the mix's adapters appended (those not already in it)."""
     words = [w for item in state.mix for w in item.trigger_words[:3]]

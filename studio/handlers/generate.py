@@ -11,13 +11,14 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.engine import GenerationCancelled
 from pipelines.fusion import REGISTRY
 from pipelines.fusion.base import is_per_adapter
 from pipelines.fusion.schedule import loractl_entry
 from pipelines.models import SAMPLERS
 from pipelines.pngmeta import pinned_recipe, read_recipe
 from pipelines.recipe import MAX_SEED, MixRecipe, check_clip_skip, parse_lora_tags, random_seed
-from studio.handlers import plots
+from studio.handlers import html, plots
 from studio.handlers.create import check_schedule, find_adapter, mix_item, resolve_adapter, schedule_entry
 from studio.handlers.policies import MIX_OWNED_PARAMS, policy_defaults, policy_names
 from studio.handlers.state import MAX_MIX, MixItem, SessionState
@@ -204,8 +205,7 @@ class GenerateResult:
 
 def caption(recipe: MixRecipe) -> str:
     """A one-line description of a recipe for gallery captions."""
-    mix = ", ".join(f"{a.label} {a.weight:g}" for a in recipe.adapters) or "no adapters"
-    return f"seed {recipe.seed} · {recipe.fusion} · {mix}"
+    return f"seed {recipe.seed} · {recipe.fusion} · {html.mix_text(recipe.adapters)}"
 
 
 def _progress(on_step: StepFn | None, done: int, total: int) -> StepFn | None:
@@ -252,15 +252,24 @@ def generate(
     on_step: StepFn | None = None,
     cancel: Any = None,
 ) -> GenerateResult:
-    """Run the request ``batch_count`` times (seed, seed+1, …), record each run, return the images."""
+    """Run the request ``batch_count`` times (seed, seed+1, …), record each run, return the images.
+
+    Cancelled after some runs, it returns those (as A1111's Interrupt keeps the images made so far), with
+    a note; cancelled during the first run, it raises :class:`GenerationCancelled`."""
     recipe, notes = build_recipe(services, state, req)
     total = recipe.steps * req.batch_count
     images, entries, gen, heat = [], [], None, None
     for run in range(req.batch_count):
         r = recipe.with_(seed=recipe.seed + run)
-        gen, entry, heat = run_recipe(
-            services, r, owner=owner, on_step=_progress(on_step, run * r.steps, total), cancel=cancel
-        )
+        try:
+            gen, entry, heat = run_recipe(
+                services, r, owner=owner, on_step=_progress(on_step, run * r.steps, total), cancel=cancel
+            )
+        except GenerationCancelled:
+            if not entries:
+                raise
+            notes.append(f"cancelled after {run} of {req.batch_count} runs: showing the images made so far")
+            break
         entries.append(entry)
         images += [(str(p), caption(entry.recipe)) for p in entry.images]
     assert gen is not None
@@ -337,6 +346,11 @@ class CompareResult:
     cells: list[tuple[str, str]]
     info: str
     notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        """The grid's report for a Markdown component: the run, then the cells in order (their labels
+        name adapters: shown as typed)."""
+        return self.info + "\n\n" + " · ".join(html.md(label) for _, label in self.cells)
 
 
 def ab_compare(

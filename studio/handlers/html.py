@@ -8,6 +8,7 @@ Buttons carry ``data-action``/``data-id`` attributes; the UI turns clicks on the
 from __future__ import annotations
 
 import html
+import re
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,36 @@ NSFW_NAMES = {0: "", 1: "soft", 2: "mature", 3: "x"}
 def esc(value: Any) -> str:
     """Escaped text of any value (``None`` → empty)."""
     return "" if value is None else html.escape(str(value), quote=True)
+
+
+# Markdown's inline punctuation (emphasis, code, links and images, strikethrough); ``<`` and ``&`` are
+# HTML-escaped. Block syntax (``#``, ``-``, ``1.``) needs no escape: these texts never start a line.
+_MD_PUNCT = re.compile(r"([\\`*_\[\]~])")
+
+
+def md(value: Any) -> str:
+    """Text for a Markdown component: shown as typed, never as HTML or Markdown (``None`` → empty)."""
+    text = "" if value is None else html.escape(str(value), quote=False)
+    return _MD_PUNCT.sub(r"\\\1", text).replace("\n", " ")
+
+
+def md_code(value: Any) -> str:
+    """Text in a code chip inside Markdown (a backtick span cannot hold every text; ``<code>`` can)."""
+    return f"<code>{esc(value)}</code>"
+
+
+def strength(spec: Any) -> str:
+    """An adapter's strength in a recipe as people read it: the weight times its text-encoder and UNet
+    multipliers (``<lora:x:0.8>`` is 0.8), both when they differ (``te 0.5/unet 0.8``)."""
+    te, unet = spec.weight * spec.te, spec.weight * spec.unet
+    if te == unet:
+        return f"{te:g}"
+    return f"te {te:g}/unet {unet:g}"
+
+
+def mix_text(adapters: Sequence[Any]) -> str:
+    """One line naming a recipe's adapters with their strengths."""
+    return ", ".join(f"{a.label} {strength(a)}" for a in adapters) or "no adapters"
 
 
 def file_url(path: str | Path) -> str:
@@ -286,7 +317,7 @@ def history_cards(entries: Sequence[Any], empty: str = "No generations yet.") ->
     cards = []
     for e in entries:
         pic = f'<img src="{esc(file_url(e.images[0]))}" alt="">' if e.images and e.images[0].is_file() else ""
-        mix = ", ".join(f"{a.label} {a.weight:g}" for a in e.recipe.adapters) or "no adapters"
+        mix = mix_text(e.recipe.adapters)
         cards.append(
             f'<div class="as-card" data-entry-id="{esc(e.id)}"><div class="as-thumb">{pic}</div>'
             f'<div class="as-body"><div class="as-why">{esc(e.created_at.strftime("%Y-%m-%d %H:%M"))} · '

@@ -246,6 +246,21 @@ def cancel_job(services: Services, job_id: str, user: str = "") -> str:
     return services.jobs.cancel(job_ref(services, job_id, user)).status
 
 
+def cancel_notice(services: Services, job_id: str, user: str = "") -> str:
+    """Ask a job to stop (:func:`cancel_job`) and say what happened, as the person reads it: a running
+    job is still running when this returns (it stops at its next step)."""
+    job_id = job_ref(services, job_id, user)
+    before = services.jobs.status(job_id)
+    if before.finished:
+        return f"Job {before.name!r} is {before.status}: nothing to cancel."
+    st = services.jobs.cancel(job_id)
+    if st.status == "running":
+        return f"Stopping job {st.name!r}: it stops at its next step; its checkpoint is kept for Resume."
+    if st.status == "cancelled":
+        return f"Job {st.name!r} cancelled; Resume queues it again."
+    return f"Job {st.name!r} is {st.status}: nothing to cancel."
+
+
 def resume_job(services: Services, job_id: str, user: str = "") -> str:
     """Queue a cancelled or failed job again from its last checkpoint; returns its status."""
     return services.jobs.resume(job_ref(services, job_id, user)).status

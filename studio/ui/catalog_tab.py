@@ -119,7 +119,9 @@ def build(ui: Ui, tab: gr.Tab) -> None:
 
     filters = [query, family, tags, nsfw, licence, location, sort, kind]
     edit_fields = [edit_name, edit_tags, edit_triggers, edit_family, edit_nsfw, edit_description]
-    detail_outputs = [detail, *edit_fields, ui.tabs]
+    # opening an adapter hides a pending delete question: it named the adapter open before
+    detail_outputs = [detail, *edit_fields, confirm_row, ui.tabs]
+    pending_delete = gr.State(None)  # the id the delete question names (what "Yes, delete it" deletes)
 
     def detail_values(
         state: SessionState, record: adapters_db.AdapterRecord, switch: bool
@@ -133,6 +135,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             record.base_family or "",
             record.nsfw_level,
             record.description_html,
+            gr.Row(visible=False),
             gr.Tabs(selected="catalog") if switch else gr.skip(),
         )
 
@@ -231,47 +234,86 @@ def build(ui: Ui, tab: gr.Tab) -> None:
     prev_btn.click(partial(on_step_page, -1), [state, *filters, page], list_outputs, api_name="catalog_prev")
     next_btn.click(partial(on_step_page, 1), [state, *filters, page], list_outputs, api_name="catalog_next")
 
-    # ---- cards and the detail view
-    def on_catalog_card(state: SessionState, evt: gr.EventData) -> tuple[Any, ...]:
+    # ---- cards and the detail view (adding or downloading an adapter changes its card: the page is
+    # listed again, so the card says "in the mix" or "local" at once)
+    view = [*filters, page]
+    no_listing = (gr.skip(),) * len(list_outputs)
+
+    def on_catalog_card(
+        state: SessionState,
+        query: str,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        sort: str,
+        kind: str,
+        page: float,
+        evt: gr.EventData,
+    ) -> tuple[Any, ...]:
         data = getattr(evt, "_data", None) or {}
         action, ref = data.get("action"), data.get("id")
+        q = (query, base_family, tags, include_nsfw, licence, location, sort, kind, page)
         with user_errors("Catalog"):
             if action == "add":
                 new, notes = create.add_adapter(services, state, ref)
                 warn(notes)
+                listing = show(_query(*q), new)
                 if new.detail_id is not None and str(new.detail_id) == str(ref):
-                    return (new, *detail_values(new, C.get_record(services, ref), False))
-                return (new, *detail_skip())
+                    return (new, *detail_values(new, C.get_record(services, ref), False), *listing)
+                return (new, *detail_skip(), *listing)
             if action == "detail":
                 new, record = C.open_detail(services, state, ref)
-                return (new, *detail_values(new, record, False))
-        return (gr.skip(), *detail_skip())
+                return (new, *detail_values(new, record, False), *no_listing)
+        return (gr.skip(), *detail_skip(), *no_listing)
 
-    cards.click(on_catalog_card, state, [state, *detail_outputs], api_name="catalog_card")
+    cards.click(
+        on_catalog_card,
+        [state, *view],
+        [state, *detail_outputs, *list_outputs],
+        api_name="catalog_card",
+    )
 
-    def on_detail_click(state: SessionState, evt: gr.EventData) -> tuple[Any, ...]:
+    def on_detail_click(
+        state: SessionState,
+        query: str,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        sort: str,
+        kind: str,
+        page: float,
+        evt: gr.EventData,
+    ) -> tuple[Any, ...]:
         data = getattr(evt, "_data", None) or {}
+        q = (query, base_family, tags, include_nsfw, licence, location, sort, kind, page)
         with user_errors("Details"):
             if data.get("action") == "use_prompt" and state.detail_id is not None:
                 record = C.get_record(services, state.detail_id)
                 prompt, negative, _params = C.preview_prompt(record, data.get("id"))
-                return gr.skip(), gr.skip(), prompt, negative, gr.Tabs(selected="create")
+                return gr.skip(), gr.skip(), prompt, negative, gr.Tabs(selected="create"), *no_listing
             if data.get("action") == "add":
                 new, notes = create.add_adapter(services, state, data.get("id"))
                 warn(notes)
                 record = C.get_record(services, data.get("id"))
-                return new, H.detail_view(record, in_mix=True), gr.skip(), gr.skip(), gr.skip()
+                listing = show(_query(*q), new)
+                return new, H.detail_view(record, in_mix=True), gr.skip(), gr.skip(), gr.skip(), *listing
             if data.get("action") == "download":
                 record, _ = C.download_adapter(services, data.get("id"))
                 info([f"{record.name}: downloaded and verified; it can be added to the mix now"])
                 in_mix = record.id in create.mix_ids(state)
-                return gr.skip(), H.detail_view(record, in_mix=in_mix), gr.skip(), gr.skip(), gr.skip()
-        return (gr.skip(),) * 5
+                listing = show(_query(*q), state)
+                detail_html = H.detail_view(record, in_mix=in_mix)
+                return gr.skip(), detail_html, gr.skip(), gr.skip(), gr.skip(), *listing
+        return (gr.skip(),) * 5 + no_listing
 
     detail.click(
         on_detail_click,
-        state,
-        [state, detail, ui["prompt"], ui["negative"], ui.tabs],
+        [state, *view],
+        [state, detail, ui["prompt"], ui["negative"], ui.tabs, *list_outputs],
         api_name="detail_action",
     )
 
@@ -281,7 +323,9 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             return (new, *detail_values(new, record, False)[:-1])
 
     detail_id = gr.Number(visible=False, precision=0, label="adapter id")
-    detail_id.submit(on_detail, [state, detail_id], [state, detail, *edit_fields], api_name="catalog_detail")
+    detail_id.submit(
+        on_detail, [state, detail_id], [state, detail, *edit_fields, confirm_row], api_name="catalog_detail"
+    )
 
     # ---- curation
     def on_save(
@@ -292,6 +336,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         base_family: str,
         nsfw_level: float,
         description: str,
+        *view_values: Any,
     ) -> tuple[Any, ...]:
         with user_errors("Save"):
             if state.detail_id is None:
@@ -305,23 +350,32 @@ def build(ui: Ui, tab: gr.Tab) -> None:
                 description_html=description,
             )
             record = C.edit_metadata(services, state.detail_id, edit)
+            listing = show(_query(*view_values), state)  # the card shows the new name and tags
         gr.Info("Saved.")
-        return detail_values(state, record, False)[:-1]
+        return (*detail_values(state, record, False)[:-1], *listing)
 
-    save_btn.click(on_save, [state, *edit_fields], [detail, *edit_fields], api_name="catalog_save")
+    save_btn.click(
+        on_save,
+        [state, *edit_fields, *view],
+        [detail, *edit_fields, confirm_row, *list_outputs],
+        api_name="catalog_save",
+    )
 
     def on_delete_ask(state: SessionState) -> tuple[Any, ...]:
         with user_errors("Delete"):
             if state.detail_id is None:
                 raise ValueError("open an adapter's details first")
             record = C.get_record(services, state.detail_id)
-        return gr.Row(visible=True), f"Delete **{H.esc(record.name)}** and its files for good?"
+        return gr.Row(visible=True), C.delete_question(record), record.id
 
-    delete_btn.click(on_delete_ask, state, [confirm_row, confirm_md], api_name="catalog_delete_ask")
+    delete_btn.click(
+        on_delete_ask, state, [confirm_row, confirm_md, pending_delete], api_name="catalog_delete_ask"
+    )
     keep_btn.click(lambda: gr.Row(visible=False), None, confirm_row, api_name="catalog_delete_keep")
 
     def on_delete(
         state: SessionState,
+        adapter_id: int | None,
         query: str,
         base_family: str,
         tags: str,
@@ -333,33 +387,38 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         page: float,
     ) -> tuple[Any, ...]:
         with user_errors("Delete"):
-            if state.detail_id is None:
-                raise ValueError("open an adapter's details first")
-            new, text = C.delete(services, state, state.detail_id)
+            if adapter_id is None:
+                raise ValueError("open an adapter's details and choose Delete adapter… first")
+            new, text = C.delete(services, state, int(adapter_id))
             q = _query(query, base_family, tags, include_nsfw, licence, location, sort, kind, page)
             listing = show(q, new)
         info([text])
-        return (new, gr.Row(visible=False), H.message(text), *listing)
+        cleared = ("", "", "", "", 0, "")  # the edit form no longer shows the deleted adapter
+        return (new, gr.Row(visible=False), H.message(text), *listing, *cleared, None)
 
     confirm_btn.click(
         on_delete,
-        [state, *filters, page],
-        [state, confirm_row, detail, *list_outputs],
+        [state, pending_delete, *filters, page],
+        [state, confirm_row, detail, *list_outputs, *edit_fields, pending_delete],
         api_name="catalog_delete",
     )
 
     # ---- imports
     def after_import(
-        summary: adapters_db.ImportSummary, state: SessionState, *filters_and_page: Any
+        summary: adapters_db.ImportSummary,
+        state: SessionState,
+        *filters_and_page: Any,
+        short_paths: bool = False,
     ) -> tuple[Any, ...]:
         if summary.failed:
             warn([f"{len(summary.failed)} item(s) failed to import"])
         listing = show(_query(*filters_and_page), state)
-        return (C.summary_text(summary), *listing)
+        return (C.summary_text(summary, short_paths=short_paths), *listing)
 
     def on_upload(state: SessionState, files: list[str] | None, *rest: Any) -> tuple[Any, ...]:
         with user_errors("Import"):
-            return after_import(C.import_uploads(services, [str(f) for f in files or []]), state, *rest)
+            summary = C.import_uploads(services, [str(f) for f in files or []])
+            return after_import(summary, state, *rest, short_paths=True)
 
     def on_folder(state: SessionState, folder: str, *rest: Any) -> tuple[Any, ...]:
         with user_errors("Import folder"):

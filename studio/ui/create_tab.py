@@ -90,8 +90,7 @@ def mix_panel(ui: Ui, state: SessionState) -> list[Any]:
     for i in range(MAX_MIX):
         if i < len(state.mix):
             m = state.mix[i]
-            triggers = ", ".join(f"`{w}`" for w in m.trigger_words[:4]) or "no trigger words"
-            title = f"**{i + 1}. {m.name}** · {m.family or 'unknown base'} · {triggers}"
+            title = create.slot_title(i, m)
             out += [gr.update(visible=True), title, m.weight, m.te, m.unet, m.blocks, m.schedule]
         else:
             out += [gr.update(visible=False), "", 1.0, 1.0, 1.0, "ALL", "1"]
@@ -104,7 +103,7 @@ def mix_panel(ui: Ui, state: SessionState) -> list[Any]:
         warnings = create.mix_warnings(ui.services, state)
     except Exception as exc:  # a broken file must not break the panel
         warnings = [f"could not check the mix: {exc}"]
-    warn_md = "\n".join(f"⚠️ {w}" for w in warnings)
+    warn_md = create.warnings_markdown(warnings)
     out += [
         summary,
         gr.update(value=warn_md, visible=bool(warnings)),
@@ -398,21 +397,21 @@ def build(ui: Ui, model: ModelInfo) -> None:
     # ---- policy parameters
     names = list(widgets)
 
-    def policy_updates(policy: str) -> list[Any]:
+    def policy_view(policy: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """Updates for the policy's help and parameter widgets, showing ``params`` (else the defaults)."""
         defaults = policies.policy_defaults(policy)
+        values = {**defaults, **(params or {})}
         shown = {n for n, (key, owners) in PARAM_WIDGETS.items() if policy in owners and key in defaults}
-        ups: list[Any] = [
-            json.dumps({k: v for k, v in defaults.items()}),
-            POLICY_HELP.get(policy, f"Fusion policy {policy}."),
-        ]
+        ups: list[Any] = [POLICY_HELP.get(policy, f"Fusion policy {policy}.")]
         for n in names:
             key = PARAM_WIDGETS[n][0]
-            value = defaults.get(key)
+            value = values.get(key)
             if n == "order":
                 value = ",".join(str(v) for v in value) if isinstance(value, list) else ""
             if n == "gate_catalog":
                 choices = policies.gate_choices(services) if n in shown else []
-                ups.append(gr.update(visible=n in shown, choices=choices, value=None))
+                picked = value if value in {v for _, v in choices} else None
+                ups.append(gr.update(visible=n in shown, choices=choices, value=picked))
                 continue
             ups.append(
                 gr.update(visible=n in shown, value=value)
@@ -422,7 +421,12 @@ def build(ui: Ui, model: ModelInfo) -> None:
         ups.append(gr.update(visible=policy == "schedule"))
         return ups
 
+    def policy_updates(policy: str) -> list[Any]:
+        defaults = policies.policy_defaults(policy)
+        return [json.dumps(dict(defaults)), *policy_view(policy, defaults)]
+
     policy_outputs = [params, policy_help, *widgets.values(), schedule_img]
+    ui.add(policy_view=policy_view, policy_view_outputs=policy_outputs[1:])
 
     def on_policy(policy: str) -> list[Any]:
         with user_errors("Fusion policy"):
@@ -528,7 +532,17 @@ def build(ui: Ui, model: ModelInfo) -> None:
         if not services.cancels.cancel(session_key(request)):
             gr.Info("Nothing is running in this session.")
 
-    cancel_btn.click(on_cancel, None, None, api_name="cancel", queue=False)
+    # queued (toasts only reach the page from queued events), in a group of its own without a limit, so it
+    # never waits behind the generation it cancels
+    cancel_btn.click(
+        on_cancel,
+        None,
+        None,
+        api_name="cancel",
+        concurrency_id="cancel",
+        concurrency_limit=None,
+        show_progress="hidden",
+    )
 
     def on_select_image(state: SessionState, evt: gr.SelectData) -> str:
         with user_errors("Recipe"):
@@ -595,7 +609,7 @@ def build(ui: Ui, model: ModelInfo) -> None:
             finally:
                 services.cancels.end(key)
         info(res.notes)
-        return res.grid, res.info + "\n\n" + " · ".join(label for _, label in res.cells)
+        return res.grid, res.markdown()
 
     ab_btn.click(
         on_compare,

@@ -118,9 +118,10 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             1,
             req.clip_skip or 1,
         ]
-        return (new, *values, gr.Tabs(selected="create"))
+        policy = ui["policy_view"](req.fusion, req.fusion_params)  # its help and parameter widgets
+        return (new, *values, gr.Tabs(selected="create"), *policy)
 
-    send_outputs = [state, *ui["form"], ui.tabs]
+    send_outputs = [state, *ui["form"], ui.tabs, *ui["policy_view_outputs"]]
 
     def on_send(state: SessionState, entry: str, request: gr.Request) -> tuple[Any, ...]:
         with user_errors("Send to Create"):

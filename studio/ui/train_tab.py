@@ -13,7 +13,7 @@ from studio.handlers import create
 from studio.handlers import html as H
 from studio.handlers import train as T
 from studio.handlers.state import SessionState
-from studio.ui.common import Ui, owner, user_errors, warn
+from studio.ui.common import Ui, info, owner, user_errors, warn
 
 PRESET_HELP = {
     "quick": "quick: rank 8, 300 steps — a first look in minutes",
@@ -263,8 +263,8 @@ def build(ui: Ui, tab: gr.Tab) -> None:
 
     def on_cancel(job_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         with user_errors("Cancel"):
-            st = T.cancel_job(services, job_id, owner(request))
-        gr.Info(f"Job {st}.")
+            notice = T.cancel_notice(services, job_id, owner(request))
+        info([notice])
         return gr.Timer(active=True), gr.skip()
 
     cancel_btn.click(on_cancel, job_id, [timer, progress], api_name="train_cancel")

@@ -187,6 +187,11 @@ def test_create_search_mix_generate(page: Page, shots: Path) -> None:
     screenshot(page, shots, "create")
 
 
+def test_cancel_says_when_nothing_runs(page: Page) -> None:
+    page.locator("#cancel").click()  # a toast only reaches the page from a queued event
+    page.locator(".toast-body", has_text="Nothing is running in this session.").wait_for(timeout=15_000)
+
+
 def test_catalog_filter_and_detail(page: Page, shots: Path) -> None:
     open_tab(page, "Catalog")
     cards = page.locator("#catalog-cards")
