@@ -708,6 +708,7 @@ class JobRunner:
             job.id,
             status="cancelled",
             phase="cancelled",
+            step=step,  # the last progress write may be up to an interval older
             finished_at=utcnow(),
             reason=f"cancelled at step {step}; its checkpoint is kept, so it can be resumed",
         )

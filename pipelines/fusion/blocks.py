@@ -91,7 +91,13 @@ class Blocks(FusionPolicy):
         super().prepare(ctx)
         if ctx.layout is None:
             raise ValueError("the blocks policy needs a UNet layout")
-        specs = [parse_block_spec(s, ctx.layout) for s in per_adapter(self.spec, len(ctx.adapters), "blocks")]
+        specs = []
+        given = per_adapter(self.spec, len(ctx.adapters), "blocks")
+        for adapter, spec in zip(ctx.adapters, given, strict=True):
+            try:
+                specs.append(parse_block_spec(spec, ctx.layout))
+            except ValueError as exc:  # name the adapter: a mix has several vectors
+                raise ValueError(f"block weights of {adapter.name!r}: {exc}") from None
         mult = torch.ones(len(ctx.layers), len(ctx.adapters))
         for li, layer in enumerate(ctx.layers):
             for ai, spec in enumerate(specs):

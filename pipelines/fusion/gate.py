@@ -47,9 +47,10 @@ class Gate(FusionPolicy):
     ) -> None:
         super().__init__(checkpoint=checkpoint, force=force)
         if network is None and force is None and not (isinstance(checkpoint, str) and checkpoint.strip()):
+            given = "" if checkpoint is None else f" (got {checkpoint!r})"
             raise ValueError(
                 "the gate policy needs a checkpoint: a trained gate file, or a gate's name or hash in the "
-                f"catalog (got {checkpoint!r})"
+                f"catalog{given}"
             )
         self.network = (
             network if network is not None else (GateNetwork.load(Path(checkpoint)) if checkpoint else None)

@@ -231,7 +231,11 @@ def build(ui: Ui, model: ModelInfo) -> None:
             )
             report = gr.Markdown(elem_id="report", label="report")
             with gr.Accordion("Recipe", open=False):
-                recipe = gr.Code(language="json", label="recipe of the last image", elem_id="recipe")
+                recipe = gr.Code(
+                    language="json",
+                    label="recipe of the last run (click an image for its own)",
+                    elem_id="recipe",
+                )
             with gr.Accordion("A/B compare", open=False):
                 ab_policies = gr.CheckboxGroup(
                     policies.comparable_policies(), value=["orthogonal"], label="also render with"

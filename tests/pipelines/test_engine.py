@@ -183,6 +183,11 @@ def test_blocks_diffusers_dict_equals_diffusers_set_adapters(lora_files, pipe, t
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_a_bad_block_vector_names_its_adapter(lora_files, pipe):
+    with pytest.raises(ValueError, match=r"block weights of 'b': .*values, got 3"):
+        run(pipe, loaded(lora_files, "kohya"), "blocks", {"blocks": ["ALL", "1,0,0"]})
+
+
 def test_blocks_none_preset_keeps_only_nothing(lora_files, pipe):
     base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
     out = run(pipe, loaded(lora_files, "kohya"), "blocks", {"blocks": "NONE"})

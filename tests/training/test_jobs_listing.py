@@ -75,6 +75,7 @@ print(runner.run_job({job!r}, progress=hold).status)
     assert out.strip() == "cancelled"
     st = runner.status(job)
     assert st.status == "cancelled" and 2 < st.step < 8, (st.step, st.reason)
+    assert st.reason.startswith(f"cancelled at step {st.step};")  # the row's step is where it stopped
     assert list_checkpoints(Path(st.work_dir) / "checkpoints")  # resumable
     runner.resume(job)
     with runner.sessions() as s:  # the request does not outlive the cancel it caused
