@@ -230,6 +230,23 @@ def edit_metadata(services: Services, adapter_id: int, edit: MetadataEdit) -> Ad
         return adapters_db.update_metadata(session, services.catalog, int(adapter_id), **changes)
 
 
+def follow_edit(state: SessionState, record: AdapterRecord) -> SessionState:
+    """The state with the mix entries of an edited adapter showing its saved name, trigger words and base
+    family (weights and per-adapter settings kept); the same state when the mix holds none of it."""
+    mix = tuple(
+        replace(
+            m,
+            name=record.name,
+            trigger_words=tuple(record.trigger_words),
+            family=record.base_family,
+        )
+        if m.adapter_id == record.id
+        else m
+        for m in state.mix
+    )
+    return state if mix == state.mix else state.with_mix(mix)
+
+
 def delete_question(record: AdapterRecord) -> str:
     """The Markdown question that asks before an adapter is deleted (its name shown as typed)."""
     return f"Delete **{html.md(record.name)}** and its files for good?"

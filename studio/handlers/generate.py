@@ -365,7 +365,10 @@ def ab_compare(
     cancel: Any = None,
 ) -> CompareResult:
     """Render the same seed with several policies or leave-one-out mixes, side by side (prompt tags
-    included, as Generate runs them)."""
+    included, as Generate runs them).
+
+    Cancelled after some cells, it returns the grid of those, with a note (as :func:`generate` keeps the
+    runs of a batch count); cancelled during the first cell, it raises :class:`GenerationCancelled`."""
     single = replace(req, batch_size=1, batch_count=1)
     base, items, notes = _recipe(services, state, single)
     cells = ab_variants(items, base.fusion, dict(req.fusion_params), policies, leave_one_out)
@@ -377,18 +380,29 @@ def ab_compare(
             adapters=tuple(m.spec() for m in cell.items),
             fusion_args=fusion_args(cell.fusion, cell.params, cell.items),
         )
-        _, entry, _ = run_recipe(
-            services,
-            recipe,
-            owner=owner,
-            kind="ab",
-            on_step=_progress(on_step, i * base.steps, total),
-            cancel=cancel,
-        )
+        try:
+            _, entry, _ = run_recipe(
+                services,
+                recipe,
+                owner=owner,
+                kind="ab",
+                on_step=_progress(on_step, i * base.steps, total),
+                cancel=cancel,
+            )
+        except GenerationCancelled:
+            if not out:
+                raise
+            notes.append(f"cancelled after {i} of {len(cells)} cells: showing the cells rendered so far")
+            break
         pictures.append(Image.open(entry.images[0]).convert("RGB"))
         out.append((str(entry.images[0]), cell.label))
     grid = plots.labelled_grid(pictures, [label for _, label in out])
-    info = f"seed {base.seed}, {len(cells)} variants, {base.steps} steps each"
+    shown = (
+        f"{len(cells)} variants"
+        if len(out) == len(cells)
+        else f"{len(out)} of {len(cells)} variants (cancelled)"
+    )
+    info = f"seed {base.seed}, {shown}, {base.steps} steps each"
     return CompareResult(grid, out, info, notes)
 
 

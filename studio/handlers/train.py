@@ -267,6 +267,9 @@ def resume_job(services: Services, job_id: str, user: str = "") -> str:
 
 
 JOB_COLUMNS = ("job", "name", "status", "step", "created", "yours")
+# shares of the table's width (the Train tab's column is about 600 px wide): the name wraps, the rest fit
+JOB_COLUMN_WIDTHS = ("15%", "24%", "16%", "16%", "19%", "10%")
+CREATED_FORMAT = "%m-%d %H:%M"  # month-day hour:minute: the newest jobs, without a year that widens the table
 
 
 def jobs_table(services: Services, state: SessionState, user: str = "", limit: int = 50) -> list[list[str]]:
@@ -279,7 +282,7 @@ def jobs_table(services: Services, state: SessionState, user: str = "", limit: i
             st.name,
             st.status,
             f"{st.step}/{st.total}",
-            st.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if st.created_at else "",
+            st.created_at.astimezone().strftime(CREATED_FORMAT) if st.created_at else "",
             "yes" if st.id in mine else "",
         ]
         for st in services.jobs.jobs(limit, user=user or None)

@@ -350,14 +350,15 @@ def build(ui: Ui, tab: gr.Tab) -> None:
                 description_html=description,
             )
             record = C.edit_metadata(services, state.detail_id, edit)
-            listing = show(_query(*view_values), state)  # the card shows the new name and tags
+            new = C.follow_edit(state, record)  # the mix panel and the next recipe use the new name
+            listing = show(_query(*view_values), new)  # the card shows the new name and tags
         gr.Info("Saved.")
-        return (*detail_values(state, record, False)[:-1], *listing)
+        return (new, *detail_values(new, record, False)[:-1], *listing)
 
     save_btn.click(
         on_save,
         [state, *edit_fields, *view],
-        [detail, *edit_fields, confirm_row, *list_outputs],
+        [state, detail, *edit_fields, confirm_row, *list_outputs],
         api_name="catalog_save",
     )
 

@@ -84,6 +84,13 @@ def _request(
     )
 
 
+def mix_summary(state: SessionState) -> str:
+    """The Markdown line above the mix slots: how many adapters, or how to add some."""
+    if state.mix:
+        return f"**Mix:** {len(state.mix)} of {MAX_MIX} adapters"
+    return "**Mix:** empty. Add adapters from the cards, by name below, or with `<lora:name:w>` tags."
+
+
 def mix_panel(ui: Ui, state: SessionState) -> list[Any]:
     """Updates for the mix panel: each slot, the summary, the warnings and the search cards."""
     out: list[Any] = []
@@ -94,11 +101,7 @@ def mix_panel(ui: Ui, state: SessionState) -> list[Any]:
             out += [gr.update(visible=True), title, m.weight, m.te, m.unet, m.blocks, m.schedule]
         else:
             out += [gr.update(visible=False), "", 1.0, 1.0, 1.0, "ALL", "1"]
-    summary = (
-        f"**Mix:** {len(state.mix)} of {MAX_MIX} adapters"
-        if state.mix
-        else "**Mix:** empty. Add adapters from the cards, by name below, or with `<lora:name:w>` tags."
-    )
+    summary = mix_summary(state)
     try:
         warnings = create.mix_warnings(ui.services, state)
     except Exception as exc:  # a broken file must not break the panel
@@ -138,7 +141,9 @@ def build(ui: Ui, model: ModelInfo) -> None:
             hits_json = gr.JSON(visible=False, label="hits")
             mix_json = gr.JSON(visible=False, label="mix")
             gr.Markdown("### Mix")
-            summary = gr.Markdown(elem_id="mix-summary")
+            # shown from the start: the panel's event runs only when the session's state changes (an
+            # entry sent from the History tab without adapters leaves an empty mix as it was)
+            summary = gr.Markdown(mix_summary(state.value), elem_id="mix-summary")
             warnings = gr.Markdown(visible=False, elem_id="mix-warnings", elem_classes=["as-warnings"])
             slots: list[list[Any]] = []
             for i in range(MAX_MIX):

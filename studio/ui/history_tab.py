@@ -146,7 +146,7 @@ def build(ui: Ui, tab: gr.Tab) -> None:
     cards.click(on_card, state, [*entry_outputs, *send_outputs[1:]], api_name="history_card")
 
     def on_replay(
-        state: SessionState, entry: str, request: gr.Request, progress=gr.Progress()
+        state: SessionState, entry: str, query: str, request: gr.Request, progress=gr.Progress()
     ) -> tuple[Any, ...]:
         key = session_key(request)
         with user_errors("Replay"):
@@ -164,16 +164,19 @@ def build(ui: Ui, tab: gr.Tab) -> None:
                 )
             except GenerationCancelled:
                 gr.Warning("Replay cancelled.")
-                return (gr.skip(),) * 3
+                return (gr.skip(),) * (3 + len(list_outputs))
             finally:
                 services.cancels.end(key)
+            # the replay is a new entry: list the first page again (newest first), so it shows at the top
+            listed = listing(request, query or "", 1)
         info(result.notes)
-        return result.state, result.images, "\n\n".join([result.info, *result.notes])
+        return (result.state, result.images, "\n\n".join([result.info, *result.notes]), *listed)
 
+    # the query is the last input, so API callers that pass only the entry keep working
     replay_btn.click(
         on_replay,
-        [state, entry_id],
-        [state, replayed, replay_info],
+        [state, entry_id, query],
+        [state, replayed, replay_info, *list_outputs],
         api_name="replay",
         concurrency_id="pipeline",
         concurrency_limit=1,

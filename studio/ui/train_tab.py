@@ -127,6 +127,8 @@ def build(ui: Ui, tab: gr.Tab) -> None:
                 send_btn = gr.Button("Send to Create", variant="primary", elem_id="train-send")
             jobs = gr.Dataframe(
                 headers=list(T.JOB_COLUMNS),
+                column_widths=list(T.JOB_COLUMN_WIDTHS),
+                wrap=True,
                 interactive=False,
                 label="training jobs, newest first (click one to watch it)",
                 elem_id="train-jobs",
