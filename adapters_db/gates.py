@@ -83,6 +83,44 @@ def read_gate_header(path: Path) -> dict[str, str]:
     return meta
 
 
+def check_finite_tensors(path: Path) -> None:
+    """Refuse a gate file holding NaN or infinite weights (what a diverged training run leaves)."""
+    import torch
+    from safetensors.torch import load_file
+
+    for key, tensor in load_file(str(path)).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise GateRegistrationError(
+                f"{path}: tensor {key!r} holds NaN or infinite values (a diverged training run); "
+                "not registered"
+            )
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gate_named(session: Session, catalog: Catalog, name: str) -> GateRecord | None:
+    """The catalogued gate called ``name`` (case-insensitive, as :func:`find_gate` matches names)."""
+    want = name.strip().lower()
+    return next((g for g in list_gates(session, catalog) if g.name.lower() == want), None)
+
+
+def name_taken_message(gate: GateRecord) -> str:
+    """Why a name cannot be given to another gate."""
+    return (
+        f"a gate named {gate.name!r} is already in the catalog (id {gate.id}, AutoV2 {gate.autov2}); "
+        f"choose another --name, or delete it first with `python -m studio catalog delete --id {gate.id}`"
+    )
+
+
 def _families(header_family: str | None, families: Iterable[str]) -> tuple[str, ...]:
     """The gate's own family, or the families named for a file that records none (canonical names, no
     duplicates); naming another family than the file's own is refused (the engine checks the file's)."""
@@ -116,6 +154,13 @@ def register_gate(
     path = Path(path)
     header = read_gate_header(path)
     fits = _families(header.get("family") or None, families)
+    title = (path.stem if name is None else name).strip()
+    if not title:
+        raise GateRegistrationError(f"{path}: a gate needs a non-empty name")
+    check_finite_tensors(path)
+    taken = gate_named(session, catalog, title)
+    if taken is not None and taken.sha256 != _sha256(path):  # checked before the file is stored
+        raise GateRegistrationError(name_taken_message(taken))
     stored = catalog.store.put_file(path)
     existing = find_by_hash(session, catalog, stored.sha256)
     if existing is not None:
@@ -140,7 +185,7 @@ def register_gate(
         f"{', '.join(fits) or 'any model with the same layers'}.</p>"
     )
     spec = AdapterSpec(
-        name=(name or path.stem).strip(),
+        name=title,
         source="trained",
         kind=GATE_KIND,
         description_html=description or auto,

@@ -191,7 +191,7 @@ def encoder_vectors(
     targets = [t for t in targets if t in files]
     if folder is None or not targets:
         return {}
-    from pipelines.weightspace.encoder import encode_weights, load_encoder
+    from pipelines.weightspace.encoder import covered, encode_weights, load_encoder
 
     try:
         model = load_encoder(folder)
@@ -201,6 +201,15 @@ def encoder_vectors(
         )
         return {}
     if model.config.embed_dim != embedder.dim or model.config.embedder not in ("", embedder.name):
+        log.warning(
+            "weight encoder in %s was fitted for embedder %r (%d-d), the catalog's is %r (%d-d); the learned "
+            "'weights' channel is skipped (refit it for this embedder)",
+            folder,
+            model.config.embedder or "?",
+            model.config.embed_dim,
+            embedder.name,
+            embedder.dim,
+        )
         return {}
     adapters = {}
     for t in targets:
@@ -208,8 +217,19 @@ def encoder_vectors(
             adapters[t] = _load(files[t][1])
         except (OSError, ValueError) as exc:  # lora_formats' errors are ValueErrors
             _skipped(t, "weights", exc)
-    vectors = encode_weights(model, list(adapters.values()))
-    return dict(zip(adapters, vectors, strict=True))
+    ok = dict(zip(adapters, covered(model.config, list(adapters.values())), strict=True))
+    foreign = [t for t, has in ok.items() if not has]
+    if foreign:  # their vector would be one constant shared by all of them
+        log.warning(
+            "%d adapter(s) (ids %s) share no layer with the weight encoder in %s (another family?); "
+            "left out of the 'weights' channel",
+            len(foreign),
+            ", ".join(map(str, foreign[:10])),
+            folder,
+        )
+    kept = {t: w for t, w in adapters.items() if ok[t]}
+    vectors = encode_weights(model, list(kept.values()))
+    return dict(zip(kept, vectors, strict=True))
 
 
 def _row(adapter_id: int, channel: str, sha: str, embedder: Embedder, vector: np.ndarray) -> Embedding:

@@ -131,6 +131,9 @@ class GateNetwork(nn.Module):
             net.load_state_dict(load_file(str(path)))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # json, config or tensors damaged
             raise ValueError(f"{path}: damaged gate checkpoint ({type(exc).__name__}: {exc})") from exc
+        bad = [k for k, v in net.state_dict().items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{path}: gate weights hold NaN or infinite values ({bad[0]!r}); retrain it")
         return net
 
     def parameter_count(self) -> int:

@@ -14,6 +14,7 @@ when both are asked for, instead of closing both (the hinge alone teaches only e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,13 +50,22 @@ class GateTrainConfig:
     guidance: float = 5.0
     seed: int = 0
 
+    def _weights(self) -> tuple[float, float, float]:
+        """The loss terms' weights."""
+        return self.fit_weight, self.hinge_weight, self.mix_weight
+
     def __post_init__(self) -> None:
         checks = [
             (self.steps >= 1, f"steps must be ≥ 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}"),
             (self.images_per_lora >= 1, f"images_per_lora must be ≥ 1, got {self.images_per_lora}"),
             (self.sample_steps >= 1, f"sample_steps must be ≥ 1, got {self.sample_steps}"),
+            (
+                all(math.isfinite(w) for w in (self.margin, *self._weights())) and min(self._weights()) >= 0,
+                "margin and the term weights must be finite (weights ≥ 0)",
+            ),
+            (math.isfinite(self.guidance), f"guidance must be finite, got {self.guidance}"),
             (
                 0 <= self.empty_prompt_rate <= 1,
                 f"empty_prompt_rate must be in [0, 1], got {self.empty_prompt_rate}",
@@ -120,6 +130,18 @@ def gate_layers(pipe: Any, loras: Sequence[GateLora]) -> dict[str, int]:
     return {p: int(modules[p].weight.shape[0]) for p in modules if p in paths}
 
 
+def require_gate_layers(pipe: Any, loras: Sequence[GateLora]) -> dict[str, int]:
+    """:func:`gate_layers`, refusing LoRAs that adapt no UNet layer of the model (nothing to gate)."""
+    layers = gate_layers(pipe, loras)
+    if not layers:
+        names = ", ".join(lo.name for lo in loras)
+        raise ValueError(
+            f"none of the LoRAs ({names}) adapts a UNet layer of this model: a gate routes UNet layers "
+            "only (text-encoder-only LoRAs cannot be gated)"
+        )
+    return layers
+
+
 @torch.no_grad()
 def encode(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Text-encoder hidden states of prompts (padded to 77 tokens, as the pipeline does)."""
@@ -150,6 +172,7 @@ def train_gate(
     """
     if cfg.fit_weight == 0 and cfg.hinge_weight == 0 and not (mixes and cfg.mix_weight):
         raise ValueError("nothing to train: fit_weight and hinge_weight are 0 and no mixes are given")
+    layers = require_gate_layers(pipe, loras)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if data is None:
@@ -157,9 +180,7 @@ def train_gate(
             i: lora_latents(pipe, lo, cfg.images_per_lora, cfg, cfg.seed + i) for i, lo in enumerate(loras)
         }
     hidden = int(pipe.text_encoder.config.hidden_size)
-    net = GateNetwork(
-        gate_layers(pipe, loras), GateConfig(cfg.use_time, cfg.use_prompt, prompt_dim=hidden), family=family
-    )
+    net = GateNetwork(layers, GateConfig(cfg.use_time, cfg.use_prompt, prompt_dim=hidden), family=family)
     net.to(pipe.unet.device)
     for p in (*pipe.unet.parameters(), *pipe.text_encoder.parameters()):
         p.requires_grad_(False)
@@ -207,6 +228,11 @@ def train_gate(
                 policy._prompt = emb.float().mean(dim=1) if cfg.use_prompt else None
                 mse = F.mse_loss(pipe.unet(x_t, t, emb).sample.float(), eps)
                 loss = loss + weight * (F.relu(cfg.margin - mse) if hinge else mse)
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"gate training diverged at step {step + 1} (loss {loss.item()}); lower the learning "
+                    f"rate (lr {cfg.lr:g})"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -214,4 +240,8 @@ def train_gate(
             losses.append(loss.item())
             if progress is not None:
                 progress(step + 1, cfg.steps, losses[-1])
+    if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step's update
+        raise RuntimeError(
+            f"gate training diverged (non-finite gate weights); lower the learning rate (lr {cfg.lr:g})"
+        )
     return net, losses

@@ -107,11 +107,13 @@ def evaluate_concept(
     n: int = 50,
     seed: int = 77,
     cfg: SampleConfig = SampleConfig(),
+    progress: Callable[[int, int], None] | None = None,
 ) -> float:
     """Rate at which the judge sees ``trigger``'s concept in pictures prompted with it."""
     attr, value = concept_of(trigger)
     scenes = concept_scenes(trigger, n, seed)
-    images = sample(pipe, [s.caption() for s in scenes], [seed * 1000 + i for i in range(n)], cfg)
+    seeds = [seed * 1000 + i for i in range(n)]
+    images = sample(pipe, [s.caption() for s in scenes], seeds, cfg, progress)
     return float(np.mean([p == value for p in judge.predict(model, images)[attr]]))
 
 
@@ -127,17 +129,25 @@ def lora_concept_rates(
     seed: int = 77,
     cfg: SampleConfig = SampleConfig(),
     folder: Path = LORA_DIR,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """For each bundled concept LoRA alone (weight 1): how often its concept appears when triggered."""
+    """For each bundled concept LoRA alone (weight 1): how often its concept appears when triggered;
+    ``progress(done, total)`` counts pictures over all the LoRAs."""
     from pipelines import lora_formats
     from pipelines.engine import attach
     from pipelines.fusion import AdapterInfo, make_policy
 
     rates = {}
-    for path in bundled_loras(folder):
+    paths = bundled_loras(folder)
+    for k, path in enumerate(paths):
         info = lora_formats.inspect(path)
         trigger = info.trigger_words[0]
         weights = lora_formats.load(path)
+
+        def step(done: int, _: int, k: int = k) -> None:
+            if progress is not None:
+                progress(k * n + done, n * len(paths))
+
         with attach(pipe, [(AdapterInfo(path.stem), weights)], make_policy("linear"), family="pocket"):
-            rates[trigger] = evaluate_concept(pipe, model, trigger, n=n, seed=seed, cfg=cfg)
+            rates[trigger] = evaluate_concept(pipe, model, trigger, n=n, seed=seed, cfg=cfg, progress=step)
     return rates

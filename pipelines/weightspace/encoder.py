@@ -193,6 +193,34 @@ def _caption_bank(text_vectors: Sequence[np.ndarray]) -> tuple[torch.Tensor, tor
     return F.normalize(torch.from_numpy(np.concatenate(mats)), dim=-1), owner
 
 
+def check_training_data(
+    adapters: Sequence[LoraWeights],
+    text_vectors: Sequence[np.ndarray],
+    config: EncoderConfig,
+    train: EncoderTrainConfig,
+) -> None:
+    """Refuse what :func:`train_encoder` cannot learn from, with the reason (``ValueError``)."""
+    if train.steps < 1 or train.batch_size < 2:
+        raise ValueError(f"steps must be ≥ 1 and batch_size ≥ 2, got {train.steps} and {train.batch_size}")
+    if not (math.isfinite(train.learning_rate) and train.learning_rate > 0):
+        raise ValueError(f"learning_rate must be a finite number > 0, got {train.learning_rate}")
+    if len(adapters) < 2 or len(adapters) != len(text_vectors):
+        raise ValueError(
+            f"need two or more adapters, each with its caption vectors: got {len(adapters)} adapters and "
+            f"{len(text_vectors)} sets of caption vectors"
+        )
+    for i, vectors in enumerate(text_vectors):
+        mat = np.atleast_2d(np.asarray(vectors, np.float32))
+        if mat.size == 0 or mat.ndim != 2 or mat.shape[1] != config.embed_dim:
+            raise ValueError(
+                f"caption vectors of adapter {i}: shape {mat.shape}, expected (n ≥ 1, {config.embed_dim})"
+            )
+        if not np.isfinite(mat).all():
+            raise ValueError(f"caption vectors of adapter {i} hold NaN or infinite values")
+    if not any(covered(config, adapters)):
+        raise ValueError("none of the adapters has a layer of the encoder's config (another family?)")
+
+
 def train_encoder(
     adapters: Sequence[LoraWeights],
     text_vectors: Sequence[np.ndarray],
@@ -202,6 +230,7 @@ def train_encoder(
 ) -> tuple[WeightEncoder, list[float]]:
     """Fit an encoder: adapter i ↔ its caption vectors ``text_vectors[i]`` ((n_i, D) or (D,)); each step
     draws one caption per adapter of a batch. Returns the encoder (eval mode) and the loss per step."""
+    check_training_data(adapters, text_vectors, config, train)
     torch.manual_seed(train.seed)
     gen = torch.Generator().manual_seed(train.seed)
     model = WeightEncoder(config)
@@ -237,6 +266,14 @@ def train_encoder(
     return model, losses
 
 
+def covered(config: EncoderConfig, adapters: Sequence[LoraWeights]) -> list[bool]:
+    """Whether each adapter has at least one layer the encoder reads (same path and shape); the vector
+    of an adapter with none is the same constant for all of them and says nothing."""
+    if not adapters:
+        return []
+    return pack(adapters, config).present.any(dim=1).tolist()
+
+
 @torch.no_grad()
 def encode_weights(model: WeightEncoder, adapters: Sequence[LoraWeights], chunk: int = 64) -> np.ndarray:
     """Unit vectors (N, embed_dim) of adapters in the encoder's text space."""
@@ -246,14 +283,22 @@ def encode_weights(model: WeightEncoder, adapters: Sequence[LoraWeights], chunk:
 
 
 def save_encoder(model: WeightEncoder, folder: Path | str) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``folder``."""
+    """Write ``config.json`` and ``model.safetensors`` into ``folder``, each atomically (temp file +
+    rename), the weights first: a reader never sees a half-written file."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(model.config.to_json(), encoding="utf-8")
+    weights_tmp, config_tmp = folder / f".{WEIGHTS_FILE}.tmp", folder / f".{CONFIG_FILE}.tmp"
+    try:
+        save_file(state, str(weights_tmp))
+        config_tmp.write_text(model.config.to_json(), encoding="utf-8")
+        weights_tmp.replace(folder / WEIGHTS_FILE)
+        config_tmp.replace(folder / CONFIG_FILE)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
     return folder
 
 

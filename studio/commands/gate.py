@@ -123,7 +123,13 @@ def parse_prompt_files(texts: list[str]) -> dict[str, tuple[str, ...]]:
         name, sep, file = text.partition("=")
         if not sep or not name.strip() or not file.strip():
             raise ValueError(f"--prompts {text!r}: write NAME=FILE")
-        prompts = read_prompt_file(Path(file.strip()).expanduser().read_text())
+        path = Path(file.strip()).expanduser()
+        try:
+            prompts = read_prompt_file(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"--prompts {text!r}: no such file {path}") from exc
+        except OSError as exc:  # a folder, no permission
+            raise ValueError(f"--prompts {text!r}: cannot read {path} ({exc.strerror or exc})") from exc
         if not prompts:
             raise ValueError(f"--prompts {text!r}: the file holds no prompt")
         out[name.strip()] = prompts
@@ -172,15 +178,19 @@ def resolve_loras(args: argparse.Namespace) -> list[LoraSource]:
             catalog = catalog or _catalog(args)
             with catalog.session() as session:
                 record = _catalog_lora(session, catalog, ref)
-            if record is None:
+            bundled = bundled_pocket_lora(ref)
+            if record is None and bundled is not None:  # a data dir the studio never seeded
+                name, path = bundled.stem, bundled
+            elif record is None:
                 raise FileNotFoundError(f"--lora {ref!r} is neither a .safetensors file nor in the catalog")
-            from adapters_db import local_file_path
+            else:
+                from adapters_db import local_file_path
 
-            local = local_file_path(record)
-            if local is None:
-                raise FileNotFoundError(f"--lora {ref!r}: the catalog has no local file for it")
-            name, path, triggers = record.name, local, record.trigger_words
-            catalog_prompts = [i.prompt for i in record.images if i.prompt]
+                local = local_file_path(record)
+                if local is None:
+                    raise FileNotFoundError(f"--lora {ref!r}: the catalog has no local file for it")
+                name, path, triggers = record.name, local, record.trigger_words
+                catalog_prompts = [i.prompt for i in record.images if i.prompt]
         prompts = given.get(name) or given.get(ref) or lora_prompts(name, triggers, catalog_prompts)
         if not prompts:
             raise ValueError(f"no prompts for LoRA {name!r}: give --prompts {name}=FILE (one per line)")
@@ -188,7 +198,50 @@ def resolve_loras(args: argparse.Namespace) -> list[LoraSource]:
     unknown = set(given) - {s.name for s in out} - set(args.lora)
     if unknown:
         raise ValueError(f"--prompts names no --lora: {', '.join(sorted(unknown))}")
+    seen: dict[str, str] = {}
+    for ref, source in zip(args.lora, out, strict=True):
+        if source.sha256 in seen:
+            first = seen[source.sha256]
+            raise ValueError(f"--lora {first!r} and --lora {ref!r} are the same file")
+        seen[source.sha256] = ref
     return out
+
+
+def bundled_pocket_lora(ref: str) -> Path | None:
+    """The pocket model's own concept LoRA file a name stands for (``pocket-star``), or None."""
+    from pipelines.gate.prompts import POCKET_PREFIX, pocket_concept
+    from pipelines.pocket.evaluate import LORA_DIR
+
+    concept = pocket_concept(ref) if ref.strip().lower().startswith(POCKET_PREFIX) else None
+    path = LORA_DIR / f"{POCKET_PREFIX}{concept}.safetensors"
+    return path if concept is not None and path.is_file() else None
+
+
+def prepare_out(out: Path) -> Path:
+    """Check the output path and create its folder (before anything is trained)."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {out.name}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the .safetensors file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission
+        raise ValueError(f"--out {out}: cannot create {out.parent} ({exc.strerror or exc})") from exc
+    return out
+
+
+def check_name_free(args: argparse.Namespace, name: str) -> None:
+    """Refuse, before training, a ``--register`` name another catalogued gate already has."""
+    from adapters_db.gates import gate_named, name_taken_message
+
+    catalog = _catalog(args)
+    try:
+        with catalog.session() as session:
+            taken = gate_named(session, catalog, name)
+    finally:
+        catalog.dispose()
+    if taken is not None:
+        raise ValueError(name_taken_message(taken))
 
 
 def default_out(args: argparse.Namespace, names: list[str]) -> Path:
@@ -205,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pipelines.adapter_cache import AdapterCache
-    from pipelines.gate.train import GateLora, GateTrainConfig, lora_latents, train_gate
+    from pipelines.gate.train import GateLora, GateTrainConfig, lora_latents, require_gate_layers, train_gate
     from pipelines.models import load_pipeline, model_family, resolve_device
 
     cfg = GateTrainConfig(  # options checked before anything is loaded
@@ -218,17 +271,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps,
         seed=args.seed,
     )
+    if args.name is not None and not args.name.strip():
+        raise ValueError("--name is empty")
     sources = resolve_loras(args)
     pairs = parse_pairs(args.pair, len(sources))
-    out = (args.out or default_out(args, [s.name for s in sources])).expanduser()
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end in .safetensors, got {out.name}")
+    out = prepare_out((args.out or default_out(args, [s.name for s in sources])).expanduser())
+    if args.register:
+        check_name_free(args, (args.name or out.stem).strip())
     pipe = load_pipeline(args.model, resolve_device(args.device), torch.float32)
     family = model_family(pipe)
     cache = AdapterCache()
     loras = [
         GateLora(s.name, cache.device(s.path, pipe.unet.device, torch.float32)[1], s.prompts) for s in sources
     ]
+    require_gate_layers(pipe, loras)  # before the LoRAs' pictures are sampled
     data = {}
     for i, lora in enumerate(tqdm(loras, desc="sampling each LoRA alone", unit="lora")):
         data[i] = lora_latents(pipe, lora, cfg.images_per_lora, cfg, cfg.seed + i)
@@ -239,7 +295,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
         net, losses = train_gate(pipe, loras, pairs, cfg, family=family, data=data, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
     net.save(out)
     print(out)
     print(
@@ -278,9 +333,18 @@ def cmd_register(args: argparse.Namespace) -> int:
     loras = []
     for text in args.lora:
         name, _, sha = text.partition("=")
-        loras.append(RoutedLora(name.strip(), sha.strip().lower() or None))
+        sha = sha.strip().lower()
+        if not name.strip() or (sha and _HEX.match(sha) is None):
+            raise ValueError(f"--lora {text!r}: write NAME or NAME=SHA256 (64 hex digits, or AutoV2's 10)")
+        loras.append(RoutedLora(name.strip(), sha.removeprefix("sha256:") or None))
     gate = _register(args, args.file, args.name, loras, args.family)
     print(f"{gate.id}\t{gate.name}\t{gate.autov2}\t{','.join(gate.families) or 'any'}")
+    wanted = (args.name or "").strip()
+    if (wanted and wanted != gate.name) or (loras and list(gate.loras) != loras):
+        print(
+            f"these bytes are already in the catalog as {gate.name!r} (id {gate.id}); nothing was changed",
+            file=sys.stderr,
+        )
     return 0
 
 

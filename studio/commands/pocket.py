@@ -33,13 +33,18 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         description="Generate pictures for fresh captions and seeds and let the concept "
         "classifier judge object, colour and background (and each concept LoRA).",
     )
-    e.add_argument("--n", type=int, default=200, help="captions of base concepts")
-    e.add_argument("--lora-n", type=int, default=50, help="pictures per concept LoRA")
-    e.add_argument("--seed", type=int, default=2024)
-    e.add_argument("--steps", type=int, default=25)
-    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--n", type=int, default=200, help="captions of base concepts (default 200)")
     e.add_argument(
-        "--model", default="pocket", help="a pocket-architecture diffusers folder (default: bundled)"
+        "--lora-n", type=int, default=50, help="pictures per concept LoRA (default 50; 0: skip the LoRAs)"
+    )
+    e.add_argument("--seed", type=int, default=2024)
+    e.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    e.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    e.add_argument(
+        "--model",
+        default="pocket",
+        help="a pocket-architecture diffusers folder (default: bundled); its classifier.safetensors and "
+        "loras/ (what `pocket train --out` writes) are used when it has them",
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     add_threads(e)
@@ -48,7 +53,63 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     """``--threads``: torch CPU threads, one by default so a core stays free."""
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (leave a core free)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (leave a core free)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def eval_sources(model: str) -> tuple[Path, Path]:
+    """(classifier file, concept LoRA folder) of ``pocket eval --model``: the model folder's own when it
+    has them (an export of ``pocket train --out``), else the bundled ones."""
+    from pipelines.pocket.evaluate import CLASSIFIER_PATH, LORA_DIR
+
+    folder = None if model == "pocket" else Path(model).expanduser()
+    if folder is None or not folder.is_dir():
+        return CLASSIFIER_PATH, LORA_DIR
+    own = folder / CLASSIFIER_PATH.name
+    loras = folder / "loras"
+    return (own if own.is_file() else CLASSIFIER_PATH), (loras if loras.is_dir() else LORA_DIR)
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse evaluation options that would measure nothing (before the model is loaded)."""
+    import math
+
+    if args.n < 1:
+        raise ValueError(f"--n must be ≥ 1, got {args.n}")
+    if args.lora_n < 0:
+        raise ValueError(f"--lora-n must be ≥ 0 (0 skips the LoRAs), got {args.lora_n}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise ValueError(f"--guidance must be a finite number ≥ 0, got {args.guidance}")
+
+
+def check_stage_inputs(stage: str, run: Path, out: Path) -> None:
+    """Refuse a stage whose earlier stages have not run, naming the one to run first."""
+    needs = {
+        "latents": [] if (run / "latents.pt").exists() else [(run / "vae.ckpt", "vae")],
+        "unet": [(run / "latents.pt", "latents")],
+        "export": [
+            (run / "classifier.safetensors", "classifier"),
+            (run / "latents.pt", "latents"),
+            (run / "unet.ckpt", "unet"),
+        ],
+        "loras": [(out / "model_index.json", "export")],
+        "catalog": [(out / "model_index.json", "export")],
+    }
+    for file, before in needs.get(stage, []):
+        if not file.exists():
+            raise FileNotFoundError(
+                f"stage {stage!r} needs {file} from the {before!r} stage: run `python -m studio pocket "
+                f"train --stage {before}` first (with the same --run-dir and --out)"
+            )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -66,6 +127,7 @@ def run_train(args: argparse.Namespace) -> int:
     stages = STAGES if args.stage == "all" else (args.stage,)
     out = args.out or WEIGHTS_DIR
     for stage in stages:
+        check_stage_inputs(stage, run, out)
         if stage == "classifier":
             path = run / "classifier.safetensors"
             if not path.exists():
@@ -123,18 +185,26 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from pipelines.models import load_pipeline
     from pipelines.pocket import classifier as judge
-    from pipelines.pocket.evaluate import CLASSIFIER_PATH, SampleConfig, evaluate_base, lora_concept_rates
+    from pipelines.pocket.evaluate import SampleConfig, bundled_loras, evaluate_base, lora_concept_rates
 
+    check_eval_args(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    classifier, loras = eval_sources(args.model)
     pipe = load_pipeline(args.model, torch.device("cpu"), torch.float32)
-    model = judge.load(CLASSIFIER_PATH)
+    model = judge.load(classifier)
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance)
     with tqdm(total=args.n, desc="base prompts", disable=args.json, file=sys.stderr) as bar:
         base = evaluate_base(
             pipe, model, n=args.n, seed=args.seed, cfg=cfg, progress=lambda i, n: bar.update(i - bar.n)
         )
-    concepts = lora_concept_rates(pipe, model, n=args.lora_n, cfg=cfg)
+    concepts: dict[str, float] = {}
+    if args.lora_n:
+        total = args.lora_n * len(bundled_loras(loras))
+        with tqdm(total=total, desc="concept LoRAs", disable=args.json, file=sys.stderr) as bar:
+            concepts = lora_concept_rates(
+                pipe, model, n=args.lora_n, cfg=cfg, folder=loras, progress=lambda i, n: bar.update(i - bar.n)
+            )
     result = {
         **base,
         "lora_concepts": concepts,
