@@ -76,9 +76,16 @@ def _commercial(value: Any) -> str | None:
     return str(value)
 
 
+def _listed(value: Any) -> list[Any]:
+    """A JSON list as is; a string as its comma-separated parts (never its characters); else nothing."""
+    if isinstance(value, str):
+        return value.split(",")
+    return value if isinstance(value, list) else []
+
+
 def _tags(value: Any) -> tuple[str, ...]:
     out = []
-    for tag in value or []:
+    for tag in _listed(value):
         name = tag.get("name") if isinstance(tag, dict) else tag
         if isinstance(name, str) and name.strip():
             out.append(name.strip().lower())
@@ -129,7 +136,7 @@ def version_spec(raw: dict[str, Any], where: str, local: set[str] | None = None)
     vid = _require(raw, "id", where)
     url = raw.get("downloadUrl")
     files = tuple(f for f in (file_spec(x, url, local) for x in raw.get("files") or []) if f is not None)
-    words = tuple(w.strip() for w in raw.get("trainedWords") or [] if isinstance(w, str) and w.strip())
+    words = tuple(w.strip() for w in _listed(raw.get("trainedWords")) if isinstance(w, str) and w.strip())
     return VersionSpec(
         name=str(raw.get("name") or ""),
         civitai_version_id=int(vid),
@@ -149,6 +156,18 @@ def civitai_spec(record: dict[str, Any], local: set[str] | None = None) -> Adapt
     """A Civitai model record → :class:`AdapterSpec`; raises :class:`CivitaiRecordError` if unusable."""
     if not isinstance(record, dict):
         raise CivitaiRecordError(f"expected a JSON object, got {type(record).__name__}")
+    try:
+        return _civitai_spec(record, local)
+    except CivitaiRecordError:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError, ArithmeticError) as exc:
+        # a field of the wrong JSON type or range ("hashes": "x", "sizeKB": 1e308, "id": "abc")
+        where = f"model {record.get('id')!r}" if "id" in record else "record"
+        raise CivitaiRecordError(f"{where}: malformed record ({type(exc).__name__}: {exc})") from exc
+
+
+def _civitai_spec(record: dict[str, Any], local: set[str] | None) -> AdapterSpec:
+    """:func:`civitai_spec` of a JSON object, raising whatever a field of the wrong type makes it raise."""
     mid = _require(record, "id", "record")
     where = f"model {mid}"
     name = str(_require(record, "name", where))
@@ -227,6 +246,8 @@ def _json_line(line: bytes, lineno: int) -> dict[str, Any] | Exception:
         return CivitaiRecordError(f"line {lineno}: invalid JSON ({reason})")
     except json.JSONDecodeError as exc:
         return CivitaiRecordError(f"line {lineno}: invalid JSON ({exc.msg})")
+    except (ValueError, RecursionError) as exc:  # an int of too many digits, nesting too deep
+        return CivitaiRecordError(f"line {lineno}: invalid JSON ({exc})")
 
 
 def _json_records(name: str, raw: bytes) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
@@ -238,7 +259,14 @@ def _json_records(name: str, raw: bytes) -> Iterator[tuple[str, dict[str, Any] |
     except json.JSONDecodeError as exc:
         yield name, CivitaiRecordError(f"{name}: invalid JSON ({exc.msg} at line {exc.lineno})")
         return
+    except (ValueError, RecursionError) as exc:  # an int of too many digits, nesting too deep
+        yield name, CivitaiRecordError(f"{name}: invalid JSON ({exc})")
+        return
     items = data.get("items", [data]) if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        got = type(items).__name__
+        yield name, CivitaiRecordError(f"{name}: expected a list of records or an API page, got {got}")
+        return
     for i, item in enumerate(items):
         yield f"{name}[{i}]", item
 
@@ -321,7 +349,7 @@ def _flush(
     try:
         ids = insert_new(session, [spec for _, _, spec in batch])
         nested.commit()
-    except SQLAlchemyError:
+    except (SQLAlchemyError, OverflowError):  # SQLite raises a bare OverflowError for an int past 64 bits
         nested.rollback()
         for n, where, spec in batch:
             results[n] = _one(session, where, spec)

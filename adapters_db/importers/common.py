@@ -29,6 +29,20 @@ class DuplicateError(ImportErrorBase):
     """The same bytes are already catalogued."""
 
 
+# What one bad item may raise and ``run_item`` reports as its failure: also RuntimeError (torch or
+# safetensors failing on one file) and ArithmeticError (SQLite's bare OverflowError for a huge number).
+ITEM_ERRORS = (
+    ImportErrorBase,
+    ValueError,
+    OSError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    ArithmeticError,
+    SQLAlchemyError,
+)
+
+
 def crash_point(name: str) -> None:
     """Exit immediately (no cleanup, like a kill) if ``$ADAPTERS_DB_CRASH_AT`` names this point."""
     if os.environ.get(CRASH_ENV) == name:
@@ -77,7 +91,7 @@ def run_item(
     try:
         result = work()
         nested.commit()
-    except (ImportErrorBase, ValueError, OSError, KeyError, TypeError, SQLAlchemyError) as exc:
+    except ITEM_ERRORS as exc:
         if nested.is_active:
             nested.rollback()
         if on_failure is not None:

@@ -10,6 +10,7 @@ reuses or garbage collection removes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,8 +63,17 @@ class UnsupportedFileError(ImportErrorBase):
     """Not a file this importer takes (pickled checkpoint, unknown extension, a folder)."""
 
 
+class FileChangedError(ImportErrorBase):
+    """The file changed between reading it and copying it (a download still in progress)."""
+
+
 def _check_path(path: Path) -> None:
     if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsupportedFileError(f"{path}: symbolic link loop (it never leads to a file)") from None
         raise FileNotFoundError(f"{path}: broken symbolic link (its target {os.readlink(path)!r} is missing)")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -279,6 +289,11 @@ def _import_file(
     info = inspect_lora(path)
     stored = catalog.store.put_file(path)
     written.append(stored)
+    if stored.size_bytes != info.size_bytes:  # still being written (a download in progress) or replaced
+        raise FileChangedError(
+            f"{path}: the file changed while it was imported ({info.size_bytes} bytes when read, "
+            f"{stored.size_bytes} when copied); import it again once it is complete"
+        )
     crash_point("after_store_write")
     sidecars = sidecars or Sidecars()
     existing = _existing_file(session, stored.sha256)

@@ -77,7 +77,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise SidecarError(f"{path.name}: empty sidecar")
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, an int of too many digits, nesting too deep
         raise SidecarError(f"{path.name}: unreadable JSON sidecar ({exc})") from exc
     if not isinstance(data, dict):
         raise SidecarError(f"{path.name}: expected a JSON object, got {type(data).__name__}")
@@ -181,7 +181,9 @@ def _str(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An integer that fits a 64-bit database column, else ``None``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    return value if ok else None
 
 
 def _words(value: Any) -> list[str] | str | None:
@@ -370,8 +372,8 @@ def image_parameters(path: Path) -> dict[str, Any]:
             raw = img.info.get("parameters")
             size = img.size
             fmt = img.format or ""
-    except (UnidentifiedImageError, OSError, ValueError):
-        return {}
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return {}  # not a picture, or one too large to open safely (PIL's decompression-bomb limit)
     params = parse_infotext(raw) if isinstance(raw, str) else {}
     ext = _FORMAT_EXT.get(fmt.upper(), path.suffix.lower())
     return {**params, "_width": size[0], "_height": size[1], "_ext": ext}

@@ -179,7 +179,11 @@ def read_tensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, s
 def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     """Raise NonFiniteWeightsError naming the first floating tensor that holds NaN or Inf."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            continue
+        if tensor.element_size() == 1:  # torch has no isfinite/isnan for float8 types
+            tensor = tensor.float()
+        if not bool(torch.isfinite(tensor).all()):
             kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
             count = int((~torch.isfinite(tensor)).sum())
             raise NonFiniteWeightsError(f"tensor {name!r} holds {count} {kind} value(s)")
