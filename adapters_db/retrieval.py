@@ -794,6 +794,8 @@ def search(
     """
     if sort not in SORTS:
         raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
+    if offset < 0:
+        raise ValueError(f"offset must be 0 or more (got {offset})")
     if k <= 0:
         return []
     options = SearchOptions(

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,17 +126,36 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- search
-def _prompts(args: argparse.Namespace) -> Iterator[str]:
+def _lines(handle: Any, where: str) -> Iterator[str]:
+    """The non-blank lines of a binary stream as UTF-8 text (a BOM and CRLF endings dropped); a line that
+    is not UTF-8 raises ``ValueError`` naming ``where`` and the line."""
+    for number, raw in enumerate(handle, 1):
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}, line {number}: not UTF-8 text ({exc.reason})") from None
+        line = line.removesuffix("\n").removesuffix("\r")
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # Notepad's byte-order mark
+        if line.strip():
+            yield line
+
+
+def _prompts(args: argparse.Namespace) -> Iterator[str] | list[str]:
+    """The prompts to run: ``--queries`` (a file, read now; ``-``: stdin, read as it comes) or the PROMPT."""
+    if args.queries and args.prompt is not None:
+        raise ValueError("give a PROMPT or --queries FILE, not both")
+    if args.queries == "-":
+        return _lines(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>")
     if args.queries:
-        handle = sys.stdin if args.queries == "-" else open(args.queries, encoding="utf-8-sig")  # noqa: SIM115
-        with handle:
-            for line in handle:
-                if line.strip():
-                    yield line.rstrip("\n")
-    elif args.prompt:
-        yield args.prompt
-    else:
+        try:
+            with open(args.queries, "rb") as handle:
+                return list(_lines(handle, args.queries))
+        except OSError as exc:
+            raise ValueError(f"cannot read --queries {args.queries}: {exc.strerror or exc}") from None
+    if args.prompt is None:
         raise ValueError("give a PROMPT or --queries FILE")
+    return [args.prompt]
 
 
 def hit_json(hit: Any) -> dict[str, Any]:
@@ -155,11 +175,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Find adapters for prompts."""
     from adapters_db import search
 
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1 (got {args.k})")
+    if args.offset < 0:
+        raise ValueError(f"--offset must be 0 or more (got {args.offset})")
+    prompts = _prompts(args)  # a bad --queries file fails here, before the index loads
     catalog = _catalog(args)
     licence = args.licence or None
     with catalog.session() as s:
-        catalog.search_index(s, show_progress=sys.stderr.isatty())
-        for prompt in _prompts(args):
+        if catalog.search_index(s, show_progress=sys.stderr.isatty()).size == 0:
+            where = catalog.engine.url.render_as_string()  # a password shows as ***
+            print(
+                f"note: the catalog at {where} has no adapters to search; import some first", file=sys.stderr
+            )
+        for prompt in prompts:
             hits = search(
                 s,
                 catalog,
@@ -179,15 +208,43 @@ def cmd_search(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             else:
-                _print_hits(prompt, hits)
+                _print_hits(prompt, hits, args.offset)
     return 0
 
 
-def _print_hits(prompt: str, hits: list[Any]) -> None:
-    print(f"query: {prompt}")
+# Bidirectional-text controls: shown raw they reorder what a terminal displays ("Trojan Source").
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _plain(text: str) -> str:
+    """Text safe to print on a terminal: control characters (escape sequences, line breaks) become ``?`` or
+    a space, bidirectional controls are dropped."""
+    out = []
+    for ch in text:
+        if ch in _BIDI:
+            continue
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            ch = " " if ch.isspace() else "?"
+        out.append(ch)
+    return "".join(out)
+
+
+def _cell(text: str, width: int) -> str:
+    """``text`` cut (with ``…``) and padded to ``width`` terminal columns (CJK characters take two)."""
+    cols = [2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text]
+    if sum(cols) > width:
+        used, cut = 0, 0
+        while cut < len(text) and used + cols[cut] <= width - 1:
+            used, cut = used + cols[cut], cut + 1
+        text, cols = text[:cut] + "…", [*cols[:cut], 1]
+    return text + " " * (width - sum(cols))
+
+
+def _print_hits(prompt: str, hits: list[Any], offset: int = 0) -> None:
+    print(f"query: {_plain(prompt)}")
     if not hits:
         print("  (no matching adapters)")
-    for h in hits:
+    for position, h in enumerate(hits, offset + 1):
         a = h.adapter
         where = (
             f"civitai {a.civitai_model_id}"
@@ -195,9 +252,10 @@ def _print_hits(prompt: str, hits: list[Any]) -> None:
             else ("local" if a.has_local_file else a.source)
         )
         print(
-            f"  {h.rank:>2}. {h.score:7.3f}  {a.name[:60]:60}  [{a.base_family or '?'}; id {a.id}; {where}]"
+            f"  {position:>2}. {h.score:7.3f}  {_cell(_plain(a.name), 60)}  "
+            f"[{_plain(a.base_family or '?')}; id {a.id}; {_plain(str(where))}]"
         )
-        print(f"      {h.why}")
+        print(f"      {_plain(h.why)}")
 
 
 # ---------------------------------------------------------------------------------------- catalog
@@ -343,7 +401,11 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "search", parents=[parent], help="find LoRAs for a prompt", description=cmd_search.__doc__
     )
     p.add_argument("prompt", nargs="?", default=None)
-    p.add_argument("--queries", default=None, help="batch: a file with one prompt per line ('-': stdin)")
+    p.add_argument(
+        "--queries",
+        default=None,
+        help="batch: a UTF-8 file, one prompt per line, blank lines skipped ('-': stdin)",
+    )
     p.add_argument("-k", type=int, default=10, help="hits per prompt")
     p.add_argument("--base", default=None, help="base family filter: sd15/sd1, sd2, sdxl, pocket")
     p.add_argument("--tag", action="append", default=[], help="require a tag (repeatable)")
