@@ -279,11 +279,14 @@ def import_civitai_records(
     show_progress: bool = False,
     total: int | None = None,
     batch_size: int = 500,
+    commit_each: bool = False,
 ) -> ImportSummary:
     """Import records: each is converted and checked first (a bad one is reported, the rest go on);
     new adapters are inserted in batches, known Civitai ids are updated one by one, and a record whose
     file is the local file of an adapter without a Civitai id is merged into that adapter. A batch that
-    hits a database error is rolled back and retried record by record, so only the culprit fails."""
+    hits a database error is rolled back and retried record by record, so only the culprit fails.
+    With ``commit_each`` the session commits after every batch and update, so an interrupted import
+    keeps what was done (a re-run updates those records)."""
     from adapters_db.repository import local_adapter_hashes, stored_hashes
 
     local = stored_hashes(session)
@@ -313,9 +316,13 @@ def import_civitai_records(
             local_adapters = {h: a for h, a in local_adapters.items() if a != owner}
         else:
             batch.append((n, where, spec))
-            if len(batch) >= batch_size:
-                _flush(session, batch, results)
+            if len(batch) < batch_size:
+                known.add(spec.civitai_model_id)
+                continue
+            _flush(session, batch, results)
         known.add(spec.civitai_model_id)
+        if commit_each:
+            session.commit()
     _flush(session, batch, results)
     return ImportSummary(tuple(results[i] for i in sorted(results)))
 
@@ -361,12 +368,21 @@ def _flush(
 
 
 def import_civitai_jsonl(
-    session: Session, catalog: Catalog, path: Path, *, limit: int | None = None, show_progress: bool = False
+    session: Session,
+    catalog: Catalog,
+    path: Path,
+    *,
+    limit: int | None = None,
+    show_progress: bool = False,
+    commit_each: bool = False,
 ) -> ImportSummary:
-    """Import a Civitai dump (``.jsonl``, ``.jsonl.gz`` or a ``.json`` API page)."""
+    """Import a Civitai dump (``.jsonl``, ``.jsonl.gz`` or a ``.json`` API page); ``commit_each`` as in
+    :func:`import_civitai_records`."""
     records: Iterable[tuple[str, dict[str, Any] | Exception]] = read_records(Path(path))
     if limit is not None:
         import itertools
 
         records = itertools.islice(records, limit)
-    return import_civitai_records(session, catalog, records, show_progress=show_progress, total=limit)
+    return import_civitai_records(
+        session, catalog, records, show_progress=show_progress, total=limit, commit_each=commit_each
+    )

@@ -508,14 +508,21 @@ def scan_folder(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def import_folder(
-    session: Session, catalog: Catalog, root: Path, *, show_progress: bool = False, **extra: Any
+    session: Session,
+    catalog: Catalog,
+    root: Path,
+    *,
+    show_progress: bool = False,
+    commit_each: bool = False,
+    **extra: Any,
 ) -> ImportSummary:
     """Import an A1111/ComfyUI ``models/Lora`` tree: every .safetensors with its previews and sidecars.
 
     Pickled checkpoints are reported as failed (never opened); previews and sidecars are picked up
     by name (case-insensitively, as A1111 does); a sidecar that cannot be read is left out with a warning
     in the file's result, and the file is imported from its header. A file's subfolder (A1111 shows it as
-    a category) is kept as ``extra["folder"]``.
+    a category) is kept as ``extra["folder"]``. With ``commit_each`` the session commits after every
+    file, so an interrupted import keeps the files done before (a re-run reports them as duplicates).
     """
     root = Path(root)
     loras, refused = scan_folder(root)
@@ -528,6 +535,8 @@ def import_folder(
         folder = path.parent.relative_to(root).as_posix()
         item_extra = {**extra, "folder": folder} if folder not in ("", ".") else extra
         results.append(import_file(session, catalog, path, sidecars=cars, **item_extra))
+        if commit_each:
+            session.commit()
     for path in refused:
         results.append(import_file(session, catalog, path))
     return ImportSummary(tuple(results))
@@ -542,13 +551,15 @@ def import_paths(
     commit_each: bool = False,
     **extra: Any,
 ) -> ImportSummary:
-    """Import files and folders given on a command line (folders are scanned)."""
+    """Import files and folders given on a command line (folders are scanned); with ``commit_each``
+    the session commits after every file (an interrupted import keeps what was done)."""
     results: list[ImportResult] = []
     for path in (Path(p) for p in paths):
         if path.is_dir():
-            results.extend(
-                import_folder(session, catalog, path, show_progress=show_progress, **extra).results
+            summary = import_folder(
+                session, catalog, path, show_progress=show_progress, commit_each=commit_each, **extra
             )
+            results.extend(summary.results)
         else:
             results.append(import_file(session, catalog, path, **extra))
         if commit_each:

@@ -69,10 +69,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.base:
         extra["base_family"] = args.base
     catalog = _catalog(args)
-    with catalog.session() as s:
-        summary = import_paths(s, catalog, [Path(p) for p in args.paths], show_progress=True, **extra)
+    try:
+        with catalog.session() as s:
+            paths = [Path(p) for p in args.paths]
+            summary = import_paths(s, catalog, paths, show_progress=True, commit_each=True, **extra)
+    except KeyboardInterrupt:
+        return interrupted()
     _embed(catalog, args)
     return _print_summary(summary, args.verbose)
+
+
+INTERRUPTED = 130  # the shell's exit status for Ctrl-C (128 + SIGINT)
+
+
+def interrupted() -> int:
+    """Say what an import stopped with Ctrl-C keeps (imports commit each item); the exit status."""
+    print(
+        "\ninterrupted: the items imported before it are kept in the catalog; run the same command again "
+        "to go on (those already in are reported as duplicates or updated)",
+        file=sys.stderr,
+    )
+    return INTERRUPTED
 
 
 def cmd_import_civitai(args: argparse.Namespace) -> int:
@@ -101,8 +118,13 @@ def cmd_import_civitai(args: argparse.Namespace) -> int:
         if not Path(path).is_file():  # one failed item; the other files still run
             results.append(ImportResult(str(path), "failed", message=f"no such file: {path}"))
             continue
-        with catalog.session() as s:
-            summary = import_civitai_jsonl(s, catalog, Path(path), limit=args.limit, show_progress=True)
+        try:
+            with catalog.session() as s:
+                summary = import_civitai_jsonl(
+                    s, catalog, Path(path), limit=args.limit, show_progress=True, commit_each=True
+                )
+        except KeyboardInterrupt:
+            return interrupted()
         results.extend(summary.results)
     if not args.api and not args.files:
         raise ValueError("give one or more dump files, or --api")
