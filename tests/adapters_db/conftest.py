@@ -21,6 +21,20 @@ from pipelines.lora_weights import LoraLayer, LoraWeights
 from tests.databases import BACKENDS, fresh_database
 
 
+def adapter_count(data_dir: Path) -> int:
+    """How many adapters the SQLite catalog in ``data_dir`` holds (opened and closed here)."""
+    from sqlalchemy import func, select
+
+    from adapters_db.models import Adapter
+
+    cat = adapters_db.open_catalog(None, data_dir)
+    try:
+        with cat.session() as s:
+            return int(s.execute(select(func.count(Adapter.id))).scalar() or 0)
+    finally:
+        cat.dispose()
+
+
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped afterwards."""

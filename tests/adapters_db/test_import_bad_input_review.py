@@ -21,22 +21,13 @@ from adapters_db import Catalog
 from adapters_db.importers import files
 from adapters_db.models import Adapter
 from studio.cli import main
-from tests.adapters_db.conftest import civitai_record, write_jsonl
+from tests.adapters_db.conftest import adapter_count, civitai_record, write_jsonl
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _adapters(data: Path) -> int:
-    cat = adapters_db.open_catalog(None, data)
-    try:
-        with cat.session() as s:
-            return int(s.execute(select(func.count(Adapter.id))).scalar() or 0)
-    finally:
-        cat.dispose()
 
 
 def _store_files(data: Path) -> tuple[list[Path], list[Path]]:
@@ -91,7 +82,7 @@ def test_float8_loras_are_checked_for_nan_not_crashing_the_batch(
     assert code == 0 and "summary: imported 2, updated 0, duplicate 0, skipped 0, failed 1" in out
     failed = [line for line in err.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "f8_nan.safetensors" in failed[0] and "1 NaN value" in failed[0]
-    assert "Traceback" not in err and _adapters(data) == 2
+    assert "Traceback" not in err and adapter_count(data) == 2
     blobs, leftovers = _store_files(data)
     assert len(blobs) == 2 and leftovers == []
 
@@ -151,7 +142,7 @@ def test_civitai_records_of_the_wrong_shape_fail_one_by_one(
     failed = [line for line in err.splitlines() if line.startswith("failed")]
     assert [line.split()[1] for line in failed] == [f"dump.jsonl:{n}" for n in range(2, 8)] + ["page.json"]
     assert "Traceback" not in err and "page.json: expected a list of records" in failed[-1]
-    assert _adapters(data) == 2
+    assert adapter_count(data) == 2
 
 
 def test_a_file_that_grows_while_it_is_imported_is_refused(

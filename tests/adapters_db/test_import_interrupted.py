@@ -10,21 +10,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-import adapters_db
 from adapters_db import Catalog, import_civitai_records
 from adapters_db.importers import files
 from adapters_db.models import Adapter
 from studio.cli import main
-from tests.adapters_db.conftest import civitai_record, write_jsonl
-
-
-def _adapters(data: Path) -> int:
-    cat = adapters_db.open_catalog(None, data)
-    try:
-        with cat.session() as s:
-            return int(s.execute(select(func.count(Adapter.id))).scalar() or 0)
-    finally:
-        cat.dispose()
+from tests.adapters_db.conftest import adapter_count, civitai_record, write_jsonl
 
 
 def test_ctrl_c_in_a_folder_import_keeps_the_files_done(
@@ -50,11 +40,11 @@ def test_ctrl_c_in_a_folder_import_keeps_the_files_done(
     assert main(["import", str(folder), "--data-dir", str(data), "--no-embed"]) == 130
     err = capsys.readouterr().err
     assert "interrupted: the items imported before it are kept" in err and "Traceback" not in err
-    assert _adapters(data) == 2
+    assert adapter_count(data) == 2
     monkeypatch.setattr(files, "inspect_lora", real)
     assert main(["import", str(folder), "--data-dir", str(data), "--no-embed"]) == 0
     assert "summary: imported 2, updated 0, duplicate 2" in capsys.readouterr().out
-    assert _adapters(data) == 4
+    assert adapter_count(data) == 4
 
 
 def _interrupted_records(n: int) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -88,4 +78,4 @@ def test_ctrl_c_in_a_civitai_import_says_what_is_kept(
     assert "interrupted: the items imported before it are kept" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(["import-civitai", str(dump), "--data-dir", str(data), "--no-embed"]) == 0
-    assert _adapters(data) == 3
+    assert adapter_count(data) == 3
