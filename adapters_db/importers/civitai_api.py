@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from adapters_db.dto import ImportResult, ImportSummary
 from adapters_db.importers.civitai import import_civitai_records
 from adapters_db.importers.common import inspect_lora, run_item
-from adapters_db.importers.download import HttpConfig, download_to_store, get_json
+from adapters_db.importers.download import HttpConfig, download_to_store, get_json, url_origin
+from adapters_db.importers.sidecars import REFUSED_EXTS
 from adapters_db.models import AdapterFile, AdapterVersion
 from adapters_db.repository import attach_local_file
 from adapters_db.specs import FileSpec
@@ -67,8 +68,10 @@ class CivitaiClient:
                 "sort": sort,
             },
         )
-        seen = 0
+        seen = empty = 0
+        visited: set[str] = set()
         while url and seen < limit:
+            visited.add(url)
             page = get_json(url, self.config)
             items = page.get("items") if isinstance(page, dict) else None
             if not isinstance(items, list):
@@ -78,24 +81,50 @@ class CivitaiClient:
                     return
                 seen += 1
                 yield item
-            url = (page.get("metadata") or {}).get("nextPage")
+            empty = empty + 1 if not items else 0
+            if empty >= MAX_EMPTY_PAGES:
+                raise ValueError(f"{url}: {empty} empty pages in a row; pagination stopped")
+            url = self._next_page(url, page.get("metadata"), visited)
+
+    def _next_page(self, url: str, metadata: Any, visited: set[str]) -> str | None:
+        """The page after ``url``: None at the end; raises on a loop or a link off the API's origin
+        (the key must not follow it there)."""
+        following = metadata.get("nextPage") if isinstance(metadata, dict) else None
+        if not following:
+            return None
+        following = urllib.parse.urljoin(url, str(following))
+        if url_origin(following) != url_origin(self.base_url):
+            raise ValueError(f"{url}: nextPage {following!r} leaves {self.base_url}; not followed")
+        if following in visited:
+            raise ValueError(f"{url}: nextPage {following!r} repeats an earlier page (a pagination loop)")
+        return following
+
+    def _object(self, url: str) -> dict[str, Any]:
+        """A JSON object from the API (raises ``ValueError`` for any other JSON)."""
+        data = get_json(url, self.config)
+        if not isinstance(data, dict):
+            raise ValueError(f"{url}: expected a JSON object, got {type(data).__name__}")
+        return data
 
     def model(self, model_id: int) -> dict[str, Any]:
         """One model record."""
-        return get_json(self._url(f"/api/v1/models/{int(model_id)}"), self.config)
+        return self._object(self._url(f"/api/v1/models/{int(model_id)}"))
 
     def version(self, version_id: int) -> dict[str, Any]:
         """One model-version record (it names its model: ``modelId``)."""
-        return get_json(self._url(f"/api/v1/model-versions/{int(version_id)}"), self.config)
+        return self._object(self._url(f"/api/v1/model-versions/{int(version_id)}"))
 
     def version_by_hash(self, digest: str) -> dict[str, Any]:
         """The model version owning a file with this SHA-256 / AutoV2 hash (raises if unknown)."""
-        return get_json(
-            self._url(f"/api/v1/model-versions/by-hash/{urllib.parse.quote(digest)}"), self.config
-        )
+        return self._object(self._url(f"/api/v1/model-versions/by-hash/{urllib.parse.quote(digest)}"))
 
 
 CIVITAI_HOSTS = ("civitai.com", "www.civitai.com")
+MAX_EMPTY_PAGES = 5  # a listing whose pages stay empty is not followed for ever
+
+
+class PageError(ValueError):
+    """A page of the API's model listing that could not be read (the records before it are kept)."""
 
 
 def client_from_env() -> CivitaiClient:
@@ -151,7 +180,14 @@ def download_files(
     results = []
     for row in _remote_files(session, adapter_ids, civitai_version_ids):
         url, sha = row.remote_url or "", row.sha256 or ""
+        if row.format == "pickle" or Path(row.file_name).suffix.lower() in REFUSED_EXTS:
+            why = f"{row.file_name}: pickled checkpoints are refused (not downloaded); only .safetensors"
+            results.append(ImportResult(url, "failed", message=why))
+            continue
         auth = download_config(url, config, api_key)
+        if row.size_bytes and row.size_bytes > 0:  # the record's size, with slack for its rounding
+            cap = row.size_bytes + row.size_bytes // 20 + (1 << 20)
+            auth = replace(auth, max_bytes=min(auth.max_bytes, cap))
         results.append(
             run_item(
                 session,
@@ -168,23 +204,45 @@ def _download_one(
     stored = download_to_store(url, catalog.store, expected_sha256=sha256, config=config)
     try:
         info = inspect_lora(stored.path)
-    except ValueError:
+        spec = FileSpec(
+            file_name=name,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            format=info.format,
+            stored=True,
+            header_metadata=dict(info.metadata),
+            rank=info.rank or None,
+            num_modules=info.num_modules,
+            components=tuple(sorted(info.components)),
+        )
+        adapter_id = attach_local_file(session, stored.sha256, spec)
+    except Exception:  # whatever failed, the new blob must not outlive its rolled-back row
         if not stored.existed:
             stored.path.unlink(missing_ok=True)
         raise
-    spec = FileSpec(
-        file_name=name,
-        sha256=stored.sha256,
-        size_bytes=stored.size_bytes,
-        format=info.format,
-        stored=True,
-        header_metadata=dict(info.metadata),
-        rank=info.rank or None,
-        num_modules=info.num_modules,
-        components=tuple(sorted(info.components)),
-    )
-    adapter_id = attach_local_file(session, stored.sha256, spec)
     return ImportResult(url, "updated", adapter_id, name, stored.sha256, "downloaded and verified")
+
+
+def _records(
+    client: CivitaiClient, query: str | None, limit: int
+) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    """The API's records for the importer; an item that is not an object, or a page that fails (HTTP
+    error, not a page, a pagination loop), becomes one failed record and the records before it stay."""
+    pages = client.models(query=query, limit=limit)
+    n = 0
+    while True:
+        try:
+            record = next(pages)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as exc:
+            yield f"{client.base_url} models (after {n} records)", PageError(str(exc))
+            return
+        n += 1
+        if isinstance(record, dict):
+            yield f"{client.base_url} model {record.get('id')}", record
+        else:
+            yield f"{client.base_url} models, item {n}", TypeError(f"not a JSON object: {record!r:.80}")
 
 
 def import_from_api(
@@ -197,8 +255,9 @@ def import_from_api(
     download: bool = False,
     show_progress: bool = False,
 ) -> ImportSummary:
-    """Catalogue LoRAs from the live API (as remote entries), optionally downloading their files."""
-    records = ((f"{client.base_url} model {r.get('id')}", r) for r in client.models(query=query, limit=limit))
+    """Catalogue LoRAs from the live API (as remote entries), optionally downloading their files; a page
+    that fails ends the listing as one failed result, keeping the records before it."""
+    records = _records(client, query, limit)
     summary = import_civitai_records(session, catalog, records, show_progress=show_progress, total=limit)
     if not download:
         return summary

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Folders of a diffusers pipeline repo: their .safetensors are full models (gigabytes), never LoRAs.
+PIPELINE_FOLDERS = frozenset(
+    {"unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "safety_checker"}
+)
 BASE_MODEL_FAMILY = (
     ("xl", "sdxl"),
     ("stable-diffusion-2", "sd2"),
@@ -79,9 +83,10 @@ def family_of_base_model(base_model: Any) -> str | None:
 
 
 def _extra(repo: str, info: dict[str, Any], body: str, filename: str) -> dict[str, Any]:
-    card = info.get("cardData") or {}
+    card = info.get("cardData") if isinstance(info.get("cardData"), dict) else {}
     trigger = card.get("instance_prompt")
-    tags = [t for t in (card.get("tags") or info.get("tags") or []) if isinstance(t, str) and ":" not in t]
+    listed = card.get("tags") or info.get("tags")
+    tags = [t for t in listed if isinstance(t, str) and ":" not in t] if isinstance(listed, list) else []
     description = "<p>" + html.escape(body[:20000]).replace("\n\n", "</p><p>").replace("\n", "<br>") + "</p>"
     extra: dict[str, Any] = {
         "name": f"{repo.split('/')[-1]} ({filename})"
@@ -107,7 +112,8 @@ def _extra(repo: str, info: dict[str, Any], body: str, filename: str) -> dict[st
 def import_hf_repo(
     session: Session, catalog: Catalog, client: HuggingFaceClient, repo: str, *, revision: str = "main"
 ) -> ImportSummary:
-    """Import every ``.safetensors`` LoRA of a repo (each verified against its LFS SHA-256)."""
+    """Import every ``.safetensors`` LoRA of a repo (each verified against its LFS SHA-256; one without
+    that hash fails unfetched, and files in a diffusers pipeline's folders are skipped)."""
     if not _REPO.match(repo):
         return ImportSummary((ImportResult(repo, "failed", message=f"not a Hugging Face repo id: {repo!r}"),))
     try:
@@ -115,16 +121,30 @@ def import_hf_repo(
         body = card_body(client.readme(repo, revision))
     except (OSError, ValueError) as exc:
         return ImportSummary((ImportResult(repo, "failed", message=f"{type(exc).__name__}: {exc}"),))
-    files = [s for s in info.get("siblings") or [] if str(s.get("rfilename", "")).endswith(".safetensors")]
+    siblings = info.get("siblings") if isinstance(info, dict) else None
+    if not isinstance(siblings, list):
+        return ImportSummary((ImportResult(repo, "failed", message=f"{repo}: not a Hub model listing"),))
+    files = [
+        s for s in siblings if isinstance(s, dict) and str(s.get("rfilename", "")).endswith(".safetensors")
+    ]
     if not files:
         return ImportSummary(
             (ImportResult(repo, "failed", message=f"{repo}: no .safetensors file in the repo"),)
         )
     results = []
     for sibling in files:
-        name = sibling["rfilename"]
-        sha = (sibling.get("lfs") or {}).get("sha256")
+        name = str(sibling["rfilename"])
+        lfs = sibling.get("lfs")
+        sha = lfs.get("sha256") if isinstance(lfs, dict) else None
         url = client.file_url(repo, name, revision)
+        if name.split("/")[0] in PIPELINE_FOLDERS:
+            why = f"{name}: part of a full diffusers pipeline, not a LoRA (not downloaded)"
+            results.append(ImportResult(url, "skipped", message=why))
+            continue
+        if not isinstance(sha, str):
+            why = f"{name}: the Hub lists no LFS SHA-256 for it, so a download could not be verified"
+            results.append(ImportResult(url, "failed", message=why))
+            continue
         results.append(
             run_item(
                 session,
