@@ -79,3 +79,19 @@ def test_ctrl_c_in_a_civitai_import_says_what_is_kept(
     monkeypatch.undo()
     assert main(["import-civitai", str(dump), "--data-dir", str(data), "--no-embed"]) == 0
     assert adapter_count(data) == 3
+
+
+def test_an_os_error_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A permission or disk error the command does not handle itself ends in one line, exit 2."""
+    from adapters_db.importers import civitai
+
+    def no_permission(path: Path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    dump = write_jsonl(tmp_path / "dump.jsonl", [civitai_record(1, "Model 1")])
+    monkeypatch.setattr(civitai, "read_records", no_permission)
+    assert main(["import-civitai", str(dump), "--data-dir", str(tmp_path / "d"), "--no-embed"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 13] Permission denied") and "Traceback" not in err
