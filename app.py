@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--embedder",
         default=os.environ.get("STUDIO_EMBEDDER") or None,
-        help="catalog embedder: auto (default), minilm, hashing, open_clip:MODEL[:TAG]",
+        help="catalog embedder: auto (default), minilm, hashing[-DIM], open_clip:MODEL:TAG_OR_CHECKPOINT, "
+        "open_clip:local-dir:FOLDER",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p

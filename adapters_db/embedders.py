@@ -13,9 +13,12 @@ made it, so vectors of different embedders are never mixed.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import sqlite3
 import threading
+import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +27,12 @@ import numpy as np
 from adapters_db.text import clean_prompt, terms
 
 ImageInput = Any  # a PIL image or a path to one
+MAX_IMAGE_PIXELS = 40_000_000  # checked from the header, before a pixel is decoded
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+class ImageReadError(ValueError):
+    """A picture that cannot be embedded (damaged, not a picture, too large); the message names it."""
 
 
 @runtime_checkable
@@ -98,7 +107,7 @@ class MiniLMEmbedder:
         with self._lock, torch.inference_mode():
             for start in _batches(len(texts), self.batch_size, show_progress, "embedding texts"):
                 rows = order[start : start + self.batch_size]
-                chunk = [texts[i] or " " for i in rows]
+                chunk = [_valid_utf8(texts[i]) or " " for i in rows]
                 enc = self.tokenizer(
                     chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
                 ).to(self.device)
@@ -111,6 +120,11 @@ class MiniLMEmbedder:
     def embed_images(self, images: Sequence[ImageInput], *, show_progress: bool = False) -> np.ndarray:
         """MiniLM has no image tower."""
         raise NotImplementedError(f"{self.name} embeds text only; use an open_clip embedder for images")
+
+
+def _valid_utf8(text: str | None) -> str:
+    """The text with lone surrogates (undecodable command-line bytes) replaced: tokenizers refuse them."""
+    return (text or "").encode("utf-8", "replace").decode("utf-8")
 
 
 def minilm_dir() -> Path:
@@ -143,21 +157,23 @@ class OpenClipEmbedder:
         import open_clip
         import torch
 
+        tag: str | None = None
         if model is None:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, device=device
-            )
+            model, preprocess, tag = _load_open_clip(model_name, pretrained, device)
+        elif name is None:
+            tag = f"weights-{_weights_tag(model)}"  # an in-code model: named by its weights, not its class
+        if tokenizer is None:
+            tokenizer = open_clip.get_tokenizer(model_name)  # local-dir: from the folder's config
+        if model_name.startswith(LOCAL_DIR):
+            model_name = Path(model_name[len(LOCAL_DIR) :]).resolve().name
         if preprocess is None:
             preprocess = _default_preprocess(model)
         self.model = model.eval().to(device)
         self.preprocess = preprocess
-        self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer(model_name)
+        self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
         self.dim = int(_embed_dim(model))
-        tag = (
-            pretrained if pretrained is None or not Path(pretrained).exists() else _file_tag(Path(pretrained))
-        )
         self.name = name or f"open_clip-{model_name}-{tag or 'random'}-{self.dim}"
         self._torch = torch
         self._lock = threading.Lock()
@@ -174,21 +190,127 @@ class OpenClipEmbedder:
         return l2_normalise(out)
 
     def embed_images(self, images: Sequence[ImageInput], *, show_progress: bool = False) -> np.ndarray:
-        """Image-tower embeddings of PIL images or image paths."""
-        from PIL import Image
-
+        """Image-tower embeddings of PIL images or image paths, upright as a viewer shows them."""
         torch = self._torch
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
             for start in _batches(len(images), self.batch_size, show_progress, "embedding images"):
                 chunk = images[start : start + self.batch_size]
-                pics = [
-                    Image.open(p).convert("RGB") if isinstance(p, str | Path) else p.convert("RGB")
-                    for p in chunk
-                ]
+                pics = [open_image(p) for p in chunk]
                 batch = torch.stack([self.preprocess(p) for p in pics]).to(self.device)
                 out[start : start + len(chunk)] = self.model.encode_image(batch).float().cpu().numpy()
         return l2_normalise(out)
+
+
+def open_image(source: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """An upright RGB copy of a picture (a path or a PIL image): EXIF orientation applied, transparency
+    on white, 16-bit grey scaled to 8 bits, the first frame of an animation; raises
+    :class:`ImageReadError` naming the file when it is missing, damaged, not a picture or too large."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from pipelines.images import to_rgb
+
+    label = str(source) if isinstance(source, str | Path) else "the picture"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) if isinstance(source, str | Path) else nullcontext(source) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageReadError(
+                        f"{label}: {width}×{height} is {width * height / 1e6:.1f} megapixels, "
+                        f"over the {max_pixels / 1e6:.0f} MP limit"
+                    )
+                img.load()  # the first frame of an animation
+                return to_rgb(ImageOps.exif_transpose(img))
+    except ImageReadError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{label}: no such file") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{label}: not a picture (no image format recognised)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(f"{label}: refused as a decompression bomb ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{label}: a damaged picture ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line, shortened."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+LOCAL_DIR = "local-dir:"
+
+
+def _load_open_clip(model_name: str, pretrained: str | None, device: str) -> tuple[Any, Any, str | None]:
+    """(model, preprocess, name tag) of an open_clip model; any failure is a one-line ``ValueError``
+    naming the model and the checkpoint file (checkpoints load as weights only, never as code)."""
+    import open_clip
+
+    checkpoint: Path | None = None
+    builtin = model_name.replace("/", "-")  # open_clip's own spelling of a built-in name
+    if model_name.startswith(LOCAL_DIR):
+        folder = Path(model_name[len(LOCAL_DIR) :]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ValueError(f"{folder}: not an open_clip model folder (no open_clip_config.json)")
+        from open_clip.factory import _find_checkpoint_in_dir  # the very file open_clip will load
+
+        found = _find_checkpoint_in_dir(folder)
+        if found is None:
+            raise ValueError(f"{folder}: holds no open_clip weights (*.safetensors, *.bin, *.pth)")
+        checkpoint = Path(found)
+    elif model_name.startswith("hf-hub:"):
+        pass  # open_clip fetches config and weights (network)
+    elif open_clip.get_model_config(builtin) is None:
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}: open_clip.list_models() names the "
+            f"{len(open_clip.list_models())} built-in ones (or use local-dir:FOLDER)"
+        )
+    elif pretrained and not open_clip.get_pretrained_cfg(builtin, pretrained):
+        checkpoint = Path(pretrained).expanduser()
+        if checkpoint.is_dir():
+            raise ValueError(f"{checkpoint}: a folder, not a checkpoint file (for a folder: local-dir:)")
+        if not checkpoint.is_file():
+            if checkpoint.suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or "\\" in pretrained:
+                raise ValueError(f"open_clip checkpoint {checkpoint} not found")
+            tags = open_clip.list_pretrained_tags_by_model(builtin)
+            known = ", ".join(tags[:6]) + (", …" if len(tags) > 6 else "") if tags else "none"
+            raise ValueError(
+                f"unknown pretrained tag {pretrained!r} for open_clip model {model_name} "
+                f"(known: {known}); or give a checkpoint file"
+            )
+    if model_name.startswith(LOCAL_DIR):
+        pretrained = None  # open_clip takes the folder's own weights
+    elif checkpoint is not None:
+        pretrained = str(checkpoint)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, weights_only=True
+        )
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{checkpoint}: refused, a pickle holding more than tensors "
+            "(only weights are loaded, never code; convert it to .safetensors)"
+        ) from exc
+    except Exception as exc:  # torch, safetensors and open_clip raise many kinds for a bad file
+        if checkpoint is None:
+            raise ValueError(f"open_clip {model_name}:{pretrained}: {_one_line(exc)}") from exc
+        raise ValueError(f"{checkpoint}: not a loadable {model_name} checkpoint ({_one_line(exc)})") from exc
+    return model, preprocess, None if checkpoint is None else _file_tag(checkpoint)
+
+
+def _weights_tag(model: Any) -> str:
+    """A short hash of a model's weights (names an in-code model by what it computes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:8]
 
 
 def _embed_dim(model: Any) -> int:
@@ -206,9 +328,11 @@ def _default_preprocess(model: Any) -> Any:
 
 
 def _file_tag(path: Path) -> str:
+    """Stem and a hash of the whole file: two checkpoints that differ anywhere get different names."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        h.update(fh.read(1 << 20))
+        while block := fh.read(1 << 24):
+            h.update(block)
     return f"{path.stem}-{h.hexdigest()[:8]}"
 
 
@@ -257,7 +381,8 @@ class HashingEmbedder:
 
 def resolve_embedder(spec: Embedder | str | None) -> Embedder:
     """An embedder from a spec: an object, ``"minilm"``, ``"hashing[-DIM]"``,
-    ``"open_clip:MODEL[:PRETRAINED_TAG_OR_CHECKPOINT]"`` or ``None``/``"auto"`` (MiniLM, else hashing).
+    ``"open_clip:MODEL:PRETRAINED_TAG_OR_CHECKPOINT"``, ``"open_clip:local-dir:FOLDER"`` or
+    ``None``/``"auto"`` (MiniLM, else hashing).
     """
     if spec is not None and not isinstance(spec, str):
         return spec
@@ -269,13 +394,31 @@ def resolve_embedder(spec: Embedder | str | None) -> Embedder:
             return HashingEmbedder()
     if key == "minilm":
         return MiniLMEmbedder()
-    if key.startswith("hashing"):
-        dim = key.split("-", 1)[1] if "-" in key else "256"
+    if key == "hashing" or key.startswith("hashing-"):
+        dim = key.removeprefix("hashing").removeprefix("-") or "256"
+        if not dim.isdigit() or int(dim) < 1:
+            raise ValueError(f"unknown embedder {spec!r}: hashing-DIM takes a whole number of dimensions")
         return HashingEmbedder(int(dim))
     if key.startswith("open_clip:"):
-        _, model_name, *rest = key.split(":", 2)
-        return OpenClipEmbedder(model_name, rest[0] if rest else None)
-    raise ValueError(f"unknown embedder {spec!r}: use auto, minilm, hashing[-DIM] or open_clip:MODEL[:TAG]")
+        return OpenClipEmbedder(*_open_clip_spec(key[len("open_clip:") :]))
+    raise ValueError(
+        f"unknown embedder {spec!r}: use auto, minilm, hashing[-DIM], open_clip:MODEL:TAG_OR_CHECKPOINT "
+        "or open_clip:local-dir:FOLDER"
+    )
+
+
+def _open_clip_spec(rest: str) -> tuple[str, str | None]:
+    """(model name, pretrained tag or checkpoint) of ``MODEL:TAG_OR_PATH`` or ``local-dir:FOLDER``; refuses a
+    model without weights (random weights would fill the index with noise)."""
+    if rest.startswith(LOCAL_DIR):
+        return rest, None
+    model_name, _, pretrained = rest.partition(":")  # a checkpoint path may hold ":" itself
+    if not model_name or not pretrained:
+        raise ValueError(
+            f"open_clip:{rest} names no weights: use open_clip:MODEL:PRETRAINED_TAG, "
+            "open_clip:MODEL:/path/to/checkpoint or open_clip:local-dir:FOLDER"
+        )
+    return model_name, pretrained
 
 
 class EmbeddingCache:

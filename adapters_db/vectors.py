@@ -10,6 +10,7 @@ content, so a changed text or another embedder gets a fresh vector. Vectors are 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from adapters_db.text import clean_prompt
 if TYPE_CHECKING:
     from adapters_db.catalog import Catalog
     from adapters_db.embedders import Embedder, EmbeddingCache
+
+log = logging.getLogger(__name__)
 
 CHUNK = 2048
 META_DESCRIPTION_CHARS = 600
@@ -145,21 +148,41 @@ def pending_items(
     return todo
 
 
-def _vectors_of(embedder: Embedder, chunk: list[Item], cache: EmbeddingCache | None) -> list[np.ndarray]:
+def _vectors_of(
+    embedder: Embedder, chunk: list[Item], cache: EmbeddingCache | None
+) -> list[np.ndarray | None]:
     texts = [it for it in chunk if it.text is not None]
     pics = [it for it in chunk if it.text is None]
-    found: dict[int, np.ndarray] = {}
+    found: dict[int, np.ndarray | None] = {}
     if texts:
         batch = [it.text or "" for it in texts]
         arr = cache.embed(embedder, batch) if cache is not None else embedder.embed_texts(batch)
         found.update({id(it): v for it, v in zip(texts, arr, strict=True)})
     if pics:
-        arr = embedder.embed_images([it.image_path for it in pics])
-        found.update({id(it): v for it, v in zip(pics, arr, strict=True)})
-    return [np.asarray(found[id(it)], np.float32) for it in chunk]
+        found.update({id(it): v for it, v in zip(pics, _picture_vectors(embedder, pics), strict=True)})
+    return [None if (v := found[id(it)]) is None else np.asarray(v, np.float32) for it in chunk]
 
 
-def _rows(embedder: Embedder, chunk: list[Item], vectors: list[np.ndarray]) -> list[Embedding]:
+def _picture_vectors(embedder: Embedder, pics: list[Item]) -> list[np.ndarray | None]:
+    """Image vectors; a picture that cannot be read (damaged, not a picture, too large) gets ``None`` and a
+    warning, so one bad preview never stops the other vectors (it is retried at the next rebuild)."""
+    from adapters_db.embedders import ImageReadError
+
+    try:
+        return list(embedder.embed_images([it.image_path for it in pics]))
+    except ImageReadError:
+        pass
+    out: list[np.ndarray | None] = []
+    for it in pics:
+        try:
+            out.append(embedder.embed_images([it.image_path])[0])
+        except ImageReadError as exc:
+            log.warning("preview image of adapter %s left out of image search: %s", it.adapter_id, exc)
+            out.append(None)
+    return out
+
+
+def _rows(embedder: Embedder, chunk: list[Item], vectors: list[np.ndarray | None]) -> list[Embedding]:
     return [
         Embedding(
             adapter_id=it.adapter_id,
@@ -171,6 +194,7 @@ def _rows(embedder: Embedder, chunk: list[Item], vectors: list[np.ndarray]) -> l
             vector=v.tobytes(),
         )
         for it, v in zip(chunk, vectors, strict=True)
+        if v is not None
     ]
 
 
@@ -200,8 +224,10 @@ def embed_missing(
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc=f"embedding ({embedder.name})", unit="vec")
+    made = 0
     for chunk in _chunks(todo, CHUNK):
         vectors = _vectors_of(embedder, chunk, cache)
+        made += sum(v is not None for v in vectors)
         if session is not None:
             session.add_all(_rows(embedder, chunk, vectors))
             session.flush()
@@ -212,7 +238,7 @@ def embed_missing(
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    return len(todo)
+    return made
 
 
 @dataclass(frozen=True)

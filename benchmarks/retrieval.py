@@ -702,7 +702,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "retrieval_cache")
-    parser.add_argument("--embedder", default="minilm", help="minilm (default), hashing, open_clip:MODEL:TAG")
+    parser.add_argument(
+        "--embedder", default="minilm", help="minilm (default), hashing, open_clip:MODEL:TAG_OR_CHECKPOINT"
+    )
     parser.add_argument("--queries", type=int, default=None, help="random subset of this many pairs")
     parser.add_argument("--split", choices=("all", "A", "B"), default="all")
     parser.add_argument(
