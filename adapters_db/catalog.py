@@ -8,6 +8,7 @@ and rolls back on error; repository functions take that session.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -26,6 +28,16 @@ if TYPE_CHECKING:
     from adapters_db.search_index import SearchIndex
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+log = logging.getLogger(__name__)
+READ_ONLY_SQLSTATES = ("25006", "42501")  # PostgreSQL: read-only transaction, insufficient privilege
+
+
+def is_read_only_error(exc: BaseException) -> bool:
+    """Whether a database error says the catalog cannot be written (read-only file, role or transaction)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+    return code in READ_ONLY_SQLSTATES or "readonly database" in str(exc.orig).lower()
 
 
 def default_url(data_dir: Path) -> str:
@@ -44,13 +56,16 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets foreign keys, WAL and a busy timeout on every connection."""
-    if url.startswith("sqlite"):
-        if url in ("sqlite://", "sqlite:///:memory:"):
-            raise ValueError("an in-memory SQLite catalog cannot be shared between sessions; use a file")
-        engine = create_engine(url, poolclass=NullPool)
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        if url.startswith("sqlite"):
+            if url in ("sqlite://", "sqlite:///:memory:"):
+                raise ValueError("an in-memory SQLite catalog cannot be shared between sessions; use a file")
+            engine = create_engine(url, poolclass=NullPool)
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except ArgumentError as exc:  # a malformed URL or an unknown dialect (SQLAlchemy masks the password)
+        raise ValueError(f"bad catalog URL: {exc}") from None
 
 
 def migrate(engine: Engine) -> None:
@@ -60,7 +75,8 @@ def migrate(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    url = engine.url.render_as_string(hide_password=False)
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolates "%"
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
@@ -129,8 +145,14 @@ class Catalog:
                 self._search_index = SearchIndex(self.index_dir, self.embedder)
             index = self._search_index
             if not index.is_current(session) and not index.try_load(session):
-                embed_missing(self, self.embedder, session=session, show_progress=show_progress)
-                embed_weight_channels(self, session, self.embedder)
+                try:
+                    with session.begin_nested():
+                        embed_missing(self, self.embedder, session=session, show_progress=show_progress)
+                        embed_weight_channels(self, session, self.embedder)
+                except DBAPIError as exc:
+                    if not is_read_only_error(exc):
+                        raise
+                    log.warning("read-only catalog: the search index is built from the vectors stored")
                 index.rebuild(session, show_progress=show_progress)
             return index
 

@@ -9,12 +9,16 @@ channel (``meta.faiss``, ``prompt.faiss``, ``image.faiss``) with its ids.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
+import uuid
+import zipfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -400,11 +404,10 @@ class SearchIndex:
 
     def _try_load(self, revision: int) -> bool:
         path = self.directory / "manifest.json"
-        if not path.is_file():
-            return False
         try:
-            manifest = Manifest(**json.loads(path.read_text()))
-        except (TypeError, ValueError, json.JSONDecodeError):
+            text = path.read_text()
+            manifest = Manifest(**json.loads(text))
+        except (OSError, TypeError, ValueError):  # absent, being swapped by another process, or damaged
             return False
         if (
             manifest.format != FORMAT_VERSION
@@ -415,8 +418,12 @@ class SearchIndex:
             return False
         try:
             self._load(manifest)
-        except (OSError, KeyError, ValueError) as exc:
+            if path.read_text() != text:  # another process swapped in a new index while this one read
+                raise ValueError("replaced while loading")
+        except (OSError, KeyError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile) as exc:
+            # RuntimeError: FAISS on a damaged file; EOFError, BadZipFile: NumPy on an empty .npy, a cut .npz
             log.warning("search index in %s unreadable (%s); rebuilding", self.directory, exc)
+            self.manifest = None
             return False
         return True
 
@@ -431,6 +438,7 @@ class SearchIndex:
         for channel in manifest.vectors:
             self.dense[channel] = VectorIndex.load(self.directory, channel)
             self.dense_owner[channel] = np.load(self.directory / f"{channel}.owner.npy")
+        _check_loaded(self, manifest)
         self.manifest = manifest
 
     def _set_arrays(self, a: dict[str, np.ndarray]) -> None:
@@ -477,7 +485,10 @@ class SearchIndex:
             built_at=time.time(),
             build_seconds=round(time.time() - started, 3),
         )
-        self._save({**lex.arrays(), **arrays}, triggers)
+        try:
+            self._save({**lex.arrays(), **arrays}, triggers)
+        except OSError as exc:  # derived data: search goes on with the index in memory
+            log.warning("could not save the search index in %s (%s); it is rebuilt next time", self.root, exc)
         self.last_event = "rebuilt"
 
     def _build_dense(
@@ -505,9 +516,19 @@ class SearchIndex:
     def _save(self, arrays: dict[str, np.ndarray], triggers: TriggerTable) -> None:
         """Write into a temp directory, then swap it in (readers never see a half-written index)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{self.directory.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        for stale in self.root.glob(f".{self.directory.name}.*-*"):  # left by a rebuild that was killed
+            with contextlib.suppress(OSError):
+                if stale.stat().st_mtime < time.time() - 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.tmp-", dir=self.root))
+        try:
+            self._write(tmp, arrays, triggers)
+            self._swap_in(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write(self, tmp: Path, arrays: dict[str, np.ndarray], triggers: TriggerTable) -> None:
+        """Every file of the index into ``tmp``, the manifest last."""
         np.savez(tmp / "lexical.npz", **arrays)
         (tmp / "triggers.json").write_text(json.dumps(triggers.to_json()))
         for channel, index in self.dense.items():
@@ -515,11 +536,23 @@ class SearchIndex:
             np.save(tmp / f"{channel}.owner.npy", self.dense_owner[channel])
         assert self.manifest is not None
         (tmp / "manifest.json").write_text(json.dumps(asdict(self.manifest), indent=1))
-        old = self.root / f".{self.directory.name}.old-{os.getpid()}"
-        if self.directory.exists():
-            os.replace(self.directory, old)
-        os.replace(tmp, self.directory)
-        shutil.rmtree(old, ignore_errors=True)
+
+    def _swap_in(self, tmp: Path, attempts: int = 20) -> None:
+        """Rename ``tmp`` to the index directory, moving the current one aside under a unique name (another
+        process may be swapping in its own index at the same time: the last one wins)."""
+        for _ in range(attempts):
+            old = self.root / f".{self.directory.name}.old-{uuid.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.directory, old)
+            try:
+                os.replace(tmp, self.directory)
+                return
+            except OSError:
+                if not self.directory.exists():
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        raise OSError(f"{self.directory}: replaced by other processes {attempts} times in a row")
 
     # ------------------------------------------------------------------ lookups
     def rows_of(self, adapter_ids: np.ndarray) -> np.ndarray:
@@ -543,6 +576,19 @@ def positions_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return np.full(len(ids), -1, np.int64)
     pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
     return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
+def _check_loaded(index: SearchIndex, manifest: Manifest) -> None:
+    """Raise ``ValueError`` where the loaded files disagree with their manifest or with each other."""
+    n = len(index.adapter_ids)
+    if n != manifest.adapters or any(len(a) != n for a in (index.family, index.nsfw, index.has_local)):
+        raise ValueError(f"{n} adapters in the arrays, {manifest.adapters} in the manifest")
+    for channel, vectors in index.dense.items():
+        owner = index.dense_owner[channel]
+        if vectors.size != manifest.vectors[channel] or len(owner) != vectors.size:
+            raise ValueError(f"{channel}: {vectors.size} vectors, {len(owner)} owners")
+        if vectors.size and (vectors.dim != manifest.dim or owner.min() < 0 or owner.max() >= n):
+            raise ValueError(f"{channel}: dimension {vectors.dim} or owner rows out of range")
 
 
 def _revision(session: Session) -> int:

@@ -103,13 +103,22 @@ def image_items(session: Session, catalog: Catalog) -> list[Item]:
     return out
 
 
-def _existing(session: Session, embedder_name: str) -> dict[tuple[str, int, int | None], tuple[int, str]]:
+def _existing(
+    session: Session, embedder_name: str, dim: int
+) -> dict[tuple[str, int, int | None], tuple[int, str]]:
+    """Stored vectors of the embedder by item; one of another dimension (an embedder of the same name
+    but another size) has no content hash, so it counts as stale."""
     rows = session.execute(
         select(
-            Embedding.id, Embedding.channel, Embedding.adapter_id, Embedding.image_id, Embedding.content_hash
+            Embedding.id,
+            Embedding.channel,
+            Embedding.adapter_id,
+            Embedding.image_id,
+            Embedding.content_hash,
+            Embedding.dim,
         ).where(Embedding.embedder == embedder_name)
     )
-    return {(ch, aid, iid): (eid, h) for eid, ch, aid, iid, h in rows}
+    return {(ch, aid, iid): (eid, h if d == dim else "") for eid, ch, aid, iid, h, d in rows}
 
 
 def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
@@ -134,7 +143,7 @@ def pending_items(
         items += image_items(session, catalog)
     if adapter_ids is not None:
         items = [it for it in items if it.adapter_id in adapter_ids]
-    existing = _existing(session, embedder.name)
+    existing = _existing(session, embedder.name, embedder.dim)
     todo = []
     for it in items:
         key = (it.channel, it.adapter_id, it.image_id)

@@ -31,7 +31,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="SQLAlchemy URL of the catalog (default: $STUDIO_DB_URL, else "
         "catalog.sqlite in the data dir); e.g. postgresql+psycopg2://user@host/db",
     )
-    p.add_argument("--embedder", default=None, help="auto (default), minilm, hashing, open_clip:MODEL[:TAG]")
+    p.add_argument(
+        "--embedder",
+        default=None,
+        help="auto (default), minilm, hashing[-DIM], open_clip:MODEL:TAG_OR_CHECKPOINT, "
+        "open_clip:local-dir:FOLDER",
+    )
 
 
 def _print_summary(summary: Any, verbose: bool) -> int:
@@ -201,6 +206,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be at least 1 (got {args.k})")
     if args.offset < 0:
         raise ValueError(f"--offset must be 0 or more (got {args.offset})")
+    if args.image is not None:
+        return _search_image(args)
     prompts = _prompts(args)  # a bad --queries file fails here, before the index loads
     catalog = _catalog(args)
     licence = args.licence or None
@@ -231,6 +238,42 @@ def cmd_search(args: argparse.Namespace) -> int:
                 )
             else:
                 _print_hits(prompt, hits, args.offset)
+    return 0
+
+
+def _search_image(args: argparse.Namespace) -> int:
+    """``search --image FILE``: the adapters whose previews, prompts and descriptions are closest to a
+    picture (an open_clip catalog); the same output as a text search, the file as its query."""
+    from adapters_db import search_by_image
+
+    if args.prompt is not None or args.queries:
+        raise ValueError("give a PROMPT, --queries FILE or --image FILE, one of them")
+    if args.sort != "relevance" or args.offset:
+        raise ValueError("--image ranks by likeness: --sort and --offset do not apply")
+    if not args.image.is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    catalog = _catalog(args)
+    if not catalog.embedder.supports_images:
+        raise ValueError(
+            f"the catalog's embedder {catalog.embedder.name} reads text only: search by picture needs "
+            "--embedder open_clip:MODEL:TAG (or a local checkpoint)"
+        )
+    with catalog.session() as s:
+        hits = search_by_image(
+            s,
+            catalog,
+            str(args.image),
+            args.k,
+            base_family=args.base,
+            include_nsfw=args.nsfw,
+            tags=args.tag or None,
+            licence=args.licence or None,
+            local_only=True if args.local else None,
+        )
+    if args.json:
+        print(json.dumps({"query": str(args.image), "hits": [hit_json(h) for h in hits]}, ensure_ascii=False))
+    else:
+        _print_hits(f"(picture) {args.image}", hits)
     return 0
 
 
@@ -281,19 +324,39 @@ def _print_hits(prompt: str, hits: list[Any], offset: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------------------- catalog
+MAX_ID = 2**63 - 1  # the database's 64-bit integer keys
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     """Catalog maintenance and inspection."""
+    from sqlalchemy.exc import DBAPIError
+
+    from adapters_db.catalog import is_read_only_error
+
+    for adapter_id in args.id or ():
+        if not -MAX_ID <= adapter_id <= MAX_ID:
+            raise ValueError(f"--id {adapter_id} is out of range (adapter ids are 64-bit integers)")
+    catalog = _catalog(args)
+    try:
+        return _catalog_action(catalog, args)
+    except DBAPIError as exc:
+        if not is_read_only_error(exc):
+            raise
+        where = catalog.engine.url.render_as_string(hide_password=True)
+        raise RuntimeError(
+            f"the catalog database at {where} is read-only; 'catalog {args.action}' needs to write to it"
+        ) from None
+
+
+def _catalog_action(catalog: Any, args: argparse.Namespace) -> int:
+    """Run one ``catalog`` action in a session (committed when it returns)."""
     import adapters_db
     from adapters_db.repository import catalog_counts
 
-    catalog = _catalog(args)
     with catalog.session() as s:
         if args.action == "stats":
-            print(
-                json.dumps(
-                    {**catalog_counts(s), "revision": catalog.revision(s), "url": catalog.url}, indent=1
-                )
-            )
+            where = catalog.engine.url.render_as_string(hide_password=True)  # a password shows as ***
+            print(json.dumps({**catalog_counts(s), "revision": catalog.revision(s), "url": where}, indent=1))
         elif args.action == "repair":
             report = adapters_db.repair(s, catalog, grace_s=args.grace, verify=args.verify)
             print(report.describe())
@@ -362,8 +425,19 @@ def _show_or_delete(s: Any, catalog: Any, action: str, adapter_id: int) -> int:
     if record is None:
         print(f"no adapter {adapter_id}")
         return 1
-    print(json.dumps(dataclasses.asdict(record), default=str, indent=1, ensure_ascii=False))
+    print(_terminal_json(dataclasses.asdict(record)))
     return 0
+
+
+def _terminal_json(data: Any) -> str:
+    """Indented JSON whose strings cannot drive a terminal: C1 and bidirectional controls and line separators
+    are escaped as ``\\uXXXX`` too (``json`` escapes only the C0 ones), so it decodes to the same text."""
+    text = json.dumps(data, default=str, indent=1, ensure_ascii=False)
+    unsafe = ("Cc", "Zl", "Zp")
+    return "".join(
+        f"\\u{ord(ch):04x}" if ch in _BIDI or (ch != "\n" and unicodedata.category(ch) in unsafe) else ch
+        for ch in text
+    )
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -427,6 +501,13 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "--queries",
         default=None,
         help="batch: a UTF-8 file, one prompt per line, blank lines skipped ('-': stdin)",
+    )
+    p.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="search by picture instead of text (a catalog with an open_clip embedder)",
     )
     p.add_argument("-k", type=int, default=10, help="hits per prompt")
     p.add_argument("--base", default=None, help="base family filter: sd15/sd1, sd2, sdxl, pocket")
