@@ -899,6 +899,8 @@ class Evidence:
     classifier_prob: float = 0.0
     matcher_rank: float = 0.0  # r_s_meta: 1 / (1 + rank / 10) in the matcher's ranking, 0 below its depth
     weight_match: float = 0.0  # max(d_weights, d_wsvd): a textless adapter found by its weights
+    by_picture: bool = False  # the query is a picture (:func:`search_by_image`), not text
+    picture_similarity: float = 0.0  # d_image: its closest preview picture to the query
 
 
 def explain(evidence: Evidence, query: str) -> str:
@@ -938,10 +940,16 @@ def explain(evidence: Evidence, query: str) -> str:
         reasons.append(
             (0.7 + evidence.weight_match, "no text of its own; its weights match the prompt (weight space)")
         )
+    if evidence.by_picture and evidence.picture_similarity > 0:
+        sim = evidence.picture_similarity
+        reasons.append((2.0 + sim, f"a preview picture like yours (similarity {sim:.2f})"))
+    elif evidence.by_picture and evidence.prompt:
+        reasons.append((0.6, f"a prompt that reads like the picture: {_quote(evidence.prompt)}"))
     if not reasons and evidence.trigger_phrases:
         reasons.append((0.1, f'trigger word "{evidence.trigger_phrases[0][0]}"'))
     reasons.sort(key=lambda r: -r[0])
-    return "; ".join(text for _, text in reasons[:2]) or "popular adapter"
+    fallback = "close to the picture (embedding)" if evidence.by_picture else "popular adapter"
+    return "; ".join(text for _, text in reasons[:2]) or fallback
 
 
 def _best_prompts(
@@ -1018,6 +1026,8 @@ def _hits(
             classifier_prob=float(np.exp(feats["k_lp"][row])) if ctx.class_scores is not None else 0.0,
             matcher_rank=float(feats["r_s_meta"][row]) if ctx.match_scores is not None else 0.0,
             weight_match=max((float(feats[f][row]) for f in WEIGHT_FEATURES if f in feats), default=0.0),
+            by_picture=not ctx.text,
+            picture_similarity=float(feats["d_image"][row]) if not ctx.text else 0.0,
         )
         shown = (*FEATURES, *(f for f in WEIGHT_FEATURES if f in feats))
         channels = {name: round(float(feats[name][row]), 4) for name in shown}
@@ -1047,6 +1057,7 @@ def search_by_image(
     tags: Iterable[str] | None = None,
     licence: str | Iterable[str] | None = None,
     local_only: bool | None = None,
+    kind: str | None = None,
     scorer: Scorer = IMAGE_SCORER,
 ) -> list[SearchHit]:
     """Adapters whose preview images, prompts or descriptions are closest to a picture (open_clip's
@@ -1076,6 +1087,7 @@ def search_by_image(
         tags=tags,
         licence=licence,
         local_only=local_only,
+        kind=kind,
     )
     rows = _ranked_rows(np.where(mask, scores, -np.inf), k)
     return _hits(session, catalog, index, ctx, feats, scores, rows, include_nsfw)

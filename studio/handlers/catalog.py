@@ -83,9 +83,12 @@ class CatalogPage:
     total: int | None  # None when a search has no exact total (more pages may exist)
     has_next: bool
     page_size: int = PAGE_SIZE
+    title: str = ""  # what the page shows, when it is not a page of the text search (a picture search)
 
     def label(self) -> str:
-        """``page 2 of 5 (113 adapters)`` or ``page 2``."""
+        """``page 2 of 5 (113 adapters)`` or ``page 2`` (or the page's own title)."""
+        if self.title:
+            return self.title
         if self.total is None:
             return f"page {self.page}" + (" · more on the next page" if self.has_next else "")
         pages = max(1, math.ceil(self.total / self.page_size))
@@ -152,6 +155,48 @@ def _browse(services: Services, q: CatalogQuery) -> CatalogPage:
     return CatalogPage(
         list(page.items), {}, q.page, page.total, offset + len(page.items) < page.total, q.page_size
     )
+
+
+def picture_search_note(services: Services) -> str:
+    """What the Search by picture panel says before a search: how, or why it cannot."""
+    embedder = services.catalog.embedder
+    if embedder.supports_images:
+        return "Upload or paste a picture: the adapters whose previews look most like it are listed here."
+    return (
+        f"The catalog's embedder ({embedder.name}) reads text only: start the studio with "
+        "`--embedder open_clip:MODEL:TAG` (or a local checkpoint) to search by picture."
+    )
+
+
+def find_by_picture(services: Services, picture: str | None, q: CatalogQuery) -> CatalogPage:
+    """The adapters whose preview pictures, prompts and descriptions are closest to an uploaded picture
+    (the catalog's open_clip image tower), with the query's filters; the text and the sort are not used."""
+    if not picture:
+        raise ValueError("choose a picture to search by (upload or paste one)")
+    catalog = services.catalog
+    if not catalog.embedder.supports_images:
+        raise ValueError(
+            f"the catalog's embedder {catalog.embedder.name} reads text only: start the studio with "
+            "--embedder open_clip:MODEL:TAG (or a local checkpoint) to search by picture"
+        )
+    if q.kind in UNSEARCHABLE_KINDS:
+        raise ValueError(f"{q.kind} checkpoints are listed by name, never searched")
+    with catalog.session() as session:
+        hits = adapters_db.search_by_image(
+            session,
+            catalog,
+            picture,
+            q.page_size,
+            base_family=q.base_family,
+            include_nsfw=q.include_nsfw,
+            tags=q.tags or None,
+            licence=q.licence or None,
+            local_only=q.local_only,
+            kind=q.kind,
+        )
+    title = f"the {len(hits)} adapter{'s' if len(hits) != 1 else ''} closest to the picture"
+    why = {h.adapter.id: h.why for h in hits}
+    return CatalogPage([h.adapter for h in hits], why, 1, len(hits), False, q.page_size, title=title)
 
 
 def page_data(page: CatalogPage) -> list[dict[str, Any]]:

@@ -68,6 +68,22 @@ def build(ui: Ui, tab: gr.Tab) -> None:
             list(LICENCE_FLAGS), value=[], label="licence allows", elem_id="catalog-licence"
         )
         nsfw = gr.Checkbox(False, label="show NSFW", elem_id="catalog-nsfw")
+    with gr.Accordion("Search by picture", open=False, elem_id="catalog-picture-search"):
+        with gr.Row():
+            picture = gr.Image(
+                type="filepath",
+                sources=["upload", "clipboard"],
+                label="a picture (its style or subject)",
+                height=180,
+                elem_id="catalog-picture",
+            )
+            picture_btn = gr.Button(
+                "Find adapters like it", scale=0, min_width=160, elem_id="catalog-picture-find"
+            )
+        picture_label = gr.Markdown("", elem_id="catalog-picture-label", label="picture search note")
+        picture_cards = gr.HTML(
+            "", elem_id="catalog-picture-cards", js_on_load=CARD_JS, label="adapter cards like the picture"
+        )
     with gr.Row():
         prev_btn = gr.Button("◀ previous", size="sm", elem_id="catalog-prev")
         page_label = gr.Markdown("page 1", elem_id="catalog-page-label", label="page label")
@@ -233,6 +249,71 @@ def build(ui: Ui, tab: gr.Tab) -> None:
 
     prev_btn.click(partial(on_step_page, -1), [state, *filters, page], list_outputs, api_name="catalog_prev")
     next_btn.click(partial(on_step_page, 1), [state, *filters, page], list_outputs, api_name="catalog_next")
+
+    # ---- search by picture: its own cards (the filters apply; the text and the sort do not)
+    picture_inputs = [picture, family, tags, nsfw, licence, location, kind]
+
+    def picture_listing(
+        state: SessionState,
+        image: str | None,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        kind: str,
+    ) -> tuple[str, str]:
+        q = _query("", base_family, tags, include_nsfw, licence, location, "relevance", kind, 1)
+        result = C.find_by_picture(services, image, q)
+        return H.record_cards(result.items, create.mix_ids(state), result.why), result.label()
+
+    def on_picture(state: SessionState, *values: Any) -> tuple[str, str]:
+        with user_errors("Search by picture"):
+            return picture_listing(state, *values)
+
+    def on_picture_note() -> str:
+        with user_errors("Search by picture"):  # when the tab opens: the embedder loads lazily
+            return C.picture_search_note(services)
+
+    tab.select(on_picture_note, None, picture_label, api_name="catalog_picture_note")
+    gr.on(
+        [picture_btn.click, picture.upload],
+        on_picture,
+        [state, *picture_inputs],
+        [picture_cards, picture_label],
+        api_name="catalog_picture",
+    )
+
+    def on_picture_card(
+        state: SessionState,
+        image: str | None,
+        base_family: str,
+        tags: str,
+        include_nsfw: bool,
+        licence: list[str],
+        location: str,
+        kind: str,
+        evt: gr.EventData,
+    ) -> tuple[Any, ...]:
+        values = (image, base_family, tags, include_nsfw, licence, location, kind)
+        data = getattr(evt, "_data", None) or {}
+        action, ref = data.get("action"), data.get("id")
+        with user_errors("Catalog"):
+            if action == "add":
+                new, notes = create.add_adapter(services, state, ref)
+                warn(notes)
+                return (new, *detail_skip(), *picture_listing(new, *values))  # its card says "in the mix"
+            if action == "detail":
+                new, record = C.open_detail(services, state, ref)
+                return (new, *detail_values(new, record, False), gr.skip(), gr.skip())
+        return (gr.skip(), *detail_skip(), gr.skip(), gr.skip())
+
+    picture_cards.click(
+        on_picture_card,
+        [state, *picture_inputs],
+        [state, *detail_outputs, picture_cards, picture_label],
+        api_name="catalog_picture_card",
+    )
 
     # ---- cards and the detail view (adding or downloading an adapter changes its card: the page is
     # listed again, so the card says "in the mix" or "local" at once)
