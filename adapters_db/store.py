@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -54,6 +55,9 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")  # a blob's file name before its extension
 
 
 def _normalise_sha(sha256: str) -> str:
@@ -149,13 +153,15 @@ class FileStore:
         return True
 
     def iter_blobs(self, kind: str = "lora") -> Iterator[tuple[str, Path]]:
-        """Every blob of one kind as ``(sha256, path)``."""
+        """Every blob of one kind as ``(sha256, path)``: files named by a SHA-256 in the folder of its first
+        two hex digits, as :meth:`path_for` writes them (anything else there is not the store's)."""
         base = self.root / kind
         if not base.is_dir():
             return
         for path in base.glob("*/*"):
-            if path.is_file():
-                yield path.name.split(".", 1)[0], path
+            sha = path.name.split(".", 1)[0]
+            if _BLOB_NAME.fullmatch(sha) and path.parent.name == sha[:2] and path.is_file():
+                yield sha, path
 
     def collect_garbage(
         self, referenced: Iterable[str], *, kind: str = "lora", grace_s: float = 3600.0

@@ -194,3 +194,20 @@ def test_repair_reattaches_a_download_killed_before_its_commit(
         assert adapters_db.get_adapter(s, cat, 1).has_local_file  # type: ignore[union-attr]
         again = adapters_db.repair(s, cat)
     assert again.reattached_files == () and again.removed_orphans == () and stored.path.is_file()
+
+
+def test_repair_leaves_files_the_store_did_not_write(tmp_path: Path) -> None:
+    """Garbage collection removes unreferenced blobs, never a file that is not named as a blob."""
+    from adapters_db.store import FileStore
+
+    store = FileStore(tmp_path / "files")
+    blob = store.root / "lora" / "ab" / f"ab{'0' * 62}.safetensors"
+    foreign = [
+        store.root / "lora" / "ab" / "notes.txt",
+        store.root / "lora" / "cd" / f"ab{'0' * 62}.safetensors",
+    ]
+    for path in (blob, *foreign):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert store.collect_garbage([], grace_s=-1) == [blob]
+    assert all(p.is_file() for p in foreign)
