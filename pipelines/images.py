@@ -123,16 +123,17 @@ WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # 16/32-bit gr
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white; 16-bit grayscale scaled to 8 bits (Pillow's
-    own conversion clips it, so a 16-bit PNG would turn almost white)."""
-    if img.mode == "RGB":
+    """RGB, with any transparency composited onto white (an alpha channel, or a PNG ``tRNS`` colour key on
+    a grey, RGB or palette picture); 16-bit grayscale scaled to 8 bits (Pillow's own conversion clips it,
+    so a 16-bit PNG would turn almost white)."""
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
         if img.mode != "I" or arr.max() > 255:  # "I" also holds 8-bit values that were widened
             arr = arr / 257.0
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))

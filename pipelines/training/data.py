@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 CAPTION_SUFFIXES = (".txt", ".caption")  # in order of preference
-SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".md", ".npz", ".toml"}
+# captions, kohya's other sidecars, and what Windows leaves in picture folders (Thumbs.db, desktop.ini)
+SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".md", ".npz", ".toml", ".db", ".ini"}
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,12 @@ def kohya_repeats(folder: Path) -> int | None:
 
 
 def read_caption(picture: Path) -> str | None:
-    """The picture's caption: its ``.txt``, else its ``.caption`` (sd-scripts' default extension)."""
+    """The picture's caption: its ``.txt``, else its ``.caption`` (sd-scripts' default extension); an
+    upper-case ``.TXT`` counts too, as in an upload (and on Windows and macOS disks)."""
     for suffix in CAPTION_SUFFIXES:
-        if (file := picture.with_suffix(suffix)).is_file():
-            return read_caption_file(file) or None
+        for file in (picture.with_suffix(suffix), picture.with_suffix(suffix.upper())):
+            if file.is_file():
+                return read_caption_file(file) or None
     return None
 
 
@@ -138,12 +141,14 @@ def read_caption_file(file: Path) -> str:
 
 
 def caption_for(item: ImageItem, spec: TrainSpec) -> str:
-    """The caption to train with: the item's own text (trigger ensured) or the template."""
-    if spec.caption_source == "txt" and item.caption is None:
+    """The caption to train with: the item's own text (trigger ensured) or the template (a blank caption,
+    from an empty caption file, is none)."""
+    own = (item.caption or "").lstrip("\ufeff").strip()
+    if spec.caption_source == "txt" and not own:
         raise ValueError(f"{item.path.name}: caption_source is 'txt' but there is no caption for it")
-    if item.caption is None or spec.caption_source == "template":
+    if not own or spec.caption_source == "template":
         return spec.fill(spec.caption_template)
-    text = spec.fill(item.caption.lstrip("\ufeff").replace("[trigger]", "{trigger}"))
+    text = spec.fill(own.replace("[trigger]", "{trigger}"))
     return text if has_trigger(text, spec.trigger) else f"{spec.trigger}, {text}"
 
 

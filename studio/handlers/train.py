@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.training import PRESETS, TrainSpec, preset
 from pipelines.training.config import TUPLE_OPTIONS
-from pipelines.training.data import SIDECAR_SUFFIXES
+from pipelines.training.data import CAPTION_SUFFIXES, SIDECAR_SUFFIXES, read_caption_file
 from studio.handlers import html as H
 from studio.handlers import plots
 from studio.handlers.state import SessionState
@@ -110,12 +110,11 @@ def is_picture(path: str | Path) -> bool:
 
 
 def caption_rows(files: Sequence[str]) -> list[list[str]]:
-    """One editable row per uploaded picture: [file name, caption] (a same-named ``.txt`` fills it)."""
-    texts = {
-        Path(f).stem: Path(f).read_text(encoding="utf-8", errors="replace").strip()
-        for f in files
-        if Path(f).suffix.lower() == ".txt"
-    }
+    """One editable row per uploaded picture: [file name, caption] (a same-named ``.txt``, else ``.caption``,
+    fills it, read as training reads it: UTF-8, a BOM dropped, another encoding an error naming the file)."""
+    texts: dict[str, str] = {}
+    for suffix in reversed(CAPTION_SUFFIXES):  # the preferred suffix last, so it wins
+        texts |= {Path(f).stem: read_caption_file(Path(f)) for f in files if Path(f).suffix.lower() == suffix}
     return [[Path(f).name, texts.get(Path(f).stem, "")] for f in files if is_picture(f)]
 
 
