@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -37,12 +39,18 @@ def batch_seeds(seed: int, count: int) -> list[int]:
     return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
+def _shown(value: Any) -> str:
+    """A value for an error message, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def finite_number(value: Any, what: str) -> float:
     """``value`` as a finite float, or a ValueError that names ``what``."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
+        raise ValueError(f"{what} must be a number, got {_shown(value)}") from None
     if not math.isfinite(number):
         raise ValueError(f"{what} must be a finite number, got {value!r}")
     return number
@@ -156,20 +164,134 @@ class MixRecipe:
 
     @classmethod
     def from_json(cls, text: str) -> MixRecipe:
-        """Inverse of :meth:`to_json`; unknown keys are an error, not silently dropped."""
-        data = json.loads(text)
-        version = data.pop("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise ValueError(f"recipe format version {version} is not supported")
-        adapters = tuple(AdapterSpec(**a) for a in data.pop("adapters", []))
+        """Inverse of :meth:`to_json`, every field checked (a recipe may come from anyone's PNG); a
+        ValueError names the field. Unknown keys are an error, not silently dropped: a newer studio
+        writes a new field only when it changes the image, so replaying without it would not be exact."""
         try:
-            return cls(adapters=adapters, **data)
-        except TypeError as exc:
-            raise ValueError(f"not a recipe: {exc}") from exc
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # bad JSON, an int of too many digits, nesting too deep
+            raise ValueError(f"the recipe is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"the recipe is not a JSON object, got {_shown(data)}")
+        version = data.pop("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION or isinstance(version, bool) or not isinstance(version, int):
+            newer = " (written by a newer Adapter Studio: upgrade to replay it)" if _newer(version) else ""
+            raise ValueError(
+                f"recipe format version {_shown(version)} is not supported; this studio reads version "
+                f"{RECIPE_VERSION}{newer}"
+            )
+        _check_fields(data, _RECIPE_CHECKS, "recipe")
+        adapters = data.pop("adapters", [])
+        if not isinstance(adapters, list):
+            raise ValueError(f"recipe field 'adapters' must be a list of adapters, got {_shown(adapters)}")
+        specs = []
+        for i, adapter in enumerate(adapters, 1):
+            if not isinstance(adapter, dict):
+                raise ValueError(f"recipe adapter {i} must be a JSON object, got {_shown(adapter)}")
+            _check_fields(adapter, _ADAPTER_CHECKS, f"recipe adapter {i}")
+            specs.append(AdapterSpec(**adapter))
+        return cls(adapters=tuple(specs), **data)
 
     def with_(self, **changes: Any) -> MixRecipe:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+
+def _newer(version: Any) -> bool:
+    """Whether a recipe's ``version`` is a format version after this studio's."""
+    return isinstance(version, int) and not isinstance(version, bool) and version > RECIPE_VERSION
+
+
+def _text(value: Any) -> str | None:
+    """None for text, else what was expected (so for every check below)."""
+    return None if isinstance(value, str) else "text"
+
+
+def _name(value: Any) -> str | None:
+    """Non-empty text."""
+    return None if isinstance(value, str) and value.strip() else "non-empty text"
+
+
+def _count(value: Any) -> str | None:
+    """A whole number of 1 or more (not a bool, not 2.0)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return None if ok else "a whole number of 1 or more"
+
+
+def _size(value: Any) -> str | None:
+    """None (the model's size) or a whole number of 1 or more."""
+    return None if value is None or _count(value) is None else "null or a whole number of 1 or more"
+
+
+def _finite(value: Any) -> str | None:
+    """A finite number (JSON as Python reads it allows NaN, Infinity and 1e400)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        return None if ok and math.isfinite(value) else "a finite number"
+    except OverflowError:  # an int beyond any float
+        return "a finite number"
+
+
+def _optional_text(value: Any) -> str | None:
+    """None or text."""
+    return None if value is None or isinstance(value, str) else "null or text"
+
+
+def _sha256(value: Any) -> str | None:
+    """None or 64 hex digits."""
+    ok = value is None or (isinstance(value, str) and _SHA256.fullmatch(value) is not None)
+    return None if ok else "null or a SHA-256 (64 hex digits)"
+
+
+def _any(value: Any) -> str | None:
+    """Anything: checked elsewhere (``adapters`` below; seed, fusion_args, clip_skip by MixRecipe)."""
+    return None
+
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# field → check (the expected kind of value when it does not fit); fields without a default are required
+_RECIPE_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "prompt": _text,
+    "negative_prompt": _text,
+    "adapters": _any,
+    "fusion": _name,
+    "fusion_args": _any,
+    "model": _name,
+    "seed": _any,
+    "steps": _count,
+    "guidance": _finite,
+    "width": _size,
+    "height": _size,
+    "sampler": _optional_text,
+    "batch_size": _count,
+    "clip_skip": _any,
+}
+_ADAPTER_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "ref": _name,
+    "name": _text,
+    "weight": _finite,
+    "unet": _finite,
+    "te": _finite,
+    "sha256": _sha256,
+    "a1111_name": _text,
+}
+_REQUIRED = {"prompt", "ref"}
+
+
+def _check_fields(data: dict[str, Any], checks: dict[str, Callable[[Any], str | None]], where: str) -> None:
+    """Refuse unknown, missing or mistyped fields of a recipe (or one of its adapters), naming the field."""
+    for key in data:
+        if key not in checks:
+            raise ValueError(
+                f"{where} field {_shown(key)} is unknown to this version of Adapter Studio (a recipe from "
+                "a newer one?); it is refused rather than replayed without that field"
+            )
+    for key in _REQUIRED & checks.keys():
+        if key not in data:
+            raise ValueError(f"{where} field {key!r} is missing")
+    for key, value in data.items():
+        if (expected := checks[key](value)) is not None:
+            raise ValueError(f"{where} field {key!r} must be {expected}, got {_shown(value)}")
 
 
 _TAG = re.compile(r"<(lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
@@ -240,8 +362,11 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     As A1111: ``<lora:name>`` is weight 1, ``<lora:name:te>``, ``<lora:name:te:unet>``, named ``te=`` /
     ``unet=``; ``<lyco:…>`` is the same. Arguments the studio cannot honour (``lbw=``, ``dyn=`` or a
     fourth positional value, block-weight vectors) are a ValueError, not silently dropped."""
+    # A tag ends at the first ">" after it: searching the text past the last ">" would only backtrack,
+    # over and over (minutes for 100 kB of "<lora:a" with no ">")
+    end = prompt.rfind(">") + 1
     tags = []
-    for m in _TAG.finditer(prompt):
+    for m in _TAG.finditer(prompt, 0, end):
         name, tag = m[2].strip(), m[0]
         args = m[3].split(":")[1:]
         pos = [a for a in args if "=" not in a]
@@ -258,7 +383,7 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
         te = _check_weight(named.get("te", pos[0] if pos else "1"), tag)
         unet = named.get("unet", pos[1] if len(pos) > 1 else None)
         tags.append(LoraTag(name, te, None if unet is None else _check_weight(unet, tag)))
-    clean = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip().strip(",").strip()
+    clean = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt[:end]) + prompt[end:]).strip().strip(",").strip()
     return clean, tags
 
 
@@ -335,10 +460,46 @@ def a1111_parameters(
     return "\n".join(lines).strip()
 
 
-# A1111's infotext field: ``Key: value``, ``Key: "json string"``; keys may hold spaces, "-" and "/"
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _FIELD_END = re.compile(r"\s*(?:,|$)")
 _JSON = json.JSONDecoder()
+# Values that look like JSON but are not tried before the rest are read as plain text (Civitai writes
+# two JSON fields; thousands of failing ones would take the decoder quadratic time)
+_JSON_TRIES = 16
+_SPACES = re.compile(r"\s*")
+_WORD = re.compile(r"\w")
+
+
+@functools.lru_cache(maxsize=8)
+def _field_patterns(key_chars: str, empty_quotes: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The key-character run and the quoted value of :func:`search_field`."""
+    quoted = r'"(?:\\.|[^\\"])*+"' if empty_quotes else r'"(?:\\.|[^\\"])++"'
+    return re.compile(f"[{key_chars}]*"), re.compile(quoted)
+
+
+def search_field(
+    line: str, pos: int = 0, *, key_chars: str = r"\w \-/", min_key: int = 2, empty_quotes: bool = False
+) -> tuple[str, str, int, int] | None:
+    """A1111's infotext field regex ``re_param`` searched from ``pos``, in linear time: (key, value,
+    value start, end) of the first ``\\s*(KEY):\\s*("json string"|[^,]*)(?:,|$)``, KEY a word character
+    then ``key_chars``, ``min_key`` long or more (A1111: ``\\w[\\w \\-/]+``). The regex itself
+    backtracks quadratically over a long run of key characters without a colon (minutes for 100 kB)."""
+    key_tail, quoted = _field_patterns(key_chars, empty_quotes)
+    lo = pos
+    while (colon := line.find(":", lo)) >= 0:
+        run = key_tail.match(line[lo:colon][::-1])  # the key characters before the colon, read backwards
+        word = _WORD.search(line, colon - (run.end() if run else 0), colon)
+        if word is not None and colon - word.start() >= min_key:
+            spaces = _SPACES.match(line, colon + 1)
+            start = spaces.end() if spaces else colon + 1
+            value = quoted.match(line, start)
+            if value is not None and (value.end() == len(line) or line[value.end()] == ","):
+                stop = value.end()
+            else:
+                comma = line.find(",", start)
+                stop = len(line) if comma < 0 else comma
+            return line[word.start() : colon], line[start:stop], start, min(stop + 1, len(line))
+        lo = colon + 1
+    return None
 
 
 def _fields(line: str) -> list[tuple[str, str]]:
@@ -346,17 +507,19 @@ def _fields(line: str) -> list[tuple[str, str]]:
     that is a whole JSON array or object (Civitai's ``Civitai resources: [...]``) is kept whole."""
     found = []
     pos = 0
-    while (m := _PARAM.search(line, pos)) is not None:
-        key, value, pos = m[1], m[2], m.end()
-        start = m.start(2)
-        if line.startswith(("[", "{"), start):
+    json_tries = _JSON_TRIES
+    while (m := search_field(line, pos)) is not None:
+        key, value, start, pos = m
+        if json_tries > 0 and line.startswith(("[", "{"), start):
             try:
                 stop = _JSON.raw_decode(line, start)[1]
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deep for the decoder
                 stop = -1
             end = _FIELD_END.match(line, stop) if stop > 0 else None
             if end is not None:
                 value, pos = line[start:stop], end.end()
+            else:  # each failure costs the decoder time in proportion to ``start`` (its error position)
+                json_tries -= 1
         found.append((key.strip(), value))
         if pos >= len(line):
             break

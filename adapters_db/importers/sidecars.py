@@ -332,13 +332,17 @@ def civitai_version(data: dict[str, Any], sha256: str, file_name: str) -> tuple[
 
 
 # ------------------------------------------------------------------------------- preview pictures
-_PARAM = re.compile(r'\s*([\w][\w \-/+]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _FORMAT_EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
+# A1111 writes a few kB; PIL reads an uncompressed text chunk of any size (64 MB of text in all)
+MAX_INFOTEXT_CHARS = 1 << 20
 
 
 def parse_infotext(text: str) -> dict[str, Any]:
-    """A1111 ``parameters`` text → ``{"prompt", "negativePrompt", "Steps", "Sampler", …}``."""
-    lines = text.strip().splitlines()
+    """A1111 ``parameters`` text → ``{"prompt", "negativePrompt", "Steps", "Sampler", …}``; ``{}`` for a
+    text over :data:`MAX_INFOTEXT_CHARS` (a preview from the web is not worth seconds per picture)."""
+    from pipelines.recipe import search_field  # linear time, where a field regex backtracks for minutes
+
+    lines = text.strip().splitlines() if len(text) <= MAX_INFOTEXT_CHARS else []
     if not lines:
         return {}
     params_line = lines[-1] if re.search(r"\bSteps:\s*\d", lines[-1]) else ""
@@ -354,7 +358,9 @@ def parse_infotext(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip()}
     if negative_lines:
         out["negativePrompt"] = "\n".join(negative_lines).strip()
-    for key, value in _PARAM.findall(params_line):
+    pos = 0
+    while found := search_field(params_line, pos, key_chars=r"\w \-/+", min_key=1, empty_quotes=True):
+        key, value, _, pos = found
         out[key.strip()] = value.strip().strip('"')
     return out
 

@@ -100,12 +100,35 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.set_defaults(func=run)
 
 
+def check_replayed_refs(recipe: MixRecipe, source: Path) -> None:
+    """Refuse a replayed recipe's adapter path that exists here but is no ``.safetensors`` file or folder:
+    a PNG can come from anyone, and ``/etc/passwd`` is no LoRA while ``/dev/zero`` would be hashed forever."""
+    for i, spec in enumerate(recipe.adapters, 1):
+        if spec.ref.startswith("sha256:"):
+            continue
+        try:
+            path = Path(spec.ref).expanduser()
+            ok = (
+                not path.exists()
+                or path.is_dir()
+                or (path.is_file() and path.suffix.lower() == ".safetensors")
+            )
+        except (OSError, ValueError, RuntimeError):  # a NUL in the path, a user ~ that does not exist
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{source}: recipe adapter {i} field 'ref' {spec.ref[:200]!r} is not a .safetensors LoRA "
+                "file or a LoRA folder; it is not read"
+            )
+
+
 def recipe_from_args(args: argparse.Namespace) -> MixRecipe:
     """The recipe the command line describes (a replayed recipe with explicit overrides applied)."""
     if args.recipe is not None:
         from pipelines.pngmeta import read_recipe
 
         base = read_recipe(args.recipe)
+        check_replayed_refs(base, args.recipe)
     else:
         if not args.prompt:
             raise ValueError("--prompt is required (or --recipe FILE.png to replay)")
