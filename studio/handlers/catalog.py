@@ -67,6 +67,17 @@ class CatalogQuery:
         """The repository's ``local_only`` filter for the location choice."""
         return {"all": None, "local": True, "remote": False}[self.location]
 
+    def filters(self) -> dict[str, Any]:
+        """The filters as keyword arguments of ``search``, ``search_by_image`` and ``list_adapters``."""
+        return dict(
+            base_family=self.base_family,
+            include_nsfw=self.include_nsfw,
+            tags=self.tags or None,
+            licence=self.licence or None,
+            local_only=self.local_only,
+            kind=self.kind,
+        )
+
 
 def split_tags(text: str) -> tuple[str, ...]:
     """Comma-separated tags → a tuple of lower-case tags."""
@@ -118,12 +129,7 @@ def _browse(services: Services, q: CatalogQuery) -> CatalogPage:
                 catalog,
                 q.text,
                 q.page_size + 1,
-                base_family=q.base_family,
-                include_nsfw=q.include_nsfw,
-                tags=q.tags or None,
-                licence=q.licence or None,
-                local_only=q.local_only,
-                kind=q.kind,
+                **q.filters(),
                 sort=q.sort,
                 offset=offset,
                 matching_only=True,  # a catalog text search lists what matches, not the rest by popularity
@@ -142,12 +148,7 @@ def _browse(services: Services, q: CatalogQuery) -> CatalogPage:
             session,
             catalog,
             text=q.text.strip() or None,
-            kind=q.kind,
-            base_family=q.base_family,
-            include_nsfw=q.include_nsfw,
-            tags=q.tags or None,
-            licence=q.licence or None,
-            local_only=q.local_only,
+            **q.filters(),
             sort=sort,
             offset=offset,
             limit=q.page_size,
@@ -182,18 +183,7 @@ def find_by_picture(services: Services, picture: str | None, q: CatalogQuery) ->
     if q.kind in UNSEARCHABLE_KINDS:
         raise ValueError(f"{q.kind} checkpoints are listed by name, never searched")
     with catalog.session() as session:
-        hits = adapters_db.search_by_image(
-            session,
-            catalog,
-            picture,
-            q.page_size,
-            base_family=q.base_family,
-            include_nsfw=q.include_nsfw,
-            tags=q.tags or None,
-            licence=q.licence or None,
-            local_only=q.local_only,
-            kind=q.kind,
-        )
+        hits = adapters_db.search_by_image(session, catalog, picture, q.page_size, **q.filters())
     title = f"the {len(hits)} adapter{'s' if len(hits) != 1 else ''} closest to the picture"
     why = {h.adapter.id: h.why for h in hits}
     return CatalogPage([h.adapter for h in hits], why, 1, len(hits), False, q.page_size, title=title)

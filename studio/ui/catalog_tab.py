@@ -284,18 +284,8 @@ def build(ui: Ui, tab: gr.Tab) -> None:
         api_name="catalog_picture",
     )
 
-    def on_picture_card(
-        state: SessionState,
-        image: str | None,
-        base_family: str,
-        tags: str,
-        include_nsfw: bool,
-        licence: list[str],
-        location: str,
-        kind: str,
-        evt: gr.EventData,
-    ) -> tuple[Any, ...]:
-        values = (image, base_family, tags, include_nsfw, licence, location, kind)
+    def on_picture_card(evt: gr.EventData, state: SessionState, *values: Any) -> tuple[Any, ...]:
+        """A card's Add to mix or Details (Gradio passes ``evt`` by its annotation, first)."""
         data = getattr(evt, "_data", None) or {}
         action, ref = data.get("action"), data.get("id")
         with user_errors("Catalog"):
