@@ -24,7 +24,7 @@ from adapters_db.models import (
     TriggerWord,
     adapter_tags,
 )
-from adapters_db.repository import spec_fingerprint
+from adapters_db.repository import clean_tags, create_missing_tags, spec_fingerprint
 from adapters_db.sanitize import html_to_text, sanitize_html
 from adapters_db.specs import AdapterSpec
 from adapters_db.store import autov2
@@ -41,13 +41,13 @@ def _adapter_row(spec: AdapterSpec, description_html: str) -> dict[str, Any]:
         "base_family": spec.base_family,
         "base_model": spec.base_model,
         "nsfw_level": spec.nsfw_level,
-        "creator": spec.creator,
+        "creator": spec.creator[:200] if spec.creator else spec.creator,
         "civitai_model_id": spec.civitai_model_id,
         "hf_repo": spec.hf_repo,
         "source_url": spec.source_url,
-        "license": lic.license,
+        "license": lic.license[:100] if lic.license else lic.license,
         "allow_no_credit": lic.allow_no_credit,
-        "allow_commercial_use": lic.allow_commercial_use,
+        "allow_commercial_use": lic.allow_commercial_use[:100] if lic.allow_commercial_use else None,
         "allow_derivatives": lic.allow_derivatives,
         "allow_different_license": lic.allow_different_license,
         "poi": spec.poi,
@@ -64,25 +64,17 @@ def _adapter_row(spec: AdapterSpec, description_html: str) -> dict[str, Any]:
 
 
 def _tag_ids(session: Session, names: set[str]) -> dict[str, int]:
-    names = {n for n in names if n}
     found: dict[str, int] = {}
-    ordered = sorted(names)
+    ordered = sorted(n for n in names if n)
     for start in range(0, len(ordered), 500):
         chunk = ordered[start : start + 500]
+        create_missing_tags(session, chunk)
         found.update({n: i for i, n in session.execute(select(Tag.id, Tag.name).where(Tag.name.in_(chunk)))})
-    missing = [{"name": n} for n in ordered if n not in found]
-    if missing:
-        session.execute(insert(Tag), missing)
-        for start in range(0, len(missing), 500):
-            chunk = [m["name"] for m in missing[start : start + 500]]
-            found.update(
-                {n: i for i, n in session.execute(select(Tag.id, Tag.name).where(Tag.name.in_(chunk)))}
-            )
     return found
 
 
 def _clean_tags(spec: AdapterSpec) -> list[str]:
-    return list(dict.fromkeys(t.strip().lower()[:200] for t in spec.tags if t and t.strip()))
+    return clean_tags(spec.tags)
 
 
 def insert_new(session: Session, specs: Sequence[AdapterSpec]) -> list[int]:

@@ -11,7 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, delete, event, func, or_, select
+from sqlalchemy import Select, delete, event, func, insert, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, selectinload
 
 from adapters_db.catalog import bump_revision
@@ -43,6 +45,17 @@ if TYPE_CHECKING:
 
 SORTS = ("relevance", "downloads", "rating", "newest", "name")
 LICENCE_FLAGS = ("commercial", "derivatives", "no_credit", "different_license")
+# what update_metadata may change; a re-import keeps what a person changed (``extra["curated"]``)
+CURATED_FIELDS = (
+    "name",
+    "description_html",
+    "tags",
+    "trigger_words",
+    "base_family",
+    "nsfw_level",
+    "creator",
+    "licence",
+)
 
 
 class NotFoundError(LookupError):
@@ -367,7 +380,7 @@ def filter_conditions(
     if not include_nsfw:
         conds.append(Adapter.nsfw_level == 0)
     for tag in tags or ():
-        conds.append(Adapter.tags.any(Tag.name == tag.strip().lower()))
+        conds.append(Adapter.tags.any(Tag.name == clean_tag(tag)))
     conds.extend(_licence_conditions(licence))
     if local_only is not None:
         has_local = (
@@ -457,18 +470,40 @@ def catalog_counts(session: Session) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------- writing
 
 
+def clean_tag(name: str) -> str:
+    """A tag as the catalog keeps it: lower case, each run of whitespace one space, at most 200 characters."""
+    return " ".join(name.lower().split())[:200].rstrip()
+
+
+def clean_tags(names: Iterable[str]) -> list[str]:
+    """Distinct clean tags, in order, blank ones left out."""
+    return [t for t in dict.fromkeys(clean_tag(n) for n in names if n) if t]
+
+
+def create_missing_tags(session: Session, names: Sequence[str]) -> None:
+    """Create the tags (clean names) the catalog lacks (no error for one a concurrent transaction creates)."""
+    have = set(session.execute(select(Tag.name).where(Tag.name.in_(list(names)))).scalars())
+    missing = [{"name": n} for n in dict.fromkeys(names) if n not in have]
+    if not missing:
+        return
+    upsert = {"postgresql": pg_insert, "sqlite": sqlite_insert}.get(session.get_bind().dialect.name)
+    table = Tag.__table__
+    stmt = insert(table) if upsert is None else upsert(table).on_conflict_do_nothing(index_elements=["name"])
+    session.execute(stmt, missing)
+
+
 def _tag_rows(session: Session, names: Iterable[str]) -> list[Tag]:
-    clean = list(dict.fromkeys(n.strip().lower()[:200] for n in names if n and n.strip()))
+    clean = clean_tags(names)
     if not clean:
         return []
-    existing = {t.name: t for t in session.execute(select(Tag).where(Tag.name.in_(clean))).scalars()}
-    rows = []
-    for name in clean:
-        if name not in existing:
-            existing[name] = Tag(name=name)
-            session.add(existing[name])
-        rows.append(existing[name])
-    return rows
+    create_missing_tags(session, clean)
+    rows = {t.name: t for t in session.execute(select(Tag).where(Tag.name.in_(clean))).scalars()}
+    return [rows[name] for name in sorted(clean)]  # the order the relationship loads them in
+
+
+def _clip(value: str | None, size: int) -> str | None:
+    """A text cut to its column's size (PostgreSQL refuses a longer one, SQLite would keep it)."""
+    return None if value is None else str(value)[:size]
 
 
 def _file_row(spec: FileSpec) -> AdapterFile:
@@ -529,24 +564,32 @@ def _version_row(spec: VersionSpec, adapter: Adapter, position: int) -> AdapterV
     return version
 
 
+def curated_fields(row: Adapter) -> set[str]:
+    """The fields a person changed with :func:`update_metadata` (``True``, an older catalog's mark: all)."""
+    curated = (row.extra or {}).get("curated")
+    if curated is True:
+        return set(CURATED_FIELDS)
+    return set(curated) & set(CURATED_FIELDS) if isinstance(curated, list) else set()
+
+
 def _apply_spec(session: Session, row: Adapter, spec: AdapterSpec, *, merge: bool) -> None:
-    row.name = spec.name[:400]
+    """Write a spec's content into a row; an update (``merge``) keeps what a person curated."""
+    kept = curated_fields(row) if merge else set()
+    changes: dict[str, Any] = {
+        "name": spec.name,
+        "description_html": spec.description_html,
+        "base_family": spec.base_family,
+        "nsfw_level": spec.nsfw_level,
+        "creator": spec.creator,
+        "licence": spec.licence,
+    }
+    _set_columns(row, {k: v for k, v in changes.items() if k not in kept})
     row.kind = spec.kind
     row.source = spec.source
-    row.description_html = sanitize_html(spec.description_html)
-    row.description_text = html_to_text(spec.description_html)
-    row.base_family = spec.base_family
     row.base_model = spec.base_model
-    row.nsfw_level = spec.nsfw_level
-    row.creator = spec.creator
     row.civitai_model_id = spec.civitai_model_id
     row.hf_repo = spec.hf_repo or row.hf_repo
     row.source_url = spec.source_url
-    row.license = spec.licence.license
-    row.allow_no_credit = spec.licence.allow_no_credit
-    row.allow_commercial_use = spec.licence.allow_commercial_use
-    row.allow_derivatives = spec.licence.allow_derivatives
-    row.allow_different_license = spec.licence.allow_different_license
     row.poi = spec.poi
     row.download_count = spec.stats.downloads
     row.favorite_count = spec.stats.favorites
@@ -556,9 +599,10 @@ def _apply_spec(session: Session, row: Adapter, spec: AdapterSpec, *, merge: boo
     if spec.created_at is not None:
         row.created_at = spec.created_at
     row.extra = {**(row.extra or {}), **spec.extra, "fingerprint": spec_fingerprint(spec)}
-    row.tags = _tag_rows(session, spec.tags)
+    if "tags" not in kept:
+        row.tags = _tag_rows(session, spec.tags)
     if merge:
-        _merge_versions(row, spec)
+        _merge_versions(row, spec, keep_triggers="trigger_words" in kept)
     else:
         row.versions = [_version_row(v, row, i) for i, v in enumerate(spec.versions)]
 
@@ -585,17 +629,18 @@ def _described(spec: VersionSpec, versions: list[AdapterVersion]) -> AdapterVers
     )
 
 
-def _merge_versions(row: Adapter, spec: AdapterSpec) -> None:
+def _merge_versions(row: Adapter, spec: AdapterSpec, *, keep_triggers: bool = False) -> None:
     """Update the versions a spec describes in place and add its new ones; every other version (a local
-    import's, one the record no longer lists) is kept after the version it followed."""
+    import's, one the record no longer lists) is kept after the version it followed (``keep_triggers``:
+    the trigger words a person curated stay, new versions come without theirs)."""
     old = list(row.versions)
     merged: list[AdapterVersion] = []
     for v in spec.versions:
         version = _described(v, [o for o in old if o not in merged])
         if version is None:
-            merged.append(_version_row(v, row, 0))
+            merged.append(_version_row(replace(v, trigger_words=()) if keep_triggers else v, row, 0))
         else:
-            _update_version(version, v, row)
+            _update_version(version, v, row, keep_triggers=keep_triggers)
             merged.append(version)
     previous: AdapterVersion | None = None
     for version in old:
@@ -607,7 +652,9 @@ def _merge_versions(row: Adapter, spec: AdapterSpec) -> None:
         version.position = i
 
 
-def _update_version(version: AdapterVersion, spec: VersionSpec, adapter: Adapter) -> None:
+def _update_version(
+    version: AdapterVersion, spec: VersionSpec, adapter: Adapter, *, keep_triggers: bool = False
+) -> None:
     """Refresh a version from its spec; files and pictures are merged, what the spec lacks is kept."""
     version.name = spec.name[:400] or version.name
     if spec.civitai_version_id is not None:
@@ -618,7 +665,7 @@ def _update_version(version: AdapterVersion, spec: VersionSpec, adapter: Adapter
     version.download_url = spec.download_url or version.download_url
     version.created_at = spec.created_at or version.created_at
     version.download_count = spec.download_count
-    if spec.trigger_words:
+    if spec.trigger_words and not keep_triggers:
         version.trigger_words = [
             TriggerWord(adapter=adapter, position=i, word=w) for i, w in enumerate(spec.trigger_words)
         ]
@@ -760,27 +807,19 @@ def write_adapter(session: Session, spec: AdapterSpec, *, adapter_id: int | None
 
 def update_metadata(session: Session, catalog: Catalog, adapter_id: int, **changes: Any) -> AdapterRecord:
     """Curate an adapter: change name, description_html, tags, trigger_words, base_family, nsfw_level,
-    creator, licence (a :class:`LicenceFlags`) or extra; unknown keys raise ``TypeError``.
+    creator, licence (a :class:`LicenceFlags`) or extra; unknown keys raise ``TypeError``, bad values
+    ``ValueError`` before anything changes. A re-import of the adapter's record keeps what was curated.
     """
-    allowed = {
-        "name",
-        "description_html",
-        "tags",
-        "trigger_words",
-        "base_family",
-        "nsfw_level",
-        "creator",
-        "licence",
-        "extra",
-    }
-    unknown = set(changes) - allowed
+    unknown = set(changes) - {*CURATED_FIELDS, "extra"}
     if unknown:
         raise TypeError(f"update_metadata got unknown field(s): {', '.join(sorted(unknown))}")
+    checked = _checked_changes(changes)
     row = session.execute(_full_query().where(Adapter.id == adapter_id)).scalar_one_or_none()
     if row is None:
         raise NotFoundError(f"no adapter with id {adapter_id}")
-    _apply_changes(session, row, changes)
-    row.extra = {**(row.extra or {}), "fingerprint": None, "curated": True}
+    _apply_changes(session, row, checked)
+    curated = sorted(curated_fields(row) | (set(checked) & set(CURATED_FIELDS)))
+    row.extra = {**(row.extra or {}), "curated": curated}
     session.flush()
     _write_search_document(session, row)
     bump_revision(session)
@@ -788,14 +827,63 @@ def update_metadata(session: Session, catalog: Catalog, adapter_id: int, **chang
     return to_record(row, catalog.store)
 
 
-def _apply_changes(session: Session, row: Adapter, changes: dict[str, Any]) -> None:
-    if "name" in changes:
-        if not str(changes["name"]).strip():
+def _words(value: Any, field: str) -> list[str]:
+    """A list of words (tags, trigger words) as given: one string is refused, not split into letters."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{field} must be a list of strings, got {type(value).__name__}")
+    return [str(v) for v in value if v is not None]
+
+
+def _checked_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """A curation edit's values checked and normalised, so that a bad one raises before a row changes."""
+    out = dict(changes)
+    if "name" in out:
+        out["name"] = str(out["name"] or "").strip()[:400]
+        if not out["name"]:
             raise ValueError("an adapter name cannot be empty")
-        row.name = str(changes["name"]).strip()[:400]
-    if "description_html" in changes:
-        row.description_html = sanitize_html(changes["description_html"])
-        row.description_text = html_to_text(changes["description_html"])
+    if "tags" in out:
+        out["tags"] = clean_tags(_words(out["tags"], "tags"))
+    if "trigger_words" in out:
+        words = (w.strip() for w in _words(out["trigger_words"], "trigger_words"))
+        out["trigger_words"] = list(dict.fromkeys(w for w in words if w))
+    if "base_family" in out:
+        out["base_family"] = normalize_family(out["base_family"] or None)
+    if "nsfw_level" in out:
+        out["nsfw_level"] = int(out["nsfw_level"])
+        if not 0 <= out["nsfw_level"] <= 3:
+            raise ValueError(f"nsfw_level must be 0..3, got {out['nsfw_level']}")
+    if out.get("creator") is not None:
+        out["creator"] = str(out["creator"]).strip() or None
+    if "licence" in out and not isinstance(out["licence"], LicenceFlags):
+        raise TypeError(f"licence must be a LicenceFlags, got {type(out['licence']).__name__}")
+    if "extra" in out:
+        out["extra"] = dict(out["extra"])
+    return out
+
+
+def _set_columns(row: Adapter, values: dict[str, Any]) -> None:
+    """Set the adapter columns among name, description_html, base_family, nsfw_level, creator, licence."""
+    if "name" in values:
+        row.name = values["name"][:400]
+    if "description_html" in values:
+        row.description_html = sanitize_html(values["description_html"])
+        row.description_text = html_to_text(values["description_html"])
+    if "base_family" in values:
+        row.base_family = values["base_family"]
+    if "nsfw_level" in values:
+        row.nsfw_level = values["nsfw_level"]
+    if "creator" in values:
+        row.creator = _clip(values["creator"], 200)
+    if "licence" in values:
+        lic: LicenceFlags = values["licence"]
+        row.license, row.allow_commercial_use = _clip(lic.license, 100), _clip(lic.allow_commercial_use, 100)
+        row.allow_no_credit, row.allow_derivatives = lic.allow_no_credit, lic.allow_derivatives
+        row.allow_different_license = lic.allow_different_license
+
+
+def _apply_changes(session: Session, row: Adapter, changes: dict[str, Any]) -> None:
+    """Write a checked curation edit (:func:`_checked_changes`) into an adapter row."""
+    _set_columns(row, changes)
     if "tags" in changes:
         row.tags = _tag_rows(session, changes["tags"])
     if "trigger_words" in changes and row.versions:
@@ -805,28 +893,8 @@ def _apply_changes(session: Session, row: Adapter, changes: dict[str, Any]) -> N
         version.trigger_words = [
             TriggerWord(adapter_id=row.id, position=i, word=w) for i, w in enumerate(changes["trigger_words"])
         ]
-    if "base_family" in changes:
-        row.base_family = normalize_family(changes["base_family"])
-    if "nsfw_level" in changes:
-        level = int(changes["nsfw_level"])
-        if not 0 <= level <= 3:
-            raise ValueError(f"nsfw_level must be 0..3, got {level}")
-        row.nsfw_level = level
-    if "creator" in changes:
-        row.creator = changes["creator"]
-    if "licence" in changes:
-        lic: LicenceFlags = changes["licence"]
-        row.license, row.allow_no_credit, row.allow_commercial_use = (
-            lic.license,
-            lic.allow_no_credit,
-            lic.allow_commercial_use,
-        )
-        row.allow_derivatives, row.allow_different_license = (
-            lic.allow_derivatives,
-            lic.allow_different_license,
-        )
     if "extra" in changes:
-        row.extra = {**(row.extra or {}), **dict(changes["extra"])}
+        row.extra = {**(row.extra or {}), **changes["extra"]}
 
 
 def stored_hashes(session: Session) -> set[str]:
@@ -905,20 +973,26 @@ def adapter_ids_matching(session: Session, conds: Sequence[Any]) -> set[int]:
 
 
 def attach_local_file(session: Session, sha256: str, spec: FileSpec) -> int | None:
-    """Mark a catalogued remote file with this SHA-256 as stored locally; returns its adapter id."""
-    row = session.execute(
-        select(AdapterFile).where(AdapterFile.sha256 == sha256.lower()).limit(1)
-    ).scalar_one_or_none()
-    if row is None:
+    """Mark every catalogued remote file with this SHA-256 (one upload can be listed by several adapters) as
+    stored locally; returns the adapter id of the first of them."""
+    rows = (
+        session.execute(
+            select(AdapterFile).where(AdapterFile.sha256 == sha256.lower()).order_by(AdapterFile.id)
+        )
+        .scalars()
+        .all()
+    )
+    if not rows:
         return None
-    row.stored = True
-    row.size_bytes = spec.size_bytes or row.size_bytes
-    row.header_metadata = dict(spec.header_metadata) or dict(row.header_metadata or {})
-    row.rank = spec.rank if spec.rank is not None else row.rank
-    row.num_modules = spec.num_modules if spec.num_modules is not None else row.num_modules
-    row.components = list(spec.components) or list(row.components or [])
-    row.format = spec.format or row.format
-    adapter_id = row.version.adapter_id
+    for row in rows:
+        row.stored = True
+        row.size_bytes = spec.size_bytes or row.size_bytes
+        row.header_metadata = dict(spec.header_metadata) or dict(row.header_metadata or {})
+        row.rank = spec.rank if spec.rank is not None else row.rank
+        row.num_modules = spec.num_modules if spec.num_modules is not None else row.num_modules
+        row.components = list(spec.components) or list(row.components or [])
+        row.format = spec.format or row.format
+    adapter_id = rows[0].version.adapter_id
     bump_revision(session)
     session.flush()
     return adapter_id
@@ -938,7 +1012,9 @@ def add_version(
         for i, version in enumerate(row.versions):
             version.position = i
     else:
-        version = next(v for v in row.versions if v.id == merge_into)
+        version = next((v for v in row.versions if v.id == merge_into), None)
+        if version is None:
+            raise NotFoundError(f"adapter {adapter_id} has no version with id {merge_into}")
         _merge_files(version, spec.files)
         _merge_images(version, spec.images, row)
     session.flush()
