@@ -162,7 +162,11 @@ def score(matrix: sp.csc_matrix, query: Query, params: BM25Params) -> np.ndarray
     """BM25 of every row for the query, divided by the query's ideal score (k1 + 1 per unit weight)."""
     if len(query.terms) == 0:
         return np.zeros(matrix.shape[0], np.float32)
-    raw = column_dot(matrix, query.terms, query.weights)
+    return normalised(column_dot(matrix, query.terms, query.weights), query, params)
+
+
+def normalised(raw: np.ndarray, query: Query, params: BM25Params) -> np.ndarray:
+    """Raw BM25 sums divided by the query's ideal score (k1 + 1 per unit weight), as float32."""
     return (raw / ((params.k1 + 1.0) * query.ideal)).astype(np.float32)
 
 
@@ -176,8 +180,7 @@ def score_rows(rows: sp.csr_matrix, query: Query, params: BM25Params) -> np.ndar
     """Normalised BM25 of a few saturated rows (row-major) for the query."""
     if len(query.terms) == 0 or rows.shape[0] == 0:
         return np.zeros(rows.shape[0], np.float32)
-    raw = rows[:, query.terms] @ query.weights
-    return (np.asarray(raw).ravel() / ((params.k1 + 1.0) * query.ideal)).astype(np.float32)
+    return normalised(np.asarray(rows[:, query.terms] @ query.weights).ravel(), query, params)
 
 
 def save_sparse(path_prefix: str, matrix: sp.spmatrix) -> dict[str, np.ndarray]:

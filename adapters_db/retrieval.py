@@ -53,6 +53,7 @@ from adapters_db.fusion import Fusion, FusionRegistry, LinearScorer, Scorer
 from adapters_db.lexical import Query
 from adapters_db.matcher import PromptMatcher, load_matcher
 from adapters_db.models import Adapter, PreviewImage
+from adapters_db.pruning import PRUNE_FROM, PruneConfig, RowView, best, best_owners, top_rows
 from adapters_db.repository import SORTS, adapter_ids_matching, filter_conditions, get_adapters
 from adapters_db.search_index import FAMILY_CODES, META_FIELDS, SearchIndex
 from adapters_db.text import clean_prompt, has_cjk, words
@@ -132,6 +133,7 @@ class QueryContext:
     weight_channels: bool = False
     class_scores: np.ndarray | None = None
     match_scores: np.ndarray | None = None
+    lexical: dict[str, np.ndarray] | None = None  # FeatureBuilder.lexical_scores, computed once
 
 
 def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
@@ -187,7 +189,8 @@ class TfidfChannel:
 
 
 class FeatureBuilder:
-    """Per-adapter feature arrays of one query over a :class:`SearchIndex`."""
+    """Per-adapter feature arrays of one query over a :class:`SearchIndex`: over every adapter, or
+    over a :class:`~adapters_db.pruning.RowView` of the few a large catalog's query can rank high."""
 
     def __init__(self, index: SearchIndex) -> None:
         self.index = index
@@ -199,11 +202,13 @@ class FeatureBuilder:
         counts = np.bincount(owner, minlength=index.size)
         self.owners_with = np.nonzero(counts)[0]
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[self.owners_with]
+        self.full = RowView(index.size, None, self.perm, self.owners_with, self.starts)
         self._dense_sorted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.doc_lengths = np.asarray(lex.doc_counts.sum(axis=1)).ravel()
         self.n_creators = int(index.creator.max()) + 1 if len(index.creator) else 0
         self.prompt_lengths = np.asarray(lex.prompt_counts.sum(axis=1)).ravel()
         self._tfidf: dict[str, TfidfChannel] = {}
+        self._by_creator: tuple[np.ndarray, np.ndarray] | None = None
 
     def tfidf(self, name: str) -> TfidfChannel:
         """The TF-IDF channel ``doc`` (metadata + prompts), ``meta`` or ``prompt`` (one document per
@@ -215,25 +220,66 @@ class FeatureBuilder:
             self._tfidf[name] = TfidfChannel(counts)
         return self._tfidf[name]
 
-    def features(self, ctx: QueryContext) -> dict[str, np.ndarray]:
-        """Every feature of :data:`FEATURES` as an array over adapter rows."""
-        n = self.index.size
-        out = {name: np.zeros(n, np.float32) for name in FEATURES}
-        self._meta(ctx, out)
-        self._triggers(ctx, out)
-        self._fts(ctx, out)
-        out["pop"] = self.index.log_downloads.astype(np.float32)
-        self._tfidf_features(ctx, out)
+    def view(self, rows: np.ndarray) -> RowView:
+        """The view of some adapter rows, with their prompts grouped by owner."""
+        rows = np.unique(np.asarray(rows, np.int64))
+        at = np.minimum(np.searchsorted(self.owners_with, rows), max(len(self.owners_with) - 1, 0))
+        has = self.owners_with[at] == rows if len(self.owners_with) else np.zeros(len(rows), bool)
+        at = at[has]
+        lengths = self.index.n_prompts[self.owners_with[at]].astype(np.int64)
+        starts = self.starts[at]
+        total = int(lengths.sum())
+        picks = np.arange(total) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        group_starts = np.cumsum(lengths) - lengths
+        return RowView(self.index.size, rows, self.perm[picks], np.nonzero(has)[0], group_starts)
+
+    def lexical_scores(self, ctx: QueryContext) -> dict[str, np.ndarray]:
+        """Exact scores of every lexical channel over the whole catalog, computed once per query by
+        walking the query terms' posting lists (cost: their lengths, not the catalog's size):
+        ``field_*``, ``meta_all``, ``docs`` (normalised BM25) and ``meta_tfidf``, ``doc_tfidf``
+        (cosine) per adapter; ``prompts`` (BM25) and ``prompt_tfidf`` per prompt row. The query's own
+        pictures (``ctx.exclude_rows``) are not taken out here."""
+        if ctx.lexical is not None:
+            return ctx.lexical
+        lex, config = self.lex, self.index.config
+        out: dict[str, np.ndarray] = {}
+        for name in META_FIELDS:
+            out[f"field_{name}"] = lexical.score(
+                lex.fields[name], _query(ctx.columns, lex.field_idf[name]), config.meta_bm25
+            )
+        out["meta_all"] = lexical.score(lex.meta_all, _query(ctx.columns, lex.meta_idf), config.meta_bm25)
+        cols, counts = np.unique(lex.vocab.columns(lexical.term_ids(ctx.text)), return_counts=True)
+        channels = ("meta", "doc", "prompt") if ctx.use_prompts else ("meta",)
+        for name in channels:
+            tfidf = self.tfidf(name)
+            out[f"{name}_tfidf"] = tfidf.score(*tfidf.query(cols, counts.astype(np.float32)))
         if ctx.use_prompts:
-            self._prompts(ctx, out)
+            params = config.prompt_bm25
+            out["docs"] = lexical.score(lex.docs, _query(ctx.columns, lex.doc_idf), params)
+            out["prompts"] = lexical.score(lex.prompts, _query(ctx.columns, lex.prompt_idf), params)
+        ctx.lexical = out
+        return out
+
+    def features(self, ctx: QueryContext, view: RowView | None = None) -> dict[str, np.ndarray]:
+        """Every feature of :data:`FEATURES` as an array over the view's adapter rows (default: all)."""
+        view = view or self.full
+        n = view.n
+        out = {name: np.zeros(n, np.float32) for name in FEATURES}
+        self._meta(ctx, out, view)
+        self._triggers(ctx, out, view)
+        self._fts(ctx, out, view)
+        out["pop"] = view.take(self.index.log_downloads).astype(np.float32)
+        self._tfidf_features(ctx, out, view)
+        if ctx.use_prompts:
+            self._prompts(ctx, out, view)
         if ctx.vector is not None:
-            self.dense_features(ctx, out)
+            self.dense_features(ctx, out, view)
         if ctx.vector is not None and ctx.weight_channels:
-            self.weight_features(ctx, out)
+            self.weight_features(ctx, out, view)
         if ctx.class_scores is not None:
-            out["k_lp"] = ctx.class_scores
+            out["k_lp"] = view.take(ctx.class_scores)
         if ctx.match_scores is not None:
-            out["s_meta"] = ctx.match_scores
+            out["s_meta"] = view.take(ctx.match_scores)
         return out
 
     @staticmethod
@@ -246,43 +292,44 @@ class FeatureBuilder:
             depth = min(RANK_DEPTH, len(values) - 1)
             if depth <= 0:
                 continue
-            top = np.argpartition(-values, depth)[:depth]
-            top = top[np.argsort(-values[top], kind="stable")]
+            top = top_rows(values, depth)
+            top = top[np.lexsort((top, -values[top]))]  # ties in catalog order
             top = top[values[top] > values.min()]
             target[top] = 1.0 / (1.0 + np.arange(len(top)) / 10.0)
 
-    def _meta(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
-        params = self.index.config.meta_bm25
+    def _meta(self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView) -> None:
+        scores = self.lexical_scores(ctx)
         for name in META_FIELDS:
-            query = _query(ctx.columns, self.lex.field_idf[name])
-            out[f"m_{name}"] = lexical.score(self.lex.fields[name], query, params)
-        out["m_all"] = lexical.score(self.lex.meta_all, _query(ctx.columns, self.lex.meta_idf), params)
+            out[f"m_{name}"] = view.take(scores[f"field_{name}"])
+        out["m_all"] = view.take(scores["meta_all"])
 
-    def _tfidf_features(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+    def _tfidf_features(self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView) -> None:
         """``tf_meta`` and (warm) ``tf_doc``, the query's own image's counts taken out of its owner."""
         cols, counts = np.unique(self.lex.vocab.columns(lexical.term_ids(ctx.text)), return_counts=True)
         if len(cols) == 0:
             return
-        meta = self.tfidf("meta")
-        out["tf_meta"] = meta.score(*meta.query(cols, counts.astype(np.float32)))
+        exact = self.lexical_scores(ctx)
+        out["tf_meta"] = view.take(exact["meta_tfidf"])
         if not ctx.use_prompts:
             return
         doc = self.tfidf("doc")
         q_cols, q_w = doc.query(cols, counts.astype(np.float32))
-        scores = doc.score(q_cols, q_w)
+        scores = view.take(exact["doc_tfidf"]).copy()
         excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
         owners = self.index.prompt_owner[excluded]
         for row in np.unique(owners).tolist():
-            minus = sp.csr_matrix(self.lex.prompt_counts[excluded[owners == row]].sum(axis=0))
-            scores[row] = doc.rescore(row, minus, q_cols, q_w)
+            inside, at = view.positions(np.array([row]))
+            if inside[0]:
+                minus = sp.csr_matrix(self.lex.prompt_counts[excluded[owners == row]].sum(axis=0))
+                scores[at[0]] = doc.rescore(row, minus, q_cols, q_w)
         out["tf_doc"] = scores
-        if len(self.owners_with):
-            prompt = self.tfidf("prompt")
-            per_prompt = prompt.score(*prompt.query(cols, counts.astype(np.float32)))
+        if len(view.owner_pos):
+            per_prompt = exact["prompt_tfidf"].copy()
             per_prompt[excluded] = 0.0
-            out["tf_pmax"][self.owners_with] = np.maximum.reduceat(per_prompt[self.perm], self.starts)
+            best_prompt = np.maximum.reduceat(per_prompt[view.prompt_rows], view.group_starts)
+            out["tf_pmax"][view.owner_pos] = best_prompt
 
-    def _triggers(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+    def _triggers(self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView) -> None:
         table = self.index.triggers
         if table is None:
             return
@@ -294,47 +341,53 @@ class FeatureBuilder:
             np.array([table.weight.get(p, 0.0) for p in ctx.trigger_hits], np.float32),
             [len(r) for r in ctx.trigger_hits.values()],
         )
-        np.maximum.at(out["t_max"], rows, weights)
-        found = np.bincount(rows, minlength=len(out["t_frac"]))
+        inside, at = view.positions(rows)
+        np.maximum.at(out["t_max"], at, weights[inside])
+        found = np.bincount(at, minlength=len(out["t_frac"]))
         hit = np.nonzero(found)[0]
-        out["t_frac"][hit] = found[hit] / np.maximum(1, table.phrase_count[hit])
+        out["t_frac"][hit] = found[hit] / np.maximum(1, view.take(table.phrase_count)[hit])
 
-    def _fts(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+    def _fts(self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView) -> None:
         if len(ctx.fts_rows):
-            rows = ctx.fts_rows[ctx.fts_rows >= 0]
-            out["fts"][rows] = 1.0
+            _, at = view.positions(ctx.fts_rows[ctx.fts_rows >= 0])
+            out["fts"][at] = 1.0
 
-    def _prompts(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
-        index, lex = self.index, self.lex
-        params = index.config.prompt_bm25
-        counts = np.bincount(index.prompt_owner, minlength=index.size).astype(np.float32)
+    def _prompts(self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView) -> None:
+        index = self.index
         if len(index.prompt_owner) == 0:
             out["p_kde"][:] = -1.0 / KDE_TAU
             return
-        scores = lexical.score(lex.prompts, _query(ctx.columns, lex.prompt_idf), params)
+        counts = view.take(index.n_prompts).astype(np.float32)
+        scores = self.lexical_scores(ctx)["prompts"].copy()
+        ordered = scores[view.prompt_rows]
+        kde_terms = np.exp((ordered - 1.0) / KDE_TAU)
         excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
-        kde_terms = np.exp((scores - 1.0) / KDE_TAU)
         if len(excluded):
             scores[excluded] = 0.0
-            kde_terms[excluded] = 0.0
-            np.subtract.at(counts, index.prompt_owner[excluded], 1.0)
+            gone = np.isin(view.prompt_rows, excluded)
+            ordered[gone] = 0.0
+            kde_terms[gone] = 0.0
+            _, at = view.positions(index.prompt_owner[excluded])
+            np.subtract.at(counts, at, 1.0)
         ctx.prompt_scores = scores
-        ordered = scores[self.perm]
-        out["p_max"][self.owners_with] = np.maximum.reduceat(ordered, self.starts)
-        kde = np.add.reduceat(kde_terms[self.perm], self.starts)
         out["p_kde"][:] = -1.0 / KDE_TAU
-        out["p_kde"][self.owners_with] = np.log(np.maximum(kde, math.exp(-1.0 / KDE_TAU)))
-        out["p_doc"] = self._doc_scores(ctx, excluded)
-        out["c_max"] = self._creator_max(out["p_max"])
-        out["c_doc"] = self._creator_max(out["p_doc"])
+        if len(view.owner_pos):
+            out["p_max"][view.owner_pos] = np.maximum.reduceat(ordered, view.group_starts)
+            kde = np.add.reduceat(kde_terms, view.group_starts)
+            out["p_kde"][view.owner_pos] = np.log(np.maximum(kde, math.exp(-1.0 / KDE_TAU)))
+        out["p_doc"] = self._doc_scores(ctx, excluded, view)
+        out["c_max"] = self._creator_max(out["p_max"], view)
+        out["c_doc"] = self._creator_max(out["p_doc"], view)
         out["n_prompts"] = np.log1p(np.maximum(counts, 0.0))
         out["has_prompts"] = (counts > 0).astype(np.float32)
 
-    def _creator_max(self, values: np.ndarray) -> np.ndarray:
-        """Per adapter, the best value among all adapters of its creator (creators reuse prompt styles)."""
+    def _creator_max(self, values: np.ndarray, view: RowView) -> np.ndarray:
+        """Per adapter, the best value among all adapters of its creator (creators reuse prompt styles;
+        in a view, among the creator's adapters in the view)."""
+        creators = view.take(self.index.creator)
         best = np.full(self.n_creators, -np.inf, np.float32)
-        np.maximum.at(best, self.index.creator, values)
-        return best[self.index.creator]
+        np.maximum.at(best, creators, values)
+        return best[creators]
 
     def best_prompt_row(self, ctx: QueryContext, row: int) -> int:
         """The prompt row of adapter ``row`` with the best lexical score for the query (−1: none)."""
@@ -349,29 +402,35 @@ class FeatureBuilder:
         best = int(mine[np.argmax(ctx.prompt_scores[mine])])
         return best if ctx.prompt_scores[best] > 0 else -1
 
-    def _doc_scores(self, ctx: QueryContext, excluded: np.ndarray) -> np.ndarray:
+    def _doc_scores(self, ctx: QueryContext, excluded: np.ndarray, view: RowView) -> np.ndarray:
         """BM25 of each adapter's prompts as one document; adapters owning excluded prompts are
         re-scored with those prompts' term counts and lengths taken out."""
         lex, params = self.lex, self.index.config.prompt_bm25
         query = _query(ctx.columns, lex.doc_idf)
-        scores = lexical.score(lex.docs, query, params)
+        scores = view.take(self.lexical_scores(ctx)["docs"]).copy()
         if len(excluded) == 0 or len(query.terms) == 0:
             return scores
         owners = self.index.prompt_owner[excluded]
         for row in np.unique(owners):
+            inside, at = view.positions(np.array([row]))
+            if not inside[0]:
+                continue
             mine = excluded[owners == row]
             tf = lex.doc_counts[row, query.terms].toarray().ravel()
             tf = np.maximum(tf - np.asarray(lex.prompt_counts[mine][:, query.terms].sum(axis=0)).ravel(), 0.0)
             length = float(self.doc_lengths[row] - self.prompt_lengths[mine].sum())
             if length <= 0:
-                scores[row] = 0.0
+                scores[at[0]] = 0.0
                 continue
             sat = lexical.saturated_tf(tf, length, lex.doc_avg_len, params)
-            scores[row] = float((sat * query.weights).sum() / ((params.k1 + 1.0) * query.ideal))
+            scores[at[0]] = float((sat * query.weights).sum() / ((params.k1 + 1.0) * query.ideal))
         return scores
 
-    def dense_features(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+    def dense_features(
+        self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView | None = None
+    ) -> None:
         """``d_meta``, ``d_prompt`` (warm only) and ``d_image`` from the query vector."""
+        view = view or self.full
         vec = ctx.vector
         assert vec is not None
         meta = self.index.dense.get("meta")
@@ -380,24 +439,29 @@ class FeatureBuilder:
             rows = self.index.rows_of(ids[0][ids[0] >= 0])
             vals = sims[0][ids[0] >= 0]
             out["d_meta"][:] = float(vals.min()) if len(vals) else 0.0
-            out["d_meta"][rows[rows >= 0]] = vals[rows >= 0]
+            inside, at = view.positions(rows[rows >= 0])
+            out["d_meta"][at] = vals[rows >= 0][inside]
         for channel, feature in (("prompt", "d_prompt"), ("image", "d_image")):
             if channel == "prompt" and not ctx.use_prompts:
                 continue
-            self._dense_owned(ctx, channel, out[feature])
+            self._dense_owned(ctx, channel, out[feature], view)
 
-    def weight_features(self, ctx: QueryContext, out: dict[str, np.ndarray]) -> None:
+    def weight_features(
+        self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView | None = None
+    ) -> None:
         """``d_weights``, ``d_wsvd``: cosine of the query vector to the weight-space vectors of textless
         adapters (0 for every other adapter; see ``adapters_db.weightspace``)."""
+        view = view or self.full
         for feature, channel in WEIGHT_FEATURES.items():
-            target = out.setdefault(feature, np.zeros(self.index.size, np.float32))
+            target = out.setdefault(feature, np.zeros(view.n, np.float32))
             index = self.index.dense.get(channel)
             if index is None or index.size == 0 or ctx.vector is None:
                 continue
             sims, ids = index.search(ctx.vector, index.size)
             rows = self.index.rows_of(ids[0][ids[0] >= 0])
             vals = sims[0][ids[0] >= 0]
-            target[rows[rows >= 0]] = vals[rows >= 0]
+            inside, at = view.positions(rows[rows >= 0])
+            target[at] = vals[rows >= 0][inside]
 
     def _owner_rows(self, channel: str, ids: np.ndarray) -> np.ndarray:
         """Adapter rows owning the given dense-index ids (image ids of the prompt/image channels)."""
@@ -408,7 +472,7 @@ class FeatureBuilder:
         sorted_ids, owners = self._dense_sorted[channel]
         return owners[np.searchsorted(sorted_ids, ids)]
 
-    def _dense_owned(self, ctx: QueryContext, channel: str, target: np.ndarray) -> None:
+    def _dense_owned(self, ctx: QueryContext, channel: str, target: np.ndarray, view: RowView) -> None:
         index = self.index.dense.get(channel)
         if index is None or index.size == 0 or ctx.vector is None:
             return
@@ -423,11 +487,81 @@ class FeatureBuilder:
             return
         rows = self._owner_rows(channel, ids)
         target[:] = float(sims.min())
-        np.maximum.at(target, rows, sims.astype(np.float32))
+        inside, at = view.positions(rows)
+        np.maximum.at(target, at, sims[inside].astype(np.float32))
         if channel == "prompt":
             for sim, image_id, row in zip(sims.tolist(), ids.tolist(), rows.tolist(), strict=True):
                 if row not in ctx.best_dense_prompt or sim > ctx.best_dense_prompt[row][0]:
                     ctx.best_dense_prompt[row] = (sim, image_id)
+
+    def _creator_rows(self, rows: np.ndarray, limit: int) -> np.ndarray:
+        """The first ``CANDIDATE_DEPTH`` adapters (in row order, as ties are taken) of each creator of
+        ``rows``, at most ``limit`` rows in all."""
+        if self._by_creator is None:
+            order = np.argsort(self.index.creator, kind="stable")
+            counts = np.bincount(self.index.creator, minlength=self.n_creators)
+            self._by_creator = (order, np.concatenate([[0], np.cumsum(counts)]))
+        order, starts = self._by_creator
+        creators = self.index.creator[rows]
+        creators = creators[np.sort(np.unique(creators, return_index=True)[1])]
+        lengths = np.minimum(starts[creators + 1] - starts[creators], CANDIDATE_DEPTH)
+        keep = np.cumsum(lengths) <= limit
+        creators, lengths = creators[keep], lengths[keep]
+        picks = np.arange(int(lengths.sum())) + np.repeat(
+            starts[creators] - (np.cumsum(lengths) - lengths), lengths
+        )
+        return order[picks]
+
+    def universe(self, ctx: QueryContext, allowed: np.ndarray | None, config: PruneConfig) -> np.ndarray:
+        """The adapter rows a query can rank high (:mod:`adapters_db.pruning`): the best of every exact
+        lexical channel (overall and among ``allowed``), the adapters of the creators of the best
+        prompt matches, the trigger and full-text matches, and the best of the dense and learned
+        channels."""
+        index = self.index
+        fts = ctx.fts_rows[ctx.fts_rows >= 0]  # a match set: its first rows (ties in row order)
+        parts: list[np.ndarray] = [
+            fts[:CANDIDATE_DEPTH],
+            fts[allowed[fts]][:CANDIDATE_DEPTH] if allowed is not None else fts[:0],
+        ]
+        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
+        exact = self.lexical_scores(ctx)
+        n = config.lexical_rows
+        for key, values in exact.items():
+            owners = index.prompt_owner if key.startswith("prompt") else None
+            if owners is not None:  # per prompt: the owners of the best prompts, the query's own left out
+                values = values.copy()
+                values[excluded] = 0.0
+            masks = [None] if allowed is None else [None, allowed if owners is None else allowed[owners]]
+            for mask in masks:
+                rows = best(values, n, mask) if owners is None else best_owners(values, owners, n, mask)
+                parts.append(rows)
+        if ctx.use_prompts:  # creator-level evidence (c_max, c_doc): the best prompt matches' creators
+            prompts = exact["prompts"].copy()
+            prompts[excluded] = 0.0
+            by_prompt = index.prompt_owner[best(prompts, CANDIDATE_DEPTH)]
+            by_doc = best(exact["docs"], CANDIDATE_DEPTH)
+            parts.append(self._creator_rows(np.concatenate([by_prompt, by_doc]), config.creator_rows))
+        table = index.triggers
+        if table is not None:
+            hits = table.match(ctx.text)
+            ordered = sorted(hits, key=lambda phrase: -table.weight.get(phrase, 0.0))
+            rows = np.concatenate([hits[p] for p in ordered]) if ordered else np.zeros(0, np.int64)
+            parts.append(rows[: config.trigger_rows])
+        if ctx.vector is not None:
+            for channel in ("meta", "prompt", "image", *WEIGHT_FEATURES.values()):
+                dense = index.dense.get(channel)
+                if dense is None or dense.size == 0:
+                    continue
+                _, ids = dense.search(ctx.vector, min(dense.size, config.other_rows))
+                ids = ids[0][ids[0] >= 0]
+                rows = (
+                    self._owner_rows(channel, ids) if channel in ("prompt", "image") else index.rows_of(ids)
+                )
+                parts.append(rows[rows >= 0])
+        for scores in (ctx.class_scores, ctx.match_scores):
+            if scores is not None:
+                parts.append(top_rows(scores, config.other_rows))
+        return np.unique(np.concatenate(parts).astype(np.int64))
 
 
 def feature_builder(index: SearchIndex) -> FeatureBuilder:
@@ -514,6 +648,8 @@ class SearchOptions:
     all_features: bool = False
     classifier: PromptClassifier | None = None  # default: the catalog's saved one, if any
     matcher: PromptMatcher | None = None  # default: the catalog's saved one, if any
+    prune: bool | None = None  # candidate-first (adapters_db.pruning); None: from PRUNE_FROM adapters on
+    prune_config: PruneConfig = field(default_factory=PruneConfig)
 
 
 _REGISTRY: FusionRegistry | None = None
@@ -660,9 +796,14 @@ def score_all(
     """Features of every adapter for one query and fused scores (for search and for tuning).
 
     The fusion scores only candidates (:func:`candidate_rows`, among the ``allowed`` rows if given);
-    the others score below every candidate, all alike."""
+    the others score below every candidate, all alike. A large catalog (``options.prune``) computes
+    features only for the rows of :meth:`FeatureBuilder.universe`; the returned arrays still cover the
+    whole catalog (0 outside those rows)."""
     index, ctx = prepare(session, catalog, query, options)
-    feats = feature_builder(index).features(ctx)
+    builder = feature_builder(index)
+    prune = options.prune if options.prune is not None else index.size >= PRUNE_FROM
+    view = builder.view(builder.universe(ctx, allowed, options.prune_config)) if prune else builder.full
+    feats = builder.features(ctx, view)
     if "meta" not in options.channels:
         for name in (*META_FIELDS, "all"):
             feats[f"m_{name}"][:] = 0.0
@@ -675,10 +816,14 @@ def score_all(
     FeatureBuilder.add_ranks(feats)
     scorer = _scorer(catalog, options, ctx)
     wanted = set(scorer.features) - {"pop", "n_prompts", "has_prompts"}
-    scores = fused_scores(scorer, feats, candidate_rows(feats, allowed, wanted=wanted))
+    in_view = view.take(allowed) if allowed is not None else None
+    scores = fused_scores(scorer, feats, candidate_rows(feats, in_view, wanted=wanted))
     if ctx.weight_channels:
         scores = scores + textless_evidence(feats)
-    return index, ctx, feats, scores
+    if view.rows is None:
+        return index, ctx, feats, scores
+    below = float(scores.min()) if len(scores) else 0.0  # the rest of the catalog: below every candidate
+    return index, ctx, {k: view.expand(v) for k, v in feats.items()}, view.expand(scores, below)
 
 
 def candidate_rows(
@@ -702,7 +847,7 @@ def candidate_rows(
         if allowed is not None:
             values = np.where(allowed, values, -np.inf)
         # a catalog of at most ``depth`` adapters: all of them, but still only above the minimum
-        top = np.argpartition(-values, depth)[:depth] if n > depth else np.arange(n)
+        top = top_rows(values, depth)
         floor = values[allowed].min() if allowed is not None and allowed.any() else values.min()
         chosen[top[values[top] > floor]] = True
     if n <= depth and not chosen.any():  # nothing matches at all: every adapter, ranked by the priors

@@ -7,7 +7,10 @@ approximate index), builds the search index (HNSW past 50,000 vectors) and measu
 
 - import and index build time;
 - dense search latency (HNSW) and recall@10 of HNSW against exact (flat) search;
-- latency of the full hybrid ``search()`` (all channels) per query.
+- latency of the full hybrid ``search()`` (all channels) per query;
+- candidate-first scoring (``adapters_db.pruning``, on from 30,000 adapters) against exhaustive scoring
+  of every adapter in the same run: CPU per query, the share of the exhaustive top 10 it finds, and
+  how many rows it featurises.
 
     python benchmarks/catalog_scale.py                 # 100,000 adapters
     python benchmarks/catalog_scale.py --adapters 20000 --json
@@ -331,6 +334,35 @@ def _build(args: argparse.Namespace, embedder: ClusteredEmbedder, report: dict[s
     return catalog, index
 
 
+def _pruning_report(session: Any, catalog: Any, texts: list[str]) -> dict[str, Any]:
+    """Candidate-first scoring (``adapters_db.pruning``) against exhaustive scoring of every adapter:
+    recall@10 of the hybrid ranking, universe size and CPU time per query of each."""
+    from adapters_db.retrieval import SearchOptions, feature_builder, prepare, score_all
+
+    def top10(scores: np.ndarray) -> set[int]:
+        return set(np.argsort(-scores, kind="stable")[:10].tolist())
+
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    recalls, sizes = [], []
+    for text in texts:
+        tops = {}
+        for prune in (True, False):
+            c0 = time.process_time()
+            _, _, _, scores = score_all(session, catalog, text, SearchOptions(prune=prune))
+            cpu[prune].append((time.process_time() - c0) * 1000)
+            tops[prune] = top10(scores)
+        recalls.append(len(tops[True] & tops[False]) / 10)
+        index, ctx = prepare(session, catalog, text, SearchOptions())
+        sizes.append(len(feature_builder(index).universe(ctx, None, SearchOptions().prune_config)))
+    return {
+        "queries": len(texts),
+        "recall_at_10_vs_exhaustive": round(float(np.mean(recalls)), 4),
+        "universe_p50": int(statistics.median(sizes)),
+        "score_cpu_p50_ms": round(statistics.median(cpu[True]), 2),
+        "exhaustive_score_cpu_p50_ms": round(statistics.median(cpu[False]), 2),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -340,12 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--dir", type=Path, default=ROOT / "runs" / "catalog_scale")
     parser.add_argument("--keep", action="store_true", help="reuse an existing catalog in --dir")
+    parser.add_argument("--recall-queries", type=int, default=100, help="queries for candidate-first recall")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     import adapters_db
+    from adapters_db.pruning import PRUNE_FROM
     from adapters_db.vector_index import VectorIndex
 
     embedder = ClusteredEmbedder(args.clusters)
@@ -369,9 +403,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "p95_ms": round(float(np.percentile(wall, 95)), 2),
         "cpu_p50_ms": round(statistics.median(cpu), 2),
         "cpu_p95_ms": round(float(np.percentile(cpu, 95)), 2),
+        "candidate_first": index.size >= PRUNE_FROM,
     }
+    with catalog.session() as s:
+        report["candidate_first"] = _pruning_report(s, catalog, texts[: args.recall_queries])
     report["targets"] = {"dense_p50_ms": 10.0, "recall_at_10": 0.95}
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
+    if not args.json:
+        first = report["candidate_first"]
+        exact_ms, pruned_ms = first["exhaustive_score_cpu_p50_ms"], first["score_cpu_p50_ms"]
+        head = f"{args.adapters:,} adapters, {first['queries']} queries"
+        print(f"\n| {head} | exhaustive | candidate-first | ratio |")
+        print("|---|---|---|---|")
+        print(f"| scoring CPU p50 | {exact_ms} ms | {pruned_ms} ms | {pruned_ms / exact_ms:.2f} |")
+        print(f"| exhaustive top 10 found | 1 | {first['recall_at_10_vs_exhaustive']} | |")
+        size = first["universe_p50"]
+        print(f"| rows featurised, p50 | {args.adapters:,} | {size:,} | {size / args.adapters:.3f} |")
     return 0
 
 

@@ -1,0 +1,108 @@
+"""Candidate-first search for large catalogs: features and fusion for the few thousand adapters a
+query can rank high instead of the whole catalog.
+
+Every lexical channel is scored exactly over the whole catalog first (``FeatureBuilder.lexical_scores``:
+a walk over the query terms' posting lists, whose cost is their length, not the catalog's size). The
+universe is the union of each channel's best rows — every exact lexical channel, overall and among the
+allowed rows, the trigger and full-text matches, the creators of the best prompt matches, the dense and
+learned channels' nearest rows — and the features of :data:`adapters_db.retrieval.FEATURES` are then
+computed for the universe only. Since ``lexical_rows`` is above the rank depth of the fusion, the
+rank features of a universe row are those of the exhaustive search; what can differ is only a row that
+no channel puts near its top. The agreement with the exhaustive search is tested on a real catalog slice
+and measured at 100,000 adapters in ``benchmarks/catalog_scale.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PRUNE_FROM = 30_000  # catalogs from this many adapters search candidate-first
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How many rows each channel adds to the universe (``lexical_rows`` must stay above the fusion's
+    rank depth for the lexical rank features to equal the exhaustive search's)."""
+
+    lexical_rows: int = 250
+    other_rows: int = 200
+    trigger_rows: int = 500
+    creator_rows: int = 500
+
+
+def top_rows(values: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` highest values (all if there are no more than ``n``), ties at the cut taken
+    in array order, so that any subset of rows holding them picks the same ones."""
+    if len(values) <= n:
+        return np.arange(len(values))
+    cut = np.partition(values, len(values) - n)[len(values) - n]
+    above = np.flatnonzero(values > cut)
+    return np.concatenate([above, np.flatnonzero(values == cut)[: n - len(above)]])
+
+
+def best(values: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the ``n`` highest positive values (among ``mask`` if given; ties in array order)."""
+    keep = values > 0 if mask is None else (values > 0) & mask
+    positions = np.flatnonzero(keep)
+    return positions[top_rows(values[positions], n)]
+
+
+def best_owners(values: np.ndarray, owners: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """The ``n`` owners with the highest positive per-item value (an owner's value: the best of its items),
+    found from the best items without a reduction over all of them (among items with ``mask`` if given)."""
+    keep = values > 0 if mask is None else (values > 0) & mask
+    positions = np.flatnonzero(keep)
+    k = n
+    while True:
+        top = positions[top_rows(values[positions], k)]
+        found = np.unique(owners[top])
+        if len(found) >= n or len(top) == len(positions):
+            break
+        k *= 2
+    if len(found) <= n:
+        return found
+    # more than n owners among the best items: the n whose best item is highest (ties: first in order)
+    order = top[np.lexsort((top, -values[top]))]
+    first = np.unique(owners[order], return_index=True)[1]
+    return owners[order[np.sort(first)[:n]]]
+
+
+@dataclass(frozen=True)
+class RowView:
+    """The adapter rows features are computed for — every row (``rows`` None) or a sorted subset — and
+    their prompt rows grouped by owner: ``prompt_rows[group_starts[i]:…]`` are the prompts of the
+    adapter at view position ``owner_pos[i]``."""
+
+    size: int
+    rows: np.ndarray | None
+    prompt_rows: np.ndarray
+    owner_pos: np.ndarray
+    group_starts: np.ndarray
+
+    @property
+    def n(self) -> int:
+        """Number of adapter rows in the view."""
+        return self.size if self.rows is None else len(self.rows)
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """A per-adapter array cut to the view."""
+        return values if self.rows is None else values[self.rows]
+
+    def positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of the given adapter rows are in the view, and their view positions."""
+        rows = np.asarray(rows, np.int64)
+        if self.rows is None:
+            return np.ones(len(rows), bool), rows
+        at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
+        inside = (self.rows[at] == rows) if len(self.rows) else np.zeros(len(rows), bool)
+        return inside, at[inside]
+
+    def expand(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """A view array as a per-adapter array over the whole catalog (``fill`` outside the view)."""
+        if self.rows is None:
+            return values
+        out = np.full(self.size, fill, values.dtype)
+        out[self.rows] = values
+        return out

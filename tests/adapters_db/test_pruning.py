@@ -1,0 +1,139 @@
+"""Candidate-first search (adapters_db.pruning): top-row selection is stable under subsets, features
+computed for the universe's rows equal the exhaustive ones, and on real Civitai LoRAs the
+candidate-first ranking is the exhaustive one."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adapters_db
+from adapters_db.pruning import PruneConfig, RowView, best, best_owners, top_rows
+from adapters_db.retrieval import CHANNELS, SearchOptions, feature_builder, prepare, score_all
+from tests.adapters_db.conftest import write_jsonl
+
+
+def test_best_and_top_rows_take_ties_in_array_order() -> None:
+    values = np.array([0.2, 0.0, 0.9, 0.5, 0.5, 0.5, -1.0])
+    assert sorted(top_rows(values, 3).tolist()) == [2, 3, 4]  # of the tied 0.5s, the first ones
+    assert sorted(top_rows(values, 10).tolist()) == list(range(7))
+    assert sorted(best(values, 2).tolist()) == [2, 3]
+    assert sorted(best(values, 10).tolist()) == [0, 2, 3, 4, 5]  # zero and negative are no evidence
+    mask = np.array([True, True, False, False, True, True, True])
+    assert sorted(best(values, 2, mask).tolist()) == [4, 5]
+    assert best(np.zeros(5), 3).tolist() == []
+    # a subset holding the top rows picks the same ones
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 5, 1000).astype(np.float32)
+    top = top_rows(many, 50)
+    subset = np.union1d(top, rng.choice(1000, 300, replace=False))
+    assert set(subset[top_rows(many[subset], 50)].tolist()) == set(top.tolist())
+
+
+def test_best_owners_finds_owners_by_their_best_item() -> None:
+    rng = np.random.default_rng(1)
+    owners = rng.integers(0, 60, 2000)  # a few owners with many items each: the best items crowd
+    values = np.where(rng.random(2000) < 0.7, rng.random(2000), 0.0)
+    per_owner = np.zeros(60)
+    np.maximum.at(per_owner, owners, values)
+    for n in (1, 5, 30, 100):
+        expected = set(np.flatnonzero(per_owner > 0)[np.argsort(-per_owner[per_owner > 0])][:n].tolist())
+        assert set(best_owners(values, owners, n).tolist()) == expected
+    mask = owners % 2 == 0
+    got = best_owners(values, owners, 10, mask)
+    assert (got % 2 == 0).all() and len(got) == 10
+
+
+def test_row_view() -> None:
+    view = RowView(
+        10, np.array([2, 5, 7]), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    )
+    inside, at = view.positions(np.array([7, 3, 2, 9]))
+    assert inside.tolist() == [True, False, True, False] and at.tolist() == [2, 0]
+    np.testing.assert_array_equal(
+        view.expand(np.array([1.0, 2.0, 3.0]), -1.0), [-1, -1, 1, -1, -1, 2, -1, 3, -1, -1]
+    )
+    assert view.take(np.arange(10) * 10).tolist() == [20, 50, 70]
+
+
+@pytest.fixture(scope="module")
+def real_catalog(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> adapters_db.Catalog:
+    """1,500 real Civitai LoRAs with their preview prompts (hashing embedder)."""
+    tmp = tmp_path_factory.mktemp("pruning")
+    with gzip.open(shared_data / "civitai_lora_sfw_2023-07.jsonl.gz", "rt", encoding="utf-8") as fh:
+        records = [json.loads(line) for line in itertools.islice(fh, 1500)]
+    cat = adapters_db.open_catalog(None, tmp / "data", embedder="hashing-32")
+    with cat.session() as s:
+        adapters_db.import_civitai_jsonl(s, cat, write_jsonl(tmp / "slice.jsonl", records))
+    yield cat
+    cat.dispose()
+
+
+def _queries(shared_data: Path, catalog: adapters_db.Catalog, n: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Real (prompt → LoRA) pairs of the catalog's LoRAs, each with its own picture to leave out."""
+    from sqlalchemy import select
+
+    from adapters_db.models import PreviewImage
+
+    with catalog.session() as s:
+        images = dict(s.execute(select(PreviewImage.civitai_image_id, PreviewImage.id)).all())
+    out = []
+    with gzip.open(shared_data / "bench_prompt_to_lora_dev.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec["image_id"] in images:
+                out.append((rec["prompt_clean"], (int(images[rec["image_id"]]),)))
+            if len(out) == n:
+                break
+    return out
+
+
+def test_candidate_first_ranks_real_loras_as_the_exhaustive_search(
+    real_catalog: adapters_db.Catalog, shared_data: Path
+) -> None:
+    queries = _queries(shared_data, real_catalog, 40)
+    assert len(queries) == 40
+    cold = tuple(c for c in CHANNELS if c != "prompts")
+    agree, sizes = [], []
+    with real_catalog.session() as s:
+        for text, exclude in queries:
+            for channels in (CHANNELS, cold):
+                exact = score_all(s, real_catalog, text, SearchOptions(channels, exclude_image_ids=exclude))
+                options = SearchOptions(channels, exclude_image_ids=exclude, prune=True)
+                pruned = score_all(s, real_catalog, text, options)
+                top = [set(np.argsort(-r[3], kind="stable")[:10].tolist()) for r in (exact, pruned)]
+                agree.append(len(top[0] & top[1]) / 10)
+                index, ctx = prepare(s, real_catalog, text, options)
+                universe = feature_builder(index).universe(ctx, None, options.prune_config)
+                sizes.append(len(universe))
+                # every feature of the universe's rows, rank features included, is the exhaustive
+                # value; creator maxima are taken over the creator's rows in the universe
+                for name, values in exact[2].items():
+                    if name not in ("c_max", "c_doc"):
+                        np.testing.assert_allclose(pruned[2][name][universe], values[universe], atol=1e-5)
+    assert np.mean(agree) >= 0.98, agree
+    assert max(sizes) < index.size  # it is a subset, not the catalog
+
+
+def test_shallow_cuts_shrink_the_universe(real_catalog: adapters_db.Catalog, shared_data: Path) -> None:
+    text, exclude = _queries(shared_data, real_catalog, 1)[0]
+    shallow = PruneConfig(lexical_rows=20, other_rows=20, trigger_rows=20)
+    with real_catalog.session() as s:
+        index, ctx = prepare(s, real_catalog, text, SearchOptions(exclude_image_ids=exclude))
+        builder = feature_builder(index)
+        deep, narrow = builder.universe(ctx, None, PruneConfig()), builder.universe(ctx, None, shallow)
+        assert 0 < len(narrow) < len(deep)
+        allowed = np.zeros(index.size, bool)
+        allowed[::7] = True
+        # a filter adds the filtered-in rows' own best, which the overall best may not contain
+        filtered = builder.universe(ctx, allowed, shallow)
+        assert set(narrow) <= set(filtered) and allowed[np.setdiff1d(filtered, narrow)].all()
+        _, _, feats, scores = score_all(
+            s, real_catalog, text, SearchOptions(prune=True, prune_config=shallow)
+        )
+        assert np.isfinite(scores).all() and all(len(v) == index.size for v in feats.values())
