@@ -817,6 +817,8 @@ def update_metadata(session: Session, catalog: Catalog, adapter_id: int, **chang
     row = session.execute(_full_query().where(Adapter.id == adapter_id)).scalar_one_or_none()
     if row is None:
         raise NotFoundError(f"no adapter with id {adapter_id}")
+    if checked.get("trigger_words") and not row.versions:
+        raise ValueError(f"adapter {adapter_id} has no version to hold trigger words")
     _apply_changes(session, row, checked)
     curated = sorted(curated_fields(row) | (set(checked) & set(CURATED_FIELDS)))
     row.extra = {**(row.extra or {}), "curated": curated}

@@ -336,6 +336,11 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     for adapter_id in args.id or ():
         if not -MAX_ID <= adapter_id <= MAX_ID:
             raise ValueError(f"--id {adapter_id} is out of range (adapter ids are 64-bit integers)")
+    if args.action != "edit" and _edit_changes(args):
+        flags = ", ".join(EDIT_FLAGS[k] for k in _edit_changes(args))
+        raise ValueError(f"'catalog {args.action}' does not take {flags} (they are for 'catalog edit')")
+    if args.keep_files and args.action != "delete":
+        raise ValueError(f"--keep-files only applies to 'catalog delete', not 'catalog {args.action}'")
     catalog = _catalog(args)
     try:
         return _catalog_action(catalog, args)
@@ -385,10 +390,12 @@ def _catalog_action(catalog: Any, args: argparse.Namespace) -> int:
                 f"trained the prompt matcher ({len(matcher.query_vocab)} prompt terms, "
                 f"{len(matcher.meta_vocab)} metadata terms): {matcher_path(catalog)}"
             )
-        elif args.action in ("show", "delete"):
+        elif args.action in ("show", "delete", "edit"):
             if not args.id or len(args.id) > 1:
                 raise ValueError(f"catalog {args.action} needs one --id")
-            return _show_or_delete(s, catalog, args.action, args.id[0])
+            if args.action == "edit":
+                return _edit(s, catalog, args.id[0], _edit_changes(args))
+            return _show_or_delete(s, catalog, args.action, args.id[0], keep_files=args.keep_files)
         elif args.action == "download":
             return _download(s, catalog, args)
     return 0
@@ -412,13 +419,69 @@ def _download(s: Any, catalog: Any, args: argparse.Namespace) -> int:
     return 1 if summary.failed or missing else 0
 
 
-def _show_or_delete(s: Any, catalog: Any, action: str, adapter_id: int) -> int:
+EDIT_FLAGS = {
+    "name": "--name",
+    "description": "--description",
+    "add_tag": "--add-tag",
+    "remove_tag": "--remove-tag",
+    "clear_tags": "--clear-tags",
+    "trigger": "--trigger",
+    "clear_triggers": "--clear-triggers",
+    "base": "--base",
+    "nsfw_level": "--nsfw-level",
+    "creator": "--creator",
+}
+
+
+def _edit_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The curation flags of ``catalog edit`` given on the command line (flag name → value)."""
+    values = {key: getattr(args, key) for key in EDIT_FLAGS}
+    return {k: v for k, v in values.items() if v is not None and v is not False and v != []}  # 0 is a value
+
+
+def _edit(s: Any, catalog: Any, adapter_id: int, given: dict[str, Any]) -> int:
+    """Curate one adapter from the command line (``adapters_db.update_metadata``) and print the result."""
+    import adapters_db
+    from adapters_db.repository import NotFoundError, clean_tag
+
+    if not given:
+        raise ValueError("catalog edit needs a change: " + ", ".join(EDIT_FLAGS.values()))
+    record = adapters_db.get_adapter(s, catalog, adapter_id)
+    if record is None:
+        print(f"no adapter {adapter_id}")
+        return 1
+    changes: dict[str, Any] = {}
+    for key, field in (("name", "name"), ("description", "description_html"), ("creator", "creator")):
+        if key in given:
+            changes[field] = given[key]
+    if {"add_tag", "remove_tag", "clear_tags"} & set(given):
+        removed = {clean_tag(t) for t in given.get("remove_tag", ())}
+        kept = [] if given.get("clear_tags") else [t for t in record.tags if t not in removed]
+        changes["tags"] = [*kept, *given.get("add_tag", ())]
+    if "trigger" in given or given.get("clear_triggers"):
+        changes["trigger_words"] = list(given.get("trigger", ()))
+    if "base" in given:
+        changes["base_family"] = given["base"]
+    if "nsfw_level" in given:
+        changes["nsfw_level"] = given["nsfw_level"]
+    try:
+        record = adapters_db.update_metadata(s, catalog, adapter_id, **changes)
+    except NotFoundError:
+        print(f"no adapter {adapter_id}")
+        return 1
+    fields = ("id", "name", "tags", "trigger_words", "base_family", "nsfw_level", "creator")
+    shown = {f: getattr(record, f) for f in fields}
+    print(_terminal_json({**shown, "curated": record.extra.get("curated", [])}))
+    return 0
+
+
+def _show_or_delete(s: Any, catalog: Any, action: str, adapter_id: int, *, keep_files: bool = False) -> int:
     import dataclasses
 
     import adapters_db
 
     if action == "delete":
-        ok = adapters_db.delete_adapter(s, catalog, adapter_id)
+        ok = adapters_db.delete_adapter(s, catalog, adapter_id, delete_files=not keep_files)
         print(f"deleted adapter {adapter_id}" if ok else f"no adapter {adapter_id}")
         return 0 if ok else 1
     record = adapters_db.get_adapter(s, catalog, adapter_id)
@@ -532,12 +595,12 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "catalog",
         parents=[parent],
         help="catalog stats, repair, reindex, classifier / matcher (train a learned search channel), "
-        "show, delete, download (a remote adapter's file, verified)",
+        "show, edit (curate an adapter), delete, download (a remote adapter's file, verified)",
         description=cmd_catalog.__doc__,
     )
     p.add_argument(
         "action",
-        choices=("stats", "repair", "reindex", "classifier", "matcher", "show", "delete", "download"),
+        choices=("stats", "repair", "reindex", "classifier", "matcher", "show", "edit", "delete", "download"),
     )
     p.add_argument(
         "--id",
@@ -549,5 +612,25 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         "--grace", type=float, default=3600.0, help="repair: keep orphan files younger than this (s)"
     )
     p.add_argument("--verify", action="store_true", help="repair: re-hash every stored file")
+    p.add_argument(
+        "--keep-files",
+        action="store_true",
+        help="delete: keep the stored files (catalog repair removes them)",
+    )
+    edit = p.add_argument_group("edit (a re-import of the adapter's record keeps what is edited)")
+    edit.add_argument("--name", default=None, help="new name")
+    edit.add_argument("--description", default=None, help="new description (HTML is sanitised)")
+    edit.add_argument("--add-tag", action="append", default=[], metavar="TAG", help="add a tag (repeatable)")
+    edit.add_argument(
+        "--remove-tag", action="append", default=[], metavar="TAG", help="remove a tag (repeatable)"
+    )
+    edit.add_argument("--clear-tags", action="store_true", help="remove every tag (before --add-tag)")
+    edit.add_argument(
+        "--trigger", action="append", default=[], metavar="WORD", help="set the trigger words (repeatable)"
+    )
+    edit.add_argument("--clear-triggers", action="store_true", help="remove every trigger word")
+    edit.add_argument("--base", default=None, help="base family: sd1/sd15, sd2, sdxl, pocket")
+    edit.add_argument("--nsfw-level", type=int, choices=range(4), default=None, help="0 (none) to 3")
+    edit.add_argument("--creator", default=None, help="creator name")
     _add_common(p)
     p.set_defaults(func=cmd_catalog)
