@@ -143,19 +143,25 @@ def make_query(text: str, vocab: Vocabulary, idf: np.ndarray) -> Query:
 
 
 def column_dot(matrix: sp.csc_matrix, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``matrix[:, columns] @ weights`` (float64) by walking the CSC posting lists of ``columns``: one
-    ``bincount`` over their concatenated slices, several times faster than scipy's fancy column
-    indexing for a handful of columns (Manning et al., IR book §6.3.3, term-at-a-time scoring)."""
+    """``matrix[:, columns] @ weights`` (in the matrix's float type) by walking the CSC posting lists of
+    ``columns``: their slices concatenated, each scaled by its weight, and scatter-added into one array
+    — several times faster than scipy's fancy column indexing for a handful of columns (Manning et al.,
+    IR book §6.3.3, term-at-a-time scoring)."""
     n = matrix.shape[0]
-    starts, ends = matrix.indptr[columns], matrix.indptr[columns + 1]
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(n, np.float64)
-    # position i of the concatenated slices reads matrix.data[i + (start of its slice − slice offset)]
-    picks = np.arange(total) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    values = np.repeat(weights, lengths) * matrix.data[picks]
-    return np.bincount(matrix.indices[picks], weights=values, minlength=n)
+    dtype = np.float32 if matrix.data.dtype == np.float32 else np.float64
+    out = np.zeros(n, dtype)
+    columns = np.asarray(columns, np.int64)
+    spans = list(zip(matrix.indptr[columns].tolist(), matrix.indptr[columns + 1].tolist(), strict=True))
+    if not any(end > start for start, end in spans):
+        return out
+    # slices copied, not gathered through an index array; float32 sums need no float64 copy (bincount's)
+    rows = np.concatenate([matrix.indices[start:end] for start, end in spans])
+    data, w = matrix.data, np.asarray(weights, dtype)
+    values = np.concatenate(
+        [data[start:end].astype(dtype, copy=False) * w[i] for i, (start, end) in enumerate(spans)]
+    )
+    np.add.at(out, rows, values)
+    return out
 
 
 def score(matrix: sp.csc_matrix, query: Query, params: BM25Params) -> np.ndarray:

@@ -43,30 +43,29 @@ def top_rows(values: np.ndarray, n: int) -> np.ndarray:
 
 
 def best(values: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """Positions of the ``n`` highest positive values (among ``mask`` if given; ties in array order)."""
+    """Positions of the ``n`` highest positive values (among ``mask`` if given), best first (ties in
+    array order)."""
     keep = values > 0 if mask is None else (values > 0) & mask
     positions = np.flatnonzero(keep)
-    return positions[top_rows(values[positions], n)]
+    top = positions[top_rows(values[positions], n)]
+    return top[np.lexsort((top, -values[top]))]
 
 
 def best_owners(values: np.ndarray, owners: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
     """The ``n`` owners with the highest positive per-item value (an owner's value: the best of its items),
-    found from the best items without a reduction over all of them (among items with ``mask`` if given)."""
+    best first, found from the best items without a reduction over all of them (among items with
+    ``mask`` if given; ties in item order)."""
     keep = values > 0 if mask is None else (values > 0) & mask
     positions = np.flatnonzero(keep)
-    k = n
+    k = 2 * n  # owners have a few items each: twice as many items usually hold n owners
     while True:
         top = positions[top_rows(values[positions], k)]
-        found = np.unique(owners[top])
-        if len(found) >= n or len(top) == len(positions):
+        if len(np.unique(owners[top])) >= n or len(top) == len(positions):
             break
         k *= 2
-    if len(found) <= n:
-        return found
-    # more than n owners among the best items: the n whose best item is highest (ties: first in order)
     order = top[np.lexsort((top, -values[top]))]
-    first = np.unique(owners[order], return_index=True)[1]
-    return owners[order[np.sort(first)[:n]]]
+    first = np.sort(np.unique(owners[order], return_index=True)[1])  # each owner at its best item
+    return owners[order[first[:n]]]
 
 
 @dataclass(frozen=True)

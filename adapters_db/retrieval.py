@@ -526,21 +526,25 @@ class FeatureBuilder:
         excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
         exact = self.lexical_scores(ctx)
         n = config.lexical_rows
+        overall: dict[str, np.ndarray] = {}  # each channel's best rows, best first
         for key, values in exact.items():
             owners = index.prompt_owner if key.startswith("prompt") else None
             if owners is not None:  # per prompt: the owners of the best prompts, the query's own left out
                 values = values.copy()
                 values[excluded] = 0.0
-            masks = [None] if allowed is None else [None, allowed if owners is None else allowed[owners]]
-            for mask in masks:
-                rows = best(values, n, mask) if owners is None else best_owners(values, owners, n, mask)
-                parts.append(rows)
+            rows = best(values, n) if owners is None else best_owners(values, owners, n)
+            parts.append(rows)
+            overall[key] = rows
+            if allowed is not None and not allowed[rows].all():  # else the allowed rows' best are these
+                mask = allowed if owners is None else allowed[owners]
+                parts.append(
+                    best(values, n, mask) if owners is None else best_owners(values, owners, n, mask)
+                )
         if ctx.use_prompts:  # creator-level evidence (c_max, c_doc): the best prompt matches' creators
-            prompts = exact["prompts"].copy()
-            prompts[excluded] = 0.0
-            by_prompt = index.prompt_owner[best(prompts, CANDIDATE_DEPTH)]
-            by_doc = best(exact["docs"], CANDIDATE_DEPTH)
-            parts.append(self._creator_rows(np.concatenate([by_prompt, by_doc]), config.creator_rows))
+            best_rows = np.concatenate(
+                [overall["prompts"][:CANDIDATE_DEPTH], overall["docs"][:CANDIDATE_DEPTH]]
+            )
+            parts.append(self._creator_rows(best_rows, config.creator_rows))
         table = index.triggers
         if table is not None:
             hits = table.match(ctx.text)
