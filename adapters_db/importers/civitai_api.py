@@ -178,23 +178,35 @@ def download_files(
     that fails (HTTP error, hash mismatch, not a LoRA, NaN weights) leaves the entry remote and is reported.
     """
     results = []
+    fetched: dict[str, int] = {}  # SHA-256 → the adapter it was downloaded for in this call
     for row in _remote_files(session, adapter_ids, civitai_version_ids):
         url, sha = row.remote_url or "", row.sha256 or ""
+        adapter_id = row.version.adapter_id
         if row.format == "pickle" or Path(row.file_name).suffix.lower() in REFUSED_EXTS:
             why = f"{row.file_name}: pickled checkpoints are refused (not downloaded); only .safetensors"
-            results.append(ImportResult(url, "failed", message=why))
+            results.append(ImportResult(url, "failed", adapter_id, row.file_name, message=why))
+            continue
+        if (
+            sha.lower() in fetched
+        ):  # one upload listed by several of the adapters: fetched once, stored for all
+            why = f"stored with adapter {fetched[sha.lower()]} (the same file)"
+            results.append(ImportResult(url, "updated", adapter_id, row.file_name, sha.lower(), why))
             continue
         auth = download_config(url, config, api_key)
         if row.size_bytes and row.size_bytes > 0:  # the record's size, with slack for its rounding
             cap = row.size_bytes + row.size_bytes // 20 + (1 << 20)
             auth = replace(auth, max_bytes=min(auth.max_bytes, cap))
-        results.append(
-            run_item(
-                session,
-                url,
-                lambda u=url, h=sha, n=row.file_name, c=auth: _download_one(session, catalog, u, h, n, c),
-            )
+        result = run_item(
+            session,
+            url,
+            lambda u=url, h=sha, n=row.file_name, c=auth: _download_one(session, catalog, u, h, n, c),
         )
+        if result.ok:  # reported for the adapter asked for, not the first one listing the same file
+            result = replace(result, adapter_id=adapter_id)
+            fetched[sha.lower()] = adapter_id
+        else:
+            result = replace(result, adapter_id=adapter_id, name=result.name or row.file_name)
+        results.append(result)
     return results
 
 

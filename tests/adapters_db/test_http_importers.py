@@ -380,3 +380,60 @@ def test_studio_catalog_download_fetches_a_remote_adapter(
     assert main(["catalog", "download", "--id", str(ids[401]), *data]) == 1  # already stored: nothing to do
     assert "nothing to download" in capsys.readouterr().out
     cat.dispose()
+
+
+def test_download_of_a_file_listed_by_two_adapters_fetches_once_and_reports_each(
+    tmp_path: Path,
+    hub: tuple[FakeHub, str],
+    lora_file: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from studio.cli import main
+
+    fake, base = hub
+    shared = lora_file("shared.safetensors", seed=61)
+    sha = hashlib.sha256(shared.read_bytes()).hexdigest()
+    first, second = civitai_record(501, "Original", sha256=sha), civitai_record(502, "Reupload", sha256=sha)
+    for rec, path in ((first, "/dl/5010"), (second, "/dl/5020")):
+        rec["modelVersions"][0]["files"][0]["downloadUrl"] = base + path
+        fake.files[path] = shared.read_bytes()
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text("\n".join(json.dumps(r) for r in (first, second)) + "\n")
+    data = ["--data-dir", str(tmp_path / "data"), "--embedder", "hashing"]
+    assert main(["import-civitai", str(dump), "--no-embed", *data]) == 0
+    cat = adapters_db.open_catalog(None, tmp_path / "data", embedder=HashingEmbedder(64))
+    with cat.session() as s:
+        ids = {n: adapters_db.find_by_civitai_id(s, cat, n).id for n in (501, 502)}
+    capsys.readouterr()
+    # the second adapter alone: reported under its own id (it was the first one's id, so the command
+    # said "nothing to download" for the adapter it had just downloaded)
+    assert main(["catalog", "download", "--id", str(ids[502]), *data]) == 0
+    out = capsys.readouterr()
+    assert "nothing to download" not in out.out and "downloaded and verified" in out.err + out.out
+    with cat.session() as s:
+        assert adapters_db.get_adapter(s, cat, ids[501]).has_local_file  # one file, stored for both
+        assert adapters_db.get_adapter(s, cat, ids[502]).has_local_file
+    cat.dispose()
+    downloads = [p for p, _ in fake.requests if p.startswith("/dl/50")]
+    assert downloads == ["/dl/5020"]
+
+
+def test_one_file_asked_for_twice_is_fetched_once(
+    sqlite_catalog: Catalog, hub: tuple[FakeHub, str], lora_file: Callable[..., Path]
+) -> None:
+    from adapters_db.importers.civitai_api import download_files
+
+    fake, base = hub
+    shared = lora_file("twice.safetensors", seed=62)
+    sha = hashlib.sha256(shared.read_bytes()).hexdigest()
+    records = [civitai_record(601, "One", sha256=sha), civitai_record(602, "Two", sha256=sha)]
+    for rec, path in zip(records, ("/dl/6010", "/dl/6020"), strict=True):
+        rec["modelVersions"][0]["files"][0]["downloadUrl"] = base + path
+        fake.files[path] = shared.read_bytes()
+    with sqlite_catalog.session() as s:
+        adapters_db.import_civitai_records(s, sqlite_catalog, ((f"r{r['id']}", r) for r in records))
+        ids = [adapters_db.find_by_civitai_id(s, sqlite_catalog, n).id for n in (601, 602)]
+        results = download_files(s, sqlite_catalog, ids, FAST)
+    assert [r.adapter_id for r in results] == ids and all(r.ok for r in results)
+    assert "same file" in results[1].message
+    assert [p for p, _ in fake.requests if p.startswith("/dl/60")] == ["/dl/6010"]
