@@ -902,6 +902,24 @@ def matches(feats: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
+def matching(index: SearchIndex, ctx: QueryContext, feats: dict[str, np.ndarray]) -> np.ndarray:
+    """:func:`matches`, exact over the whole catalog also when only a universe was featurised
+    (candidate-first): rows outside it match by the exact lexical scores (a query word in the metadata,
+    trigger words included, or in a prompt other than the query's own) and the full-text search, so
+    that a listing of matches pages through all of them."""
+    out = matches(feats)
+    scores = ctx.lexical
+    if scores is None:
+        return out
+    out |= scores["meta_tfidf"] > 0
+    if ctx.use_prompts and len(index.prompt_owner):
+        prompts = scores["prompts"] > 0
+        prompts[ctx.exclude_rows[ctx.exclude_rows >= 0]] = False
+        out[index.prompt_owner[prompts]] = True
+    out[ctx.fts_rows[ctx.fts_rows >= 0]] = True  # (trigger phrases are metadata words: counted above)
+    return out
+
+
 def textless_evidence(feats: dict[str, np.ndarray]) -> np.ndarray:
     """``TEXTLESS_WEIGHT · max(0, d_weights, d_wsvd)``: the weight-space channels' score, added to the
     fused one (the fitted fusion never saw these features; they are nonzero only for textless adapters)."""
@@ -970,7 +988,7 @@ def search(
     index, ctx, feats, scores = score_all(session, catalog, query, options, allowed=mask)
     scores = np.where(mask, scores, -np.inf)
     if matching_only or sort != "relevance":
-        scores = np.where(matches(feats), scores, -np.inf)
+        scores = np.where(matching(index, ctx, feats), scores, -np.inf)
     if sort == "relevance":
         rows = _ranked_rows(scores, offset + k)
     else:  # the adapters the query matches, re-ordered

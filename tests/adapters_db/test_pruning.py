@@ -155,3 +155,24 @@ def test_column_dot_walks_postings_exactly() -> None:
         assert not column_dot(m, np.zeros(0, np.int64), np.zeros(0)).any()
         empty = np.flatnonzero(np.diff(m.indptr) == 0)[:1]
         assert column_dot(m, empty, np.ones(len(empty))).shape == (300,)
+
+
+def test_a_listing_of_matches_is_the_same_candidate_first(
+    real_catalog: adapters_db.Catalog, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paging through every match (the Catalog tab's text search) finds the same adapters when only a
+    universe is featurised: rows outside it match by the exact lexical scores."""
+    import adapters_db.retrieval as retrieval
+
+    texts = [text for text, _ in _queries(shared_data, real_catalog, 5)] + ["anime girl, blue hair"]
+    with real_catalog.session() as s:
+        for text in texts:
+            listed = {}
+            for prune_from in (10**9, 1):
+                monkeypatch.setattr(retrieval, "PRUNE_FROM", prune_from)
+                hits = adapters_db.search(s, real_catalog, text, k=2000, matching_only=True)
+                listed[prune_from] = [h.adapter.id for h in hits]
+            exhaustive, pruned = listed[10**9], listed[1]
+            assert set(pruned) == set(exhaustive), text
+            assert len(exhaustive) > 300  # more than a universe's lexical share: the tail is listed too
+            assert pruned[:10] == exhaustive[:10]
