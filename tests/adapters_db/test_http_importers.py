@@ -348,6 +348,27 @@ def test_a_civitai_page_url_imports_the_model_and_downloads_its_version(
         import_civitai_url(s, cat, client, f"{base}/models/300?modelVersionId=5")
 
 
+def _remote_catalog(
+    tmp_path: Path, hub: tuple[FakeHub, str], remote: list[tuple[dict[str, Any], str]], payload: bytes
+) -> tuple[list[str], Catalog, dict[int, int]]:
+    """Civitai records whose file the hub serves at the given paths, imported with ``studio
+    import-civitai``: the CLI's data arguments, the catalog and Civitai id → adapter id."""
+    from studio.cli import main
+
+    fake, base = hub
+    for rec, path in remote:
+        rec["modelVersions"][0]["files"][0]["downloadUrl"] = base + path
+        fake.files[path] = payload
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text("\n".join(json.dumps(rec) for rec, _ in remote) + "\n")
+    data = ["--data-dir", str(tmp_path / "data"), "--embedder", "hashing"]
+    assert main(["import-civitai", str(dump), "--no-embed", *data]) == 0
+    cat = adapters_db.open_catalog(None, tmp_path / "data", embedder=HashingEmbedder(64))
+    with cat.session() as s:
+        ids = {rec["id"]: adapters_db.find_by_civitai_id(s, cat, rec["id"]).id for rec, _ in remote}
+    return data, cat, ids
+
+
 def test_studio_catalog_download_fetches_a_remote_adapter(
     tmp_path: Path,
     hub: tuple[FakeHub, str],
@@ -356,20 +377,10 @@ def test_studio_catalog_download_fetches_a_remote_adapter(
 ) -> None:
     from studio.cli import main
 
-    fake, base = hub
     good = lora_file("good.safetensors", seed=51)
     ok = civitai_record(401, "Fetch Me", sha256=hashlib.sha256(good.read_bytes()).hexdigest())
     bad = civitai_record(402, "Tampered", sha256="cd" * 32)
-    for rec, path in ((ok, "/dl/4010"), (bad, "/dl/4020")):
-        rec["modelVersions"][0]["files"][0]["downloadUrl"] = base + path
-        fake.files[path] = good.read_bytes()
-    dump = tmp_path / "dump.jsonl"
-    dump.write_text("\n".join(json.dumps(r) for r in (ok, bad)) + "\n")
-    data = ["--data-dir", str(tmp_path / "data"), "--embedder", "hashing"]
-    assert main(["import-civitai", str(dump), "--no-embed", *data]) == 0
-    cat = adapters_db.open_catalog(None, tmp_path / "data", embedder=HashingEmbedder(64))
-    with cat.session() as s:
-        ids = {n: adapters_db.find_by_civitai_id(s, cat, n).id for n in (401, 402)}
+    data, cat, ids = _remote_catalog(tmp_path, hub, [(ok, "/dl/4010"), (bad, "/dl/4020")], good.read_bytes())
     capsys.readouterr()
     assert main(["catalog", "download", "--id", str(ids[401]), "--id", str(ids[402]), *data]) == 1
     out = capsys.readouterr()
@@ -390,20 +401,12 @@ def test_download_of_a_file_listed_by_two_adapters_fetches_once_and_reports_each
 ) -> None:
     from studio.cli import main
 
-    fake, base = hub
+    fake, _ = hub
     shared = lora_file("shared.safetensors", seed=61)
     sha = hashlib.sha256(shared.read_bytes()).hexdigest()
     first, second = civitai_record(501, "Original", sha256=sha), civitai_record(502, "Reupload", sha256=sha)
-    for rec, path in ((first, "/dl/5010"), (second, "/dl/5020")):
-        rec["modelVersions"][0]["files"][0]["downloadUrl"] = base + path
-        fake.files[path] = shared.read_bytes()
-    dump = tmp_path / "dump.jsonl"
-    dump.write_text("\n".join(json.dumps(r) for r in (first, second)) + "\n")
-    data = ["--data-dir", str(tmp_path / "data"), "--embedder", "hashing"]
-    assert main(["import-civitai", str(dump), "--no-embed", *data]) == 0
-    cat = adapters_db.open_catalog(None, tmp_path / "data", embedder=HashingEmbedder(64))
-    with cat.session() as s:
-        ids = {n: adapters_db.find_by_civitai_id(s, cat, n).id for n in (501, 502)}
+    remote = [(first, "/dl/5010"), (second, "/dl/5020")]
+    data, cat, ids = _remote_catalog(tmp_path, hub, remote, shared.read_bytes())
     capsys.readouterr()
     # the second adapter alone: reported under its own id (it was the first one's id, so the command
     # said "nothing to download" for the adapter it had just downloaded)
