@@ -134,6 +134,7 @@ class QueryContext:
     class_scores: np.ndarray | None = None
     match_scores: np.ndarray | None = None
     lexical: dict[str, np.ndarray] | None = None  # FeatureBuilder.lexical_scores, computed once
+    creator: dict[str, np.ndarray] | None = None  # FeatureBuilder.creator_scores, computed once
 
 
 def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
@@ -376,18 +377,47 @@ class FeatureBuilder:
             kde = np.add.reduceat(kde_terms, view.group_starts)
             out["p_kde"][view.owner_pos] = np.log(np.maximum(kde, math.exp(-1.0 / KDE_TAU)))
         out["p_doc"] = self._doc_scores(ctx, excluded, view)
-        out["c_max"] = self._creator_max(out["p_max"], view)
-        out["c_doc"] = self._creator_max(out["p_doc"], view)
+        if view.rows is None:
+            out["c_max"] = self._creator_max(out["p_max"])
+            out["c_doc"] = self._creator_max(out["p_doc"])
+        else:  # a creator's best adapter may lie outside the view: the maxima over the whole catalog
+            creator = self.creator_scores(ctx)
+            out["c_max"], out["c_doc"] = view.take(creator["c_max"]), view.take(creator["c_doc"])
         out["n_prompts"] = np.log1p(np.maximum(counts, 0.0))
         out["has_prompts"] = (counts > 0).astype(np.float32)
 
-    def _creator_max(self, values: np.ndarray, view: RowView) -> np.ndarray:
-        """Per adapter, the best value among all adapters of its creator (creators reuse prompt styles;
-        in a view, among the creator's adapters in the view)."""
-        creators = view.take(self.index.creator)
+    def _creator_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """Adapter rows grouped by creator (row order within a group) and each group's start (and end)."""
+        if self._by_creator is None:
+            order = np.argsort(self.index.creator, kind="stable")
+            counts = np.bincount(self.index.creator, minlength=self.n_creators)
+            self._by_creator = (order, np.concatenate([[0], np.cumsum(counts)]))
+        return self._by_creator
+
+    def _creator_max(self, values: np.ndarray) -> np.ndarray:
+        """Per adapter, the best value among all adapters of its creator (creators reuse prompt styles)."""
+        order, starts = self._creator_order()
         best = np.full(self.n_creators, -np.inf, np.float32)
-        np.maximum.at(best, creators, values)
-        return best[creators]
+        has = starts[:-1] < starts[1:]
+        if has.any():
+            best[has] = np.maximum.reduceat(values[order], starts[:-1][has])
+        return best[self.index.creator]
+
+    def creator_scores(self, ctx: QueryContext) -> dict[str, np.ndarray]:
+        """``c_max`` and ``c_doc`` over the whole catalog, from the exact prompt and prompt-document
+        scores with the query's own pictures left out (computed once per query; for candidate-first
+        search, whose views hold only some of a creator's adapters)."""
+        if ctx.creator is not None:
+            return ctx.creator
+        prompts = self.lexical_scores(ctx)["prompts"].copy()
+        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
+        prompts[excluded] = 0.0
+        p_max = np.zeros(self.index.size, np.float32)
+        if len(self.owners_with):
+            p_max[self.owners_with] = np.maximum.reduceat(prompts[self.perm], self.starts)
+        p_doc = self._doc_scores(ctx, excluded, self.full)
+        ctx.creator = {"c_max": self._creator_max(p_max), "c_doc": self._creator_max(p_doc)}
+        return ctx.creator
 
     def best_prompt_row(self, ctx: QueryContext, row: int) -> int:
         """The prompt row of adapter ``row`` with the best lexical score for the query (−1: none)."""
@@ -497,11 +527,7 @@ class FeatureBuilder:
     def _creator_rows(self, rows: np.ndarray, limit: int) -> np.ndarray:
         """The first ``CANDIDATE_DEPTH`` adapters (in row order, as ties are taken) of each creator of
         ``rows``, at most ``limit`` rows in all."""
-        if self._by_creator is None:
-            order = np.argsort(self.index.creator, kind="stable")
-            counts = np.bincount(self.index.creator, minlength=self.n_creators)
-            self._by_creator = (order, np.concatenate([[0], np.cumsum(counts)]))
-        order, starts = self._by_creator
+        order, starts = self._creator_order()
         creators = self.index.creator[rows]
         creators = creators[np.sort(np.unique(creators, return_index=True)[1])]
         lengths = np.minimum(starts[creators + 1] - starts[creators], CANDIDATE_DEPTH)
@@ -512,12 +538,30 @@ class FeatureBuilder:
         )
         return order[picks]
 
+    def _dense_universe(self, ctx: QueryContext, allowed: np.ndarray | None, n: int) -> list[np.ndarray]:
+        """The ``n`` nearest rows of each dense and weight-space channel and, with a filter, the ``n``
+        nearest allowed ones among as many neighbours as the channel's features read."""
+        parts = []
+        for channel in ("meta", "prompt", "image", *WEIGHT_FEATURES.values()):
+            dense = self.index.dense.get(channel)
+            if dense is None or dense.size == 0:
+                continue
+            depth = {"meta": max(DENSE_K, 1024), "prompt": DENSE_K, "image": DENSE_K}.get(channel, dense.size)
+            _, ids = dense.search(ctx.vector, min(dense.size, n if allowed is None else depth))
+            ids = ids[0][ids[0] >= 0]
+            owned = channel in ("prompt", "image")
+            rows = self._owner_rows(channel, ids) if owned else self.index.rows_of(ids)
+            parts.extend(_first(rows[rows >= 0], allowed, n))
+        return parts
+
     def universe(self, ctx: QueryContext, allowed: np.ndarray | None, config: PruneConfig) -> np.ndarray:
         """The adapter rows a query can rank high (:mod:`adapters_db.pruning`): the best of every exact
         lexical channel (overall and among ``allowed``), the adapters of the creators of the best
         prompt matches, the trigger and full-text matches, and the best of the dense and learned
         channels."""
         index = self.index
+        if allowed is not None and allowed.all():
+            allowed = None  # (the default filter, no NSFW, often keeps every adapter)
         fts = ctx.fts_rows[ctx.fts_rows >= 0]  # a match set: its first rows (ties in row order)
         parts: list[np.ndarray] = [
             fts[:CANDIDATE_DEPTH],
@@ -526,46 +570,46 @@ class FeatureBuilder:
         excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
         exact = self.lexical_scores(ctx)
         n = config.lexical_rows
-        overall: dict[str, np.ndarray] = {}  # each channel's best rows, best first
+        best_by_channel: dict[str, list[np.ndarray]] = {}  # each channel's best rows (and allowed ones')
         for key, values in exact.items():
             owners = index.prompt_owner if key.startswith("prompt") else None
             if owners is not None:  # per prompt: the owners of the best prompts, the query's own left out
                 values = values.copy()
                 values[excluded] = 0.0
-            rows = best(values, n) if owners is None else best_owners(values, owners, n)
-            parts.append(rows)
-            overall[key] = rows
-            if allowed is not None and not allowed[rows].all():  # else the allowed rows' best are these
+            found = [best(values, n) if owners is None else best_owners(values, owners, n)]
+            if allowed is not None and not allowed[found[0]].all():  # else the allowed rows' best are these
                 mask = allowed if owners is None else allowed[owners]
-                parts.append(
+                found.append(
                     best(values, n, mask) if owners is None else best_owners(values, owners, n, mask)
                 )
+            best_by_channel[key] = found
+            parts.extend(found)
         if ctx.use_prompts:  # creator-level evidence (c_max, c_doc): the best prompt matches' creators
-            best_rows = np.concatenate(
-                [overall["prompts"][:CANDIDATE_DEPTH], overall["docs"][:CANDIDATE_DEPTH]]
-            )
-            parts.append(self._creator_rows(best_rows, config.creator_rows))
+            for rows in (*best_by_channel["prompts"], *best_by_channel["docs"]):
+                parts.append(self._creator_rows(rows[:CANDIDATE_DEPTH], config.creator_rows))
+            if allowed is not None:  # and the allowed adapters with the best creator-level evidence
+                for values in self.creator_scores(ctx).values():
+                    parts.append(best(values, CANDIDATE_DEPTH, allowed))
         table = index.triggers
         if table is not None:
             hits = table.match(ctx.text)
             ordered = sorted(hits, key=lambda phrase: -table.weight.get(phrase, 0.0))
             rows = np.concatenate([hits[p] for p in ordered]) if ordered else np.zeros(0, np.int64)
-            parts.append(rows[: config.trigger_rows])
+            parts.extend(_first(rows, allowed, config.trigger_rows))
         if ctx.vector is not None:
-            for channel in ("meta", "prompt", "image", *WEIGHT_FEATURES.values()):
-                dense = index.dense.get(channel)
-                if dense is None or dense.size == 0:
-                    continue
-                _, ids = dense.search(ctx.vector, min(dense.size, config.other_rows))
-                ids = ids[0][ids[0] >= 0]
-                rows = (
-                    self._owner_rows(channel, ids) if channel in ("prompt", "image") else index.rows_of(ids)
-                )
-                parts.append(rows[rows >= 0])
+            parts.extend(self._dense_universe(ctx, allowed, config.other_rows))
         for scores in (ctx.class_scores, ctx.match_scores):
             if scores is not None:
                 parts.append(top_rows(scores, config.other_rows))
+                if allowed is not None:
+                    positions = np.flatnonzero(allowed)
+                    parts.append(positions[top_rows(scores[positions], config.other_rows)])
         return np.unique(np.concatenate(parts).astype(np.int64))
+
+
+def _first(rows: np.ndarray, allowed: np.ndarray | None, n: int) -> list[np.ndarray]:
+    """The first ``n`` of some ordered rows, and the first ``n`` allowed ones if a filter is given."""
+    return [rows[:n]] if allowed is None else [rows[:n], rows[allowed[rows]][:n]]
 
 
 def feature_builder(index: SearchIndex) -> FeatureBuilder:
