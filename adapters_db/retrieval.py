@@ -210,6 +210,7 @@ class FeatureBuilder:
         self.prompt_lengths = np.asarray(lex.prompt_counts.sum(axis=1)).ravel()
         self._tfidf: dict[str, TfidfChannel] = {}
         self._by_creator: tuple[np.ndarray, np.ndarray] | None = None
+        self._prompts_by_creator: tuple[np.ndarray, np.ndarray] | None = None
 
     def tfidf(self, name: str) -> TfidfChannel:
         """The TF-IDF channel ``doc`` (metadata + prompts), ``meta`` or ``prompt`` (one document per
@@ -381,7 +382,7 @@ class FeatureBuilder:
             out["c_max"] = self._creator_max(out["p_max"])
             out["c_doc"] = self._creator_max(out["p_doc"])
         else:  # a creator's best adapter may lie outside the view: the maxima over the whole catalog
-            creator = self.creator_scores(ctx)
+            creator = self.creator_scores(ctx)  # (a creator's adapters can be most of a synthetic catalog)
             out["c_max"], out["c_doc"] = view.take(creator["c_max"]), view.take(creator["c_doc"])
         out["n_prompts"] = np.log1p(np.maximum(counts, 0.0))
         out["has_prompts"] = (counts > 0).astype(np.float32)
@@ -412,11 +413,20 @@ class FeatureBuilder:
         prompts = self.lexical_scores(ctx)["prompts"].copy()
         excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
         prompts[excluded] = 0.0
-        p_max = np.zeros(self.index.size, np.float32)
-        if len(self.owners_with):
-            p_max[self.owners_with] = np.maximum.reduceat(prompts[self.perm], self.starts)
+        # a creator's best p_max is its best prompt (scores are ≥ 0, and 0 without prompts): one
+        # reduction over the prompts grouped by creator, not a per-adapter one first
+        if self._prompts_by_creator is None:
+            owner_creator = self.index.creator[self.index.prompt_owner]
+            counts = np.bincount(owner_creator, minlength=self.n_creators)
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            self._prompts_by_creator = (np.argsort(owner_creator, kind="stable"), starts)
+        order, starts = self._prompts_by_creator
+        c_max = np.zeros(self.n_creators, np.float32)
+        has = starts[:-1] < starts[1:]
+        if has.any():
+            c_max[has] = np.maximum.reduceat(prompts[order], starts[:-1][has])
         p_doc = self._doc_scores(ctx, excluded, self.full)
-        ctx.creator = {"c_max": self._creator_max(p_max), "c_doc": self._creator_max(p_doc)}
+        ctx.creator = {"c_max": c_max[self.index.creator], "c_doc": self._creator_max(p_doc)}
         return ctx.creator
 
     def best_prompt_row(self, ctx: QueryContext, row: int) -> int:
@@ -585,8 +595,10 @@ class FeatureBuilder:
             best_by_channel[key] = found
             parts.extend(found)
         if ctx.use_prompts:  # creator-level evidence (c_max, c_doc): the best prompt matches' creators
-            for rows in (*best_by_channel["prompts"], *best_by_channel["docs"]):
-                parts.append(self._creator_rows(rows[:CANDIDATE_DEPTH], config.creator_rows))
+            found = (*best_by_channel["prompts"], *best_by_channel["docs"])
+            parts.append(
+                self._creator_rows(np.concatenate([r[:CANDIDATE_DEPTH] for r in found]), config.creator_rows)
+            )
             if allowed is not None:  # and the allowed adapters with the best creator-level evidence
                 for values in self.creator_scores(ctx).values():
                     parts.append(best(values, CANDIDATE_DEPTH, allowed))
