@@ -3,13 +3,15 @@ query can rank high instead of the whole catalog.
 
 Every lexical channel is scored exactly over the whole catalog first (``FeatureBuilder.lexical_scores``:
 a walk over the query terms' posting lists, whose cost is their length, not the catalog's size). The
-universe is the union of each channel's best rows — every exact lexical channel, overall and among the
-allowed rows, the trigger and full-text matches, the creators of the best prompt matches, the dense and
-learned channels' nearest rows — and the features of :data:`adapters_db.retrieval.FEATURES` are then
-computed for the universe only. Since ``lexical_rows`` is above the rank depth of the fusion, the
-rank features of a universe row are those of the exhaustive search; what can differ is only a row that
-no channel puts near its top. The agreement with the exhaustive search is tested on a real catalog slice
-and measured at 100,000 adapters in ``benchmarks/catalog_scale.py``.
+universe is the union of each channel's best rows — every exact lexical channel, the trigger and
+full-text matches, the creators of the best prompt matches, the dense and learned channels' nearest
+rows; with a filter, each also among the allowed rows, and the allowed adapters of the best
+creator-level evidence — and the features of :data:`adapters_db.retrieval.FEATURES` are then computed
+for the universe only (the creator-level maxima over the whole catalog). Since ``lexical_rows`` is
+above the rank depth of the fusion, every feature of a universe row, rank features included, is the
+exhaustive search's; what can differ is only a row that no channel puts near its top. The agreement
+with the exhaustive search is tested on a real catalog slice and measured at 100,000 adapters in
+``benchmarks/catalog_scale.py``.
 """
 
 from __future__ import annotations

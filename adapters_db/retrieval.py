@@ -566,43 +566,18 @@ class FeatureBuilder:
 
     def universe(self, ctx: QueryContext, allowed: np.ndarray | None, config: PruneConfig) -> np.ndarray:
         """The adapter rows a query can rank high (:mod:`adapters_db.pruning`): the best of every exact
-        lexical channel (overall and among ``allowed``), the adapters of the creators of the best
-        prompt matches, the trigger and full-text matches, and the best of the dense and learned
-        channels."""
-        index = self.index
+        lexical channel, the adapters of the creators of the best prompt matches, the trigger and
+        full-text matches and the best of the dense and learned channels — with a filter, each also
+        among the ``allowed`` rows, with the allowed adapters of the best creator-level evidence."""
         if allowed is not None and allowed.all():
             allowed = None  # (the default filter, no NSFW, often keeps every adapter)
         fts = ctx.fts_rows[ctx.fts_rows >= 0]  # a match set: its first rows (ties in row order)
-        parts: list[np.ndarray] = [
-            fts[:CANDIDATE_DEPTH],
-            fts[allowed[fts]][:CANDIDATE_DEPTH] if allowed is not None else fts[:0],
-        ]
-        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
-        exact = self.lexical_scores(ctx)
-        n = config.lexical_rows
-        best_by_channel: dict[str, list[np.ndarray]] = {}  # each channel's best rows (and allowed ones')
-        for key, values in exact.items():
-            owners = index.prompt_owner if key.startswith("prompt") else None
-            if owners is not None:  # per prompt: the owners of the best prompts, the query's own left out
-                values = values.copy()
-                values[excluded] = 0.0
-            found = [best(values, n) if owners is None else best_owners(values, owners, n)]
-            if allowed is not None and not allowed[found[0]].all():  # else the allowed rows' best are these
-                mask = allowed if owners is None else allowed[owners]
-                found.append(
-                    best(values, n, mask) if owners is None else best_owners(values, owners, n, mask)
-                )
-            best_by_channel[key] = found
-            parts.extend(found)
-        if ctx.use_prompts:  # creator-level evidence (c_max, c_doc): the best prompt matches' creators
-            found = (*best_by_channel["prompts"], *best_by_channel["docs"])
-            parts.append(
-                self._creator_rows(np.concatenate([r[:CANDIDATE_DEPTH] for r in found]), config.creator_rows)
-            )
-            if allowed is not None:  # and the allowed adapters with the best creator-level evidence
-                for values in self.creator_scores(ctx).values():
-                    parts.append(best(values, CANDIDATE_DEPTH, allowed))
-        table = index.triggers
+        parts = _first(fts, allowed, CANDIDATE_DEPTH)
+        lexical_best = self._lexical_universe(ctx, allowed, config.lexical_rows)
+        parts.extend(rows for found in lexical_best.values() for rows in found)
+        if ctx.use_prompts:
+            parts.extend(self._creator_universe(ctx, allowed, lexical_best, config.creator_rows))
+        table = self.index.triggers
         if table is not None:
             hits = table.match(ctx.text)
             ordered = sorted(hits, key=lambda phrase: -table.weight.get(phrase, 0.0))
@@ -617,6 +592,45 @@ class FeatureBuilder:
                     positions = np.flatnonzero(allowed)
                     parts.append(positions[top_rows(scores[positions], config.other_rows)])
         return np.unique(np.concatenate(parts).astype(np.int64))
+
+    def _lexical_universe(
+        self, ctx: QueryContext, allowed: np.ndarray | None, n: int
+    ) -> dict[str, list[np.ndarray]]:
+        """Per exact lexical channel, its ``n`` best adapters (per-prompt channels: by their best prompt
+        that is not the query's own), best first, and the ``n`` best allowed ones where a filter
+        removes one of those."""
+        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
+        out: dict[str, list[np.ndarray]] = {}
+        for key, values in self.lexical_scores(ctx).items():
+            owners = self.index.prompt_owner if key.startswith("prompt") else None
+            if owners is not None:
+                values = values.copy()
+                values[excluded] = 0.0
+            found = [best(values, n) if owners is None else best_owners(values, owners, n)]
+            if allowed is not None and not allowed[found[0]].all():  # else the allowed rows' best are these
+                mask = allowed if owners is None else allowed[owners]
+                found.append(
+                    best(values, n, mask) if owners is None else best_owners(values, owners, n, mask)
+                )
+            out[key] = found
+        return out
+
+    def _creator_universe(
+        self,
+        ctx: QueryContext,
+        allowed: np.ndarray | None,
+        lexical_best: dict[str, list[np.ndarray]],
+        limit: int,
+    ) -> list[np.ndarray]:
+        """Rows with creator-level evidence (``c_max``, ``c_doc``): adapters of the creators of the best
+        prompt and document matches and, with a filter, the allowed adapters whose creators score best."""
+        found = (*lexical_best["prompts"], *lexical_best["docs"])
+        parts = [self._creator_rows(np.concatenate([r[:CANDIDATE_DEPTH] for r in found]), limit)]
+        if allowed is not None:
+            parts.extend(
+                best(values, CANDIDATE_DEPTH, allowed) for values in self.creator_scores(ctx).values()
+            )
+        return parts
 
 
 def _first(rows: np.ndarray, allowed: np.ndarray | None, n: int) -> list[np.ndarray]:
