@@ -24,7 +24,7 @@ from adapters_db.models import (
     TriggerWord,
     adapter_tags,
 )
-from adapters_db.repository import clean_tags, create_missing_tags, spec_fingerprint
+from adapters_db.repository import clean_tags, clip_text, create_missing_tags, spec_fingerprint
 from adapters_db.sanitize import html_to_text, sanitize_html
 from adapters_db.specs import AdapterSpec
 from adapters_db.store import autov2
@@ -41,13 +41,13 @@ def _adapter_row(spec: AdapterSpec, description_html: str) -> dict[str, Any]:
         "base_family": spec.base_family,
         "base_model": spec.base_model,
         "nsfw_level": spec.nsfw_level,
-        "creator": spec.creator[:200] if spec.creator else spec.creator,
+        "creator": clip_text(spec.creator, 200),
         "civitai_model_id": spec.civitai_model_id,
         "hf_repo": spec.hf_repo,
         "source_url": spec.source_url,
-        "license": lic.license[:100] if lic.license else lic.license,
+        "license": clip_text(lic.license, 100),
         "allow_no_credit": lic.allow_no_credit,
-        "allow_commercial_use": lic.allow_commercial_use[:100] if lic.allow_commercial_use else None,
+        "allow_commercial_use": clip_text(lic.allow_commercial_use or None, 100),
         "allow_derivatives": lic.allow_derivatives,
         "allow_different_license": lic.allow_different_license,
         "poi": spec.poi,
@@ -73,10 +73,6 @@ def _tag_ids(session: Session, names: set[str]) -> dict[str, int]:
     return found
 
 
-def _clean_tags(spec: AdapterSpec) -> list[str]:
-    return clean_tags(spec.tags)
-
-
 def insert_new(session: Session, specs: Sequence[AdapterSpec]) -> list[int]:
     """Insert specs of adapters that are not in the catalog yet; returns their ids in order."""
     if not specs:
@@ -85,9 +81,11 @@ def insert_new(session: Session, specs: Sequence[AdapterSpec]) -> list[int]:
     ids = list(
         session.execute(insert(Adapter).returning(Adapter.id, sort_by_parameter_order=True), rows).scalars()
     )
-    tags = _tag_ids(session, {t for s in specs for t in _clean_tags(s)})
+    tags = _tag_ids(session, {t for s in specs for t in clean_tags(s.tags)})
     links = [
-        {"adapter_id": a, "tag_id": tags[t]} for a, s in zip(ids, specs, strict=True) for t in _clean_tags(s)
+        {"adapter_id": a, "tag_id": tags[t]}
+        for a, s in zip(ids, specs, strict=True)
+        for t in clean_tags(s.tags)
     ]
     if links:
         session.execute(insert(adapter_tags), links)
@@ -185,7 +183,7 @@ def _documents(session: Session, ids: list[int], specs: Sequence[AdapterSpec]) -
             {
                 "adapter_id": adapter_id,
                 "name": spec.name,
-                "tags": ", ".join(_clean_tags(spec)),
+                "tags": ", ".join(clean_tags(spec.tags)),
                 "triggers": ", ".join(dict.fromkeys(triggers)),
                 "files": ", ".join(dict.fromkeys(files)),
                 "description": html_to_text(spec.description_html),

@@ -70,6 +70,29 @@ def best_owners(values: np.ndarray, owners: np.ndarray, n: int, mask: np.ndarray
     return owners[order[first[:n]]]
 
 
+def slice_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions of the slices ``[starts[i], starts[i] + lengths[i])`` of an array, concatenated
+    (the CSR-style gather of grouped rows, without a Python loop)."""
+    offsets = np.cumsum(lengths) - lengths  # where each slice begins in the result
+    return np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
+
+
+def group_order(keys: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions sorted by key (array order within a key) and each key's start in them (``n_groups + 1``
+    bounds: group ``g`` is ``order[starts[g]:starts[g + 1]]``)."""
+    counts = np.bincount(keys, minlength=n_groups)
+    return np.argsort(keys, kind="stable"), np.concatenate([[0], np.cumsum(counts)])
+
+
+def group_max(values: np.ndarray, order: np.ndarray, starts: np.ndarray, empty: float) -> np.ndarray:
+    """Per group of :func:`group_order`, the largest of its values (``empty`` for a group without any)."""
+    out = np.full(len(starts) - 1, empty, np.float32)
+    has = starts[:-1] < starts[1:]
+    if has.any():
+        out[has] = np.maximum.reduceat(values[order], starts[:-1][has])
+    return out
+
+
 @dataclass(frozen=True)
 class RowView:
     """The adapter rows features are computed for — every row (``rows`` None) or a sorted subset — and

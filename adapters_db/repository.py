@@ -501,7 +501,7 @@ def _tag_rows(session: Session, names: Iterable[str]) -> list[Tag]:
     return [rows[name] for name in sorted(clean)]  # the order the relationship loads them in
 
 
-def _clip(value: str | None, size: int) -> str | None:
+def clip_text(value: str | None, size: int) -> str | None:
     """A text cut to its column's size (PostgreSQL refuses a longer one, SQLite would keep it)."""
     return None if value is None else str(value)[:size]
 
@@ -875,10 +875,13 @@ def _set_columns(row: Adapter, values: dict[str, Any]) -> None:
     if "nsfw_level" in values:
         row.nsfw_level = values["nsfw_level"]
     if "creator" in values:
-        row.creator = _clip(values["creator"], 200)
+        row.creator = clip_text(values["creator"], 200)
     if "licence" in values:
         lic: LicenceFlags = values["licence"]
-        row.license, row.allow_commercial_use = _clip(lic.license, 100), _clip(lic.allow_commercial_use, 100)
+        row.license, row.allow_commercial_use = (
+            clip_text(lic.license, 100),
+            clip_text(lic.allow_commercial_use, 100),
+        )
         row.allow_no_credit, row.allow_derivatives = lic.allow_no_credit, lic.allow_derivatives
         row.allow_different_license = lic.allow_different_license
 

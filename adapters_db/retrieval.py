@@ -53,7 +53,17 @@ from adapters_db.fusion import Fusion, FusionRegistry, LinearScorer, Scorer
 from adapters_db.lexical import Query
 from adapters_db.matcher import PromptMatcher, load_matcher
 from adapters_db.models import Adapter, PreviewImage
-from adapters_db.pruning import PRUNE_FROM, PruneConfig, RowView, best, best_owners, top_rows
+from adapters_db.pruning import (
+    PRUNE_FROM,
+    PruneConfig,
+    RowView,
+    best,
+    best_owners,
+    group_max,
+    group_order,
+    slice_positions,
+    top_rows,
+)
 from adapters_db.repository import SORTS, adapter_ids_matching, filter_conditions, get_adapters
 from adapters_db.search_index import FAMILY_CODES, META_FIELDS, SearchIndex
 from adapters_db.text import clean_prompt, has_cjk, words
@@ -229,9 +239,7 @@ class FeatureBuilder:
         has = self.owners_with[at] == rows if len(self.owners_with) else np.zeros(len(rows), bool)
         at = at[has]
         lengths = self.index.n_prompts[self.owners_with[at]].astype(np.int64)
-        starts = self.starts[at]
-        total = int(lengths.sum())
-        picks = np.arange(total) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        picks = slice_positions(self.starts[at], lengths)
         group_starts = np.cumsum(lengths) - lengths
         return RowView(self.index.size, rows, self.perm[picks], np.nonzero(has)[0], group_starts)
 
@@ -307,27 +315,24 @@ class FeatureBuilder:
 
     def _tfidf_features(self, ctx: QueryContext, out: dict[str, np.ndarray], view: RowView) -> None:
         """``tf_meta`` and (warm) ``tf_doc``, the query's own image's counts taken out of its owner."""
-        cols, counts = np.unique(self.lex.vocab.columns(lexical.term_ids(ctx.text)), return_counts=True)
-        if len(cols) == 0:
-            return
         exact = self.lexical_scores(ctx)
         out["tf_meta"] = view.take(exact["meta_tfidf"])
         if not ctx.use_prompts:
             return
-        doc = self.tfidf("doc")
-        q_cols, q_w = doc.query(cols, counts.astype(np.float32))
         scores = view.take(exact["doc_tfidf"]).copy()
         excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
         owners = self.index.prompt_owner[excluded]
-        for row in np.unique(owners).tolist():
-            inside, at = view.positions(np.array([row]))
-            if inside[0]:
+        inside, at = view.positions(np.unique(owners))
+        if inside.any():  # owners of the query's own pictures in the view: re-scored without them
+            doc = self.tfidf("doc")
+            cols, counts = np.unique(self.lex.vocab.columns(lexical.term_ids(ctx.text)), return_counts=True)
+            q_cols, q_w = doc.query(cols, counts.astype(np.float32))
+            for row, pos in zip(np.unique(owners)[inside].tolist(), at.tolist(), strict=True):
                 minus = sp.csr_matrix(self.lex.prompt_counts[excluded[owners == row]].sum(axis=0))
-                scores[at[0]] = doc.rescore(row, minus, q_cols, q_w)
+                scores[pos] = doc.rescore(row, minus, q_cols, q_w)
         out["tf_doc"] = scores
         if len(view.owner_pos):
-            per_prompt = exact["prompt_tfidf"].copy()
-            per_prompt[excluded] = 0.0
+            per_prompt = self._own_left_out(ctx, "prompt_tfidf")
             best_prompt = np.maximum.reduceat(per_prompt[view.prompt_rows], view.group_starts)
             out["tf_pmax"][view.owner_pos] = best_prompt
 
@@ -360,15 +365,12 @@ class FeatureBuilder:
             out["p_kde"][:] = -1.0 / KDE_TAU
             return
         counts = view.take(index.n_prompts).astype(np.float32)
-        scores = self.lexical_scores(ctx)["prompts"].copy()
+        scores = self._own_left_out(ctx, "prompts")
         ordered = scores[view.prompt_rows]
         kde_terms = np.exp((ordered - 1.0) / KDE_TAU)
         excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
         if len(excluded):
-            scores[excluded] = 0.0
-            gone = np.isin(view.prompt_rows, excluded)
-            ordered[gone] = 0.0
-            kde_terms[gone] = 0.0
+            kde_terms[np.isin(view.prompt_rows, excluded)] = 0.0  # (their scores are 0 already)
             _, at = view.positions(index.prompt_owner[excluded])
             np.subtract.at(counts, at, 1.0)
         ctx.prompt_scores = scores
@@ -388,21 +390,21 @@ class FeatureBuilder:
         out["has_prompts"] = (counts > 0).astype(np.float32)
 
     def _creator_order(self) -> tuple[np.ndarray, np.ndarray]:
-        """Adapter rows grouped by creator (row order within a group) and each group's start (and end)."""
+        """Adapter rows grouped by creator (:func:`~adapters_db.pruning.group_order`), built on first use."""
         if self._by_creator is None:
-            order = np.argsort(self.index.creator, kind="stable")
-            counts = np.bincount(self.index.creator, minlength=self.n_creators)
-            self._by_creator = (order, np.concatenate([[0], np.cumsum(counts)]))
+            self._by_creator = group_order(self.index.creator, self.n_creators)
         return self._by_creator
 
     def _creator_max(self, values: np.ndarray) -> np.ndarray:
         """Per adapter, the best value among all adapters of its creator (creators reuse prompt styles)."""
-        order, starts = self._creator_order()
-        best = np.full(self.n_creators, -np.inf, np.float32)
-        has = starts[:-1] < starts[1:]
-        if has.any():
-            best[has] = np.maximum.reduceat(values[order], starts[:-1][has])
-        return best[self.index.creator]
+        return group_max(values, *self._creator_order(), -np.inf)[self.index.creator]
+
+    def _own_left_out(self, ctx: QueryContext, key: str) -> np.ndarray:
+        """A per-prompt exact lexical score (``prompts``, ``prompt_tfidf``) with the query's own pictures
+        at 0 (a copy)."""
+        values = self.lexical_scores(ctx)[key].copy()
+        values[ctx.exclude_rows[ctx.exclude_rows >= 0]] = 0.0
+        return values
 
     def creator_scores(self, ctx: QueryContext) -> dict[str, np.ndarray]:
         """``c_max`` and ``c_doc`` over the whole catalog, from the exact prompt and prompt-document
@@ -410,22 +412,13 @@ class FeatureBuilder:
         search, whose views hold only some of a creator's adapters)."""
         if ctx.creator is not None:
             return ctx.creator
-        prompts = self.lexical_scores(ctx)["prompts"].copy()
-        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
-        prompts[excluded] = 0.0
         # a creator's best p_max is its best prompt (scores are ≥ 0, and 0 without prompts): one
         # reduction over the prompts grouped by creator, not a per-adapter one first
         if self._prompts_by_creator is None:
             owner_creator = self.index.creator[self.index.prompt_owner]
-            counts = np.bincount(owner_creator, minlength=self.n_creators)
-            starts = np.concatenate([[0], np.cumsum(counts)])
-            self._prompts_by_creator = (np.argsort(owner_creator, kind="stable"), starts)
-        order, starts = self._prompts_by_creator
-        c_max = np.zeros(self.n_creators, np.float32)
-        has = starts[:-1] < starts[1:]
-        if has.any():
-            c_max[has] = np.maximum.reduceat(prompts[order], starts[:-1][has])
-        p_doc = self._doc_scores(ctx, excluded, self.full)
+            self._prompts_by_creator = group_order(owner_creator, self.n_creators)
+        c_max = group_max(self._own_left_out(ctx, "prompts"), *self._prompts_by_creator, 0.0)
+        p_doc = self._doc_scores(ctx, ctx.exclude_rows[ctx.exclude_rows >= 0], self.full)
         ctx.creator = {"c_max": c_max[self.index.creator], "c_doc": self._creator_max(p_doc)}
         return ctx.creator
 
@@ -542,11 +535,7 @@ class FeatureBuilder:
         creators = creators[np.sort(np.unique(creators, return_index=True)[1])]
         lengths = np.minimum(starts[creators + 1] - starts[creators], CANDIDATE_DEPTH)
         keep = np.cumsum(lengths) <= limit
-        creators, lengths = creators[keep], lengths[keep]
-        picks = np.arange(int(lengths.sum())) + np.repeat(
-            starts[creators] - (np.cumsum(lengths) - lengths), lengths
-        )
-        return order[picks]
+        return order[slice_positions(starts[creators[keep]], lengths[keep])]
 
     def _dense_universe(self, ctx: QueryContext, allowed: np.ndarray | None, n: int) -> list[np.ndarray]:
         """The ``n`` nearest rows of each dense and weight-space channel and, with a filter, the ``n``
@@ -599,13 +588,11 @@ class FeatureBuilder:
         """Per exact lexical channel, its ``n`` best adapters (per-prompt channels: by their best prompt
         that is not the query's own), best first, and the ``n`` best allowed ones where a filter
         removes one of those."""
-        excluded = ctx.exclude_rows[ctx.exclude_rows >= 0]
         out: dict[str, list[np.ndarray]] = {}
         for key, values in self.lexical_scores(ctx).items():
             owners = self.index.prompt_owner if key.startswith("prompt") else None
             if owners is not None:
-                values = values.copy()
-                values[excluded] = 0.0
+                values = self._own_left_out(ctx, key)
             found = [best(values, n) if owners is None else best_owners(values, owners, n)]
             if allowed is not None and not allowed[found[0]].all():  # else the allowed rows' best are these
                 mask = allowed if owners is None else allowed[owners]

@@ -180,17 +180,15 @@ def download_files(
     results = []
     fetched: dict[str, int] = {}  # SHA-256 → the adapter it was downloaded for in this call
     for row in _remote_files(session, adapter_ids, civitai_version_ids):
-        url, sha = row.remote_url or "", row.sha256 or ""
+        url, sha = row.remote_url or "", (row.sha256 or "").lower()
         adapter_id = row.version.adapter_id
         if row.format == "pickle" or Path(row.file_name).suffix.lower() in REFUSED_EXTS:
             why = f"{row.file_name}: pickled checkpoints are refused (not downloaded); only .safetensors"
             results.append(ImportResult(url, "failed", adapter_id, row.file_name, message=why))
             continue
-        if (
-            sha.lower() in fetched
-        ):  # one upload listed by several of the adapters: fetched once, stored for all
-            why = f"stored with adapter {fetched[sha.lower()]} (the same file)"
-            results.append(ImportResult(url, "updated", adapter_id, row.file_name, sha.lower(), why))
+        if sha in fetched:  # one upload listed by several of the adapters: fetched once, stored for all
+            why = f"stored with adapter {fetched[sha]} (the same file)"
+            results.append(ImportResult(url, "updated", adapter_id, row.file_name, sha, why))
             continue
         auth = download_config(url, config, api_key)
         if row.size_bytes and row.size_bytes > 0:  # the record's size, with slack for its rounding
@@ -203,7 +201,7 @@ def download_files(
         )
         if result.ok:  # reported for the adapter asked for, not the first one listing the same file
             result = replace(result, adapter_id=adapter_id)
-            fetched[sha.lower()] = adapter_id
+            fetched[sha] = adapter_id
         else:
             result = replace(result, adapter_id=adapter_id, name=result.name or row.file_name)
         results.append(result)

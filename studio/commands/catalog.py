@@ -336,8 +336,9 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     for adapter_id in args.id or ():
         if not -MAX_ID <= adapter_id <= MAX_ID:
             raise ValueError(f"--id {adapter_id} is out of range (adapter ids are 64-bit integers)")
-    if args.action != "edit" and _edit_changes(args):
-        flags = ", ".join(EDIT_FLAGS[k] for k in _edit_changes(args))
+    edits = _edit_changes(args)
+    if args.action != "edit" and edits:
+        flags = ", ".join(EDIT_FLAGS[k] for k in edits)
         raise ValueError(f"'catalog {args.action}' does not take {flags} (they are for 'catalog edit')")
     if args.keep_files and args.action != "delete":
         raise ValueError(f"--keep-files only applies to 'catalog delete', not 'catalog {args.action}'")
@@ -442,7 +443,7 @@ def _edit_changes(args: argparse.Namespace) -> dict[str, Any]:
 def _edit(s: Any, catalog: Any, adapter_id: int, given: dict[str, Any]) -> int:
     """Curate one adapter from the command line (``adapters_db.update_metadata``) and print the result."""
     import adapters_db
-    from adapters_db.repository import NotFoundError, clean_tag
+    from adapters_db.repository import clean_tag
 
     if not given:
         raise ValueError("catalog edit needs a change: " + ", ".join(EDIT_FLAGS.values()))
@@ -450,25 +451,16 @@ def _edit(s: Any, catalog: Any, adapter_id: int, given: dict[str, Any]) -> int:
     if record is None:
         print(f"no adapter {adapter_id}")
         return 1
-    changes: dict[str, Any] = {}
-    for key, field in (("name", "name"), ("description", "description_html"), ("creator", "creator")):
-        if key in given:
-            changes[field] = given[key]
+    direct = {"name": "name", "description": "description_html", "creator": "creator"}
+    direct |= {"base": "base_family", "nsfw_level": "nsfw_level"}  # flag → update_metadata field
+    changes: dict[str, Any] = {field: given[key] for key, field in direct.items() if key in given}
     if {"add_tag", "remove_tag", "clear_tags"} & set(given):
         removed = {clean_tag(t) for t in given.get("remove_tag", ())}
         kept = [] if given.get("clear_tags") else [t for t in record.tags if t not in removed]
         changes["tags"] = [*kept, *given.get("add_tag", ())]
     if "trigger" in given or given.get("clear_triggers"):
         changes["trigger_words"] = list(given.get("trigger", ()))
-    if "base" in given:
-        changes["base_family"] = given["base"]
-    if "nsfw_level" in given:
-        changes["nsfw_level"] = given["nsfw_level"]
-    try:
-        record = adapters_db.update_metadata(s, catalog, adapter_id, **changes)
-    except NotFoundError:
-        print(f"no adapter {adapter_id}")
-        return 1
+    record = adapters_db.update_metadata(s, catalog, adapter_id, **changes)
     fields = ("id", "name", "tags", "trigger_words", "base_family", "nsfw_level", "creator")
     shown = {f: getattr(record, f) for f in fields}
     print(_terminal_json({**shown, "curated": record.extra.get("curated", [])}))
