@@ -200,3 +200,15 @@ def test_a_filtered_search_ranks_the_allowed_adapters_as_the_exhaustive_search(
                     tops.append(set(np.argsort(-scores, kind="stable")[:10].tolist()))
                 agree.append(len(tops[0] & tops[1]) / 10)
             assert np.mean(agree) >= 0.99, (every, agree)
+
+
+def test_grouping_helpers() -> None:
+    from adapters_db.pruning import group_max, group_order, slice_positions
+
+    assert slice_positions(np.array([5, 0, 9]), np.array([2, 0, 3])).tolist() == [5, 6, 9, 10, 11]
+    assert slice_positions(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
+    keys = np.array([2, 0, 2, 3, 0])
+    order, starts = group_order(keys, 5)
+    assert order.tolist() == [1, 4, 0, 2, 3] and starts.tolist() == [0, 2, 2, 4, 5, 5]
+    values = np.array([0.5, 0.1, 0.9, 0.3, 0.2], np.float32)
+    np.testing.assert_allclose(group_max(values, order, starts, -1.0), [0.2, -1.0, 0.9, 0.3, -1.0])
