@@ -111,4 +111,4 @@ def matching_ids(session: Session, words_: list[str], limit: int = 1000) -> list
         params = {"q": " | ".join(f"'{t}'" for t in terms), "limit": limit}
     else:
         raise RuntimeError(f"full-text search is not implemented for the {dialect} dialect")
-    return [int(r[0]) for r in session.execute(text(sql), params)]
+    return [int(i) for i in session.execute(text(sql), params).scalars().all()]

@@ -1055,12 +1055,11 @@ def search(
 
 
 def _ranked_rows(scores: np.ndarray, n: int) -> np.ndarray:
-    finite = np.isfinite(scores)
-    n = min(n, int(finite.sum()))
+    """The ``n`` best rows of finite score, best first, ties in row order."""
+    n = min(n, int(np.isfinite(scores).sum()))
     if n <= 0:
         return np.zeros(0, np.int64)
-    top = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
-    top = top[np.isfinite(scores[top])]
+    top = top_rows(scores, n)
     return top[np.lexsort((top, -scores[top]))]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import adapters_db
-from adapters_db.pruning import PruneConfig, RowView, best, best_owners, top_rows
+from adapters_db.pruning import PruneConfig, RowView, best, best_owners, candidates, top_rows
 from adapters_db.retrieval import CHANNELS, SearchOptions, feature_builder, prepare, score_all
 from tests.adapters_db.conftest import write_jsonl
 
@@ -47,6 +47,58 @@ def test_best_owners_finds_owners_by_their_best_item() -> None:
     mask = owners % 2 == 0
     got = best_owners(values, owners, 10, mask)
     assert (got % 2 == 0).all() and len(got) == 10
+
+
+def test_a_sampled_floor_keeps_the_exhaustive_best() -> None:
+    """On arrays long enough for the strided sample, ``best`` and ``best_owners`` are exactly the brute
+    force over every positive value: ties at the cut (scores quantised to a few levels) included."""
+    rng = np.random.default_rng(3)
+    for density, levels in ((0.02, 0), (0.3, 0), (0.9, 0), (0.5, 6), (0.95, 3)):
+        raw = rng.random(60_000).astype(np.float32)
+        values = np.where(rng.random(60_000) < density, np.ceil(raw * levels) / levels if levels else raw, 0)
+        values = values.astype(np.float32)
+        positive = np.flatnonzero(values > 0)
+        for n in (10, 250, 2_000):
+            kept = candidates(values, n)
+            assert len(kept) <= len(positive) and set(kept.tolist()) <= set(positive.tolist())
+            brute = positive[np.lexsort((positive, -values[positive]))][:n]
+            assert best(values, n).tolist() == brute.tolist()
+        owners = rng.integers(0, 20_000, 60_000)
+        per_owner = np.zeros(20_000)
+        np.maximum.at(per_owner, owners, values)
+        first_item = np.full(20_000, 60_000)
+        order = np.lexsort((np.arange(60_000), -values))  # items best first, ties in item order
+        np.minimum.at(first_item, owners[order], np.arange(60_000))
+        has = np.flatnonzero(per_owner > 0)
+        ranked = has[np.argsort(first_item[has], kind="stable")]
+        for n in (10, 250):
+            assert best_owners(values, owners, n).tolist() == ranked[:n].tolist()
+    sparse = np.zeros(50_000, np.float32)
+    sparse[[7, 70, 700]] = [0.5, 0.9, 0.5]  # fewer positive values than asked for: all of them
+    assert best(sparse, 250).tolist() == [70, 7, 700]
+    assert best_owners(sparse, np.arange(50_000) // 2, 250).tolist() == [35, 3, 350]
+
+
+def test_top_rows_of_arrays_that_are_mostly_one_value() -> None:
+    """A channel over a whole catalog is mostly zeros, fused scores mostly the one score of the rows left
+    out: ``top_rows`` and the search's final ranking are the brute-force ones there too (ties in array
+    order), and never return a row of score -inf."""
+    from adapters_db.retrieval import _ranked_rows
+
+    rng = np.random.default_rng(4)
+    sparse = np.where(rng.random(8_000) < 0.05, rng.random(8_000), 0.0).astype(np.float32)
+    left_out = np.full(50_000, -np.inf)
+    left_out[rng.choice(50_000, 900, replace=False)] = np.round(rng.random(900), 2)  # ties among them
+    filled = np.where(np.isfinite(left_out), left_out, -7.0)
+    dense = rng.random(20_000)
+    few = np.array([2.0, -np.inf, 2.0, 1.0, -np.inf])
+    for values in (sparse, left_out, filled, dense, few, np.round(dense * 3)):
+        order = np.lexsort((np.arange(len(values)), -values))  # the brute force: best first, ties by position
+        finite = order[np.isfinite(values[order])]
+        for n in (1, 10, 200, 1_000, 30_000):
+            if n < len(values):
+                assert sorted(top_rows(values, n).tolist()) == sorted(order[:n].tolist())
+            assert _ranked_rows(values, n).tolist() == finite[:n].tolist()
 
 
 def test_row_view() -> None:
@@ -156,6 +208,9 @@ def test_column_dot_walks_postings_exactly() -> None:
         assert not column_dot(m, np.zeros(0, np.int64), np.zeros(0)).any()
         empty = np.flatnonzero(np.diff(m.indptr) == 0)[:1]
         assert column_dot(m, empty, np.ones(len(empty))).shape == (300,)
+        # 64-bit index arrays, as a catalog past 2^31 postings has
+        m.indices, m.indptr = m.indices.astype(np.int64), m.indptr.astype(np.int64)
+        np.testing.assert_allclose(column_dot(m, cols, w), dense[:, cols] @ w, rtol=1e-5)
 
 
 def test_a_listing_of_matches_is_the_same_candidate_first(
