@@ -16,7 +16,8 @@ with the exhaustive search is tested on a real catalog slice and measured at 100
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -158,3 +159,40 @@ class RowView:
         out = np.zeros(self.size, values.dtype) if fill == 0 else np.full(self.size, fill, values.dtype)
         out[self.rows] = values
         return out
+
+
+@dataclass(frozen=True)
+class SpreadFeatures(Mapping[str, np.ndarray]):
+    """A view's per-adapter features as arrays over the whole catalog (0 outside the view), each spread
+    on first access: a search reads only its hits' values (:meth:`at`), and spreading all ~40 of them
+    wrote 16 MB a query at 100,000 adapters."""
+
+    view: RowView
+    features: dict[str, np.ndarray]
+    _spread: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._spread:
+            self._spread[name] = self.view.expand(self.features[name])
+        return self._spread[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.features)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def at(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The feature's values at some catalog rows, without spreading it."""
+        values = self.features[name]
+        inside, positions = self.view.positions(rows)
+        out = np.zeros(len(inside), values.dtype)
+        out[inside] = values[positions]
+        return out
+
+
+def features_at(feats: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Every feature's values at some catalog rows (a :class:`SpreadFeatures` is not spread for it)."""
+    if isinstance(feats, SpreadFeatures):
+        return {name: feats.at(name, rows) for name in feats}
+    return {name: values[rows] for name, values in feats.items()}

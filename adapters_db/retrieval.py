@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -57,8 +57,10 @@ from adapters_db.pruning import (
     PRUNE_FROM,
     PruneConfig,
     RowView,
+    SpreadFeatures,
     best,
     best_owners,
+    features_at,
     group_max,
     group_order,
     slice_positions,
@@ -853,13 +855,13 @@ def score_all(
     query: str,
     options: SearchOptions = SearchOptions(),
     allowed: np.ndarray | None = None,
-) -> tuple[SearchIndex, QueryContext, dict[str, np.ndarray], np.ndarray]:
+) -> tuple[SearchIndex, QueryContext, Mapping[str, np.ndarray], np.ndarray]:
     """Features of every adapter for one query and fused scores (for search and for tuning).
 
     The fusion scores only candidates (:func:`candidate_rows`, among the ``allowed`` rows if given);
     the others score below every candidate, all alike. A large catalog (``options.prune``) computes
     features only for the rows of :meth:`FeatureBuilder.universe`; the returned arrays still cover the
-    whole catalog (0 outside those rows)."""
+    whole catalog (0 outside those rows), each spread over it when first read (:class:`SpreadFeatures`)."""
     index, ctx = prepare(session, catalog, query, options)
     builder = feature_builder(index)
     prune = options.prune if options.prune is not None else index.size >= PRUNE_FROM
@@ -884,7 +886,7 @@ def score_all(
     if view.rows is None:
         return index, ctx, feats, scores
     below = float(scores.min()) if len(scores) else 0.0  # the rest of the catalog: below every candidate
-    return index, ctx, {k: view.expand(v) for k, v in feats.items()}, view.expand(scores, below)
+    return index, ctx, SpreadFeatures(view, feats), view.expand(scores, below)
 
 
 def candidate_rows(
@@ -947,7 +949,7 @@ DIRECT_EVIDENCE = (
 )
 
 
-def matches(feats: dict[str, np.ndarray]) -> np.ndarray:
+def matches(feats: Mapping[str, np.ndarray]) -> np.ndarray:
     """Rows the query matches directly: its words in the adapter's metadata or prompts, its trigger
     phrases, or (text-less adapters) its weight-space channels; creator-level, prior and learned
     channels alone do not count. What a sorted (not by relevance) result lists."""
@@ -959,7 +961,7 @@ def matches(feats: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
-def matching(index: SearchIndex, ctx: QueryContext, feats: dict[str, np.ndarray]) -> np.ndarray:
+def matching(index: SearchIndex, ctx: QueryContext, feats: Mapping[str, np.ndarray]) -> np.ndarray:
     """:func:`matches`, exact over the whole catalog also when only a universe was featurised
     (candidate-first): rows outside it match by the exact lexical scores (a query word in the metadata,
     trigger words included, or in a prompt other than the query's own) and the full-text search, so
@@ -1218,7 +1220,7 @@ def _hits(
     catalog: Catalog,
     index: SearchIndex,
     ctx: QueryContext,
-    feats: dict[str, np.ndarray],
+    feats: Mapping[str, np.ndarray],
     scores: np.ndarray,
     rows: np.ndarray,
     include_nsfw: bool,
@@ -1232,8 +1234,9 @@ def _hits(
     for phrase, phrase_rows in ctx.trigger_hits.items():
         for row in rows[np.isin(rows, phrase_rows)].tolist():
             found.setdefault(row, []).append(phrase)
-    hits = []
+    hits, values = [], features_at(feats, rows)
     for rank, (row, adapter_id) in enumerate(zip(rows.tolist(), ids, strict=True)):
+        at = {name: v[rank] for name, v in values.items()}
         record = records.get(adapter_id)
         if record is None:
             continue
@@ -1241,19 +1244,19 @@ def _hits(
         evidence = Evidence(
             trigger_phrases=tuple(phrases),
             prompt=prompts.get(row),
-            prompt_similarity=float(max(feats["p_max"][row], feats["d_prompt"][row] - 0.5)),
+            prompt_similarity=float(max(at["p_max"], at["d_prompt"] - 0.5)),
             name=record.name,
             tags=record.tags,
-            description_match=float(feats["m_description"][row]),
-            dense_meta=float(feats["d_meta"][row]),
-            classifier_prob=float(np.exp(feats["k_lp"][row])) if ctx.class_scores is not None else 0.0,
-            matcher_rank=float(feats["r_s_meta"][row]) if ctx.match_scores is not None else 0.0,
-            weight_match=max((float(feats[f][row]) for f in WEIGHT_FEATURES if f in feats), default=0.0),
+            description_match=float(at["m_description"]),
+            dense_meta=float(at["d_meta"]),
+            classifier_prob=float(np.exp(at["k_lp"])) if ctx.class_scores is not None else 0.0,
+            matcher_rank=float(at["r_s_meta"]) if ctx.match_scores is not None else 0.0,
+            weight_match=max((float(at[f]) for f in WEIGHT_FEATURES if f in at), default=0.0),
             by_picture=not ctx.text,
-            picture_similarity=float(feats["d_image"][row]) if not ctx.text else 0.0,
+            picture_similarity=float(at["d_image"]) if not ctx.text else 0.0,
         )
-        shown = (*FEATURES, *(f for f in WEIGHT_FEATURES if f in feats))
-        channels = {name: round(float(feats[name][row]), 4) for name in shown}
+        shown = (*FEATURES, *(f for f in WEIGHT_FEATURES if f in at))
+        channels = {name: round(float(at[name]), 4) for name in shown}
         hits.append(
             SearchHit(
                 adapter=record,

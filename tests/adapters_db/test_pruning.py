@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 
 import adapters_db
-from adapters_db.pruning import PruneConfig, RowView, best, best_owners, candidates, top_rows
+from adapters_db.pruning import (
+    PruneConfig,
+    RowView,
+    SpreadFeatures,
+    best,
+    best_owners,
+    candidates,
+    features_at,
+    top_rows,
+)
 from adapters_db.retrieval import CHANNELS, SearchOptions, feature_builder, prepare, score_all
 from tests.adapters_db.conftest import write_jsonl
 
@@ -111,6 +120,21 @@ def test_row_view() -> None:
         view.expand(np.array([1.0, 2.0, 3.0]), -1.0), [-1, -1, 1, -1, -1, 2, -1, 3, -1, -1]
     )
     assert view.take(np.arange(10) * 10).tolist() == [20, 50, 70]
+    np.testing.assert_array_equal(view.expand(np.array([1.0, 2.0, 3.0])), [0, 0, 1, 0, 0, 2, 0, 3, 0, 0])
+
+
+def test_spread_features_are_spread_only_when_read() -> None:
+    view = RowView(
+        10, np.array([2, 5, 7]), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    )
+    spread = SpreadFeatures(view, {"a": np.array([1.0, 2.0, 3.0], np.float32), "b": np.array([4, 5, 6])})
+    rows = np.array([7, 3, 2])
+    assert features_at(spread, rows)["a"].tolist() == [3.0, 0.0, 1.0] and not spread._spread
+    assert spread["b"].tolist() == [0, 0, 4, 0, 0, 5, 0, 6, 0, 0] and list(spread._spread) == ["b"]
+    assert list(spread) == ["a", "b"] and len(spread) == 2 and spread["a"].dtype == np.float32
+    plain = {name: spread[name] for name in spread}  # the exhaustive search's arrays: the same values
+    for name, values in features_at(plain, rows).items():
+        assert values.tolist() == features_at(spread, rows)[name].tolist()
 
 
 @pytest.fixture(scope="module")
