@@ -61,17 +61,16 @@ def candidates(values: np.ndarray, n: int, mask: np.ndarray | None = None) -> np
     highest of them: without a mask, only those at or above the ``n``-th highest of a strided sample,
     a lower bound of the ``n``-th highest of all (a sample's ``n`` best are ``n`` values of the array),
     so later passes touch a few thousand values instead of every positive one."""
-    keep = values > 0
     if mask is not None:
-        return np.flatnonzero(keep & mask)
+        return np.flatnonzero((values > 0) & mask)
     # a stride s samples len/s values, and about n·s values pass the floor: s = √(len/n) balances them
     stride = int(np.sqrt(len(values) / n)) if n > 0 else 0
     if stride > 1:
         sample = values[::stride]
         sample = sample[sample > 0]  # (np.partition slows down a hundredfold on an array of many zeros)
-        if len(sample) >= n:
-            keep = values >= np.partition(sample, len(sample) - n)[len(sample) - n]
-    return np.flatnonzero(keep)
+        if len(sample) >= n:  # the floor is positive: the values at or above it are positive ones
+            return np.flatnonzero(values >= np.partition(sample, len(sample) - n)[len(sample) - n])
+    return np.flatnonzero(values > 0)
 
 
 def best(values: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
@@ -164,8 +163,8 @@ class RowView:
 @dataclass(frozen=True)
 class SpreadFeatures(Mapping[str, np.ndarray]):
     """A view's per-adapter features as arrays over the whole catalog (0 outside the view), each spread
-    on first access: a search reads only its hits' values (:meth:`at`), and spreading all ~40 of them
-    wrote 16 MB a query at 100,000 adapters."""
+    on first access: a search reads only its hits' values (:func:`features_at`), and spreading all ~40
+    of them wrote 16 MB a query at 100,000 adapters."""
 
     view: RowView
     features: dict[str, np.ndarray]
@@ -182,17 +181,15 @@ class SpreadFeatures(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self.features)
 
-    def at(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """The feature's values at some catalog rows, without spreading it."""
-        values = self.features[name]
-        inside, positions = self.view.positions(rows)
-        out = np.zeros(len(inside), values.dtype)
-        out[inside] = values[positions]
-        return out
-
 
 def features_at(feats: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Every feature's values at some catalog rows (a :class:`SpreadFeatures` is not spread for it)."""
-    if isinstance(feats, SpreadFeatures):
-        return {name: feats.at(name, rows) for name in feats}
-    return {name: values[rows] for name, values in feats.items()}
+    """Every feature's values at some catalog rows (a :class:`SpreadFeatures` is not spread for it:
+    0 outside its view)."""
+    if not isinstance(feats, SpreadFeatures):
+        return {name: values[rows] for name, values in feats.items()}
+    inside, positions = feats.view.positions(rows)  # once for all features
+    out = {}
+    for name, values in feats.features.items():
+        out[name] = np.zeros(len(inside), values.dtype)
+        out[name][inside] = values[positions]
+    return out

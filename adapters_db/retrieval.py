@@ -147,6 +147,7 @@ class QueryContext:
     match_scores: np.ndarray | None = None
     lexical: dict[str, np.ndarray] | None = None  # FeatureBuilder.lexical_scores, computed once
     creator: dict[str, np.ndarray] | None = None  # FeatureBuilder.creator_scores, computed once
+    own_left_out: dict[str, np.ndarray] = field(default_factory=dict)  # FeatureBuilder._own_left_out
 
 
 def _query(columns: np.ndarray, idf: np.ndarray) -> Query:
@@ -403,10 +404,13 @@ class FeatureBuilder:
 
     def _own_left_out(self, ctx: QueryContext, key: str) -> np.ndarray:
         """A per-prompt exact lexical score (``prompts``, ``prompt_tfidf``) with the query's own pictures
-        at 0 (a copy)."""
-        values = self.lexical_scores(ctx)[key].copy()
-        values[ctx.exclude_rows[ctx.exclude_rows >= 0]] = 0.0
-        return values
+        at 0: a copy made once per query and shared by the universe, the features and the creator
+        maxima (none of which writes to it)."""
+        if key not in ctx.own_left_out:
+            values = self.lexical_scores(ctx)[key].copy()
+            values[ctx.exclude_rows[ctx.exclude_rows >= 0]] = 0.0
+            ctx.own_left_out[key] = values
+        return ctx.own_left_out[key]
 
     def creator_scores(self, ctx: QueryContext) -> dict[str, np.ndarray]:
         """``c_max`` and ``c_doc`` over the whole catalog, from the exact prompt and prompt-document
